@@ -1,0 +1,5 @@
+import sys
+
+from selfprog.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""A target's data, prepared once by its fixed prepare command and cached by content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfprog.errors import TargetError
+from selfprog.target import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """A prepared data folder: where it is, its hash, and the host folders to hide."""
+
+    root: Path
+    data_hash: str
+    hidden: tuple[str, ...]  # host folders holding held-out text, hidden from candidates
+    manifest: dict[str, object]
+
+    def train_files(self, target: Target) -> tuple[Path, ...]:
+        return tuple(self.root / name for name in target.train_data)
+
+    def heldout(self, target: Target) -> bytes:
+        return (self.root / target.heldout_data).read_bytes()
+
+
+def default_cache() -> Path:
+    """Returns the user's cache folder for prepared data."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "selfprog" / "data"
+
+
+def _cache_key(target: Target, corpus: Path | None) -> str:
+    digest = hashlib.sha256()
+    for name in target.fixed:
+        digest.update(name.encode() + b"\0" + (target.root / name).read_bytes())
+    digest.update(json.dumps([list(target.prepare), sys.version, str(corpus)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_data(target: Target, cache: Path | None = None, corpus: Path | None = None) -> Dataset:
+    """Returns the target's prepared data, running its prepare command on the host if needed.
+
+    Raises:
+        TargetError: the prepare command failed or left no valid manifest.
+    """
+    cache = cache or default_cache()
+    root = cache / target.name / _cache_key(target, corpus)
+    if not (root / target.manifest).is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        log.info("preparing %s data into %s (once)", target.name, root)
+        with tempfile.TemporaryDirectory(dir=root.parent, prefix=".building-") as tmp:
+            args = [arg.replace("{data_dir}", tmp) for arg in target.prepare]
+            argv = [sys.executable, str(target.root / args[0]), *args[1:]]
+            if corpus is not None:
+                argv += ["--corpus", str(corpus)]
+            done = subprocess.run(argv, cwd=target.root, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise TargetError(f"{target.name}: prepare failed: {tail[0]}")
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+            os.makedirs(tmp)  # so the context manager finds something to remove
+    return load_dataset(target, root)
+
+
+def load_dataset(target: Target, root: Path) -> Dataset:
+    """Returns the dataset in a prepared folder, checked against its manifest."""
+    try:
+        manifest = json.loads((root / target.manifest).read_text())
+        data_hash = str(manifest["data_hash"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise TargetError(f"{root}: no valid data manifest ({exc})") from None
+    for name in (*target.train_data, target.heldout_data):
+        if not (root / name).is_file():
+            raise TargetError(f"{root}: data file {name} is missing")
+    hidden = tuple(str(p) for p in manifest.get("hidden_folders", []))
+    return Dataset(root=root, data_hash=data_hash, hidden=hidden, manifest=manifest)

@@ -1,0 +1,116 @@
+"""The runner interface: run one phase of a candidate in isolation and report what happened."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits for each phase of a candidate."""
+
+    memory_bytes: int = 4096 * MiB
+    cpus: float = 2.0
+    pids: int = 256
+    output_bytes: int = 512 * MiB  # the output folder, in total
+    scratch_bytes: int = 256 * MiB  # the writable /tmp
+    log_bytes: int = 16 * 1024  # the log tail kept per phase
+    gpus: str | None = None  # None: no GPU; "all" or a count such as "1"
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus))
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One phase of a candidate: a script of the program folder and what it may see."""
+
+    name: str  # "train" or "evaluate"
+    argv: tuple[str, ...]  # a script of the program folder and its arguments
+    program_dir: Path  # mounted read-only as the working folder
+    out_dir: Path  # where training leaves its weights
+    out_writable: bool
+    data_files: tuple[Path, ...] = ()  # the only data files visible, read-only
+    env: Mapping[str, str] = field(default_factory=dict)  # besides the paths the runner sets
+    stdin: bytes | None = None
+    timeout: float = 300.0
+    hidden: tuple[str, ...] = ()  # host folders to hide from the phase where it could see them
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseOutcome:
+    """What happened when a phase ran."""
+
+    exit_code: int | None
+    seconds: float
+    stdout_tail: str  # the harness reads results from stdout only
+    log_tail: str  # stdout and stderr together
+    timed_out: bool = False
+    oom: bool = False
+    output_exceeded: bool = False
+
+
+class Runner(Protocol):
+    """A sandbox backend."""
+
+    name: str
+
+    def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
+        """Returns the outcome of running the phase; never raises for the candidate's faults."""
+        ...
+
+
+class TailBuffer:
+    """Keeps the last max_bytes written to it, thread-safely."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._data = bytearray()
+        self._lock = threading.Lock()
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            self._data += chunk
+            if len(self._data) > 2 * self.max_bytes:
+                del self._data[: len(self._data) - self.max_bytes]
+
+    def text(self) -> str:
+        with self._lock:
+            return bytes(self._data[-self.max_bytes :]).decode("utf-8", errors="replace")
+
+
+def pump(stream: IO[bytes], *sinks: TailBuffer) -> threading.Thread:
+    """Returns a started thread copying stream into the sinks until it closes."""
+
+    def copy() -> None:
+        fd = stream.fileno()
+        for chunk in iter(lambda: os.read(fd, 65536), b""):
+            for sink in sinks:
+                sink.write(chunk)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
+
+
+def folder_size(path: Path) -> int:
+    """Returns the bytes of the regular files under path (0 where it cannot look)."""
+    total = 0
+    try:
+        for item in path.rglob("*"):
+            try:
+                if item.is_file() and not item.is_symlink():
+                    total += item.stat().st_size
+            except OSError:
+                continue
+    except OSError:
+        return total
+    return total

@@ -1,0 +1,241 @@
+"""The docker runner: one locked-down container per phase of a candidate.
+
+Each container has no network; memory, CPU, process and file-size limits; a
+read-only root with a small tmpfs scratch; a non-root user with every
+capability dropped and no privilege escalation; an environment holding only
+what the harness sets; a wall-clock timeout after which it is killed; a
+bounded log. Containers carry labels naming the run and candidate and are
+removed in every case.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import docker
+import requests
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from selfprog.errors import RunnerError
+from selfprog.runners.base import Limits, Phase, PhaseOutcome, folder_size
+from selfprog.runners.image import OFFLINE_IMAGE, SandboxImage, build_offline, describe
+from selfprog.runners.local import harness_env
+
+log = logging.getLogger(__name__)
+
+LABEL = "selfprog"  # every container of ours carries it
+POLL_SECONDS = 0.25
+HIDDEN_TMPFS = "ro,size=4k,mode=0555"
+
+
+def _transient(exc: BaseException) -> bool:
+    """Returns whether a Docker API error is the daemon's passing trouble, worth a retry."""
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return True
+    return isinstance(exc, docker.errors.APIError) and exc.is_server_error()
+
+
+# only infrastructure calls are retried: never a candidate's own run
+_retry = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(4),
+    wait=wait_exponential_jitter(initial=0.5, max=5),
+    reraise=True,
+)
+
+
+def connect() -> Any:
+    """Returns a client for the Docker engine named by the environment (DOCKER_HOST).
+
+    Raises:
+        RunnerError: no engine answers.
+    """
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunnerError(
+            f"cannot reach the Docker engine at {where} ({first[:160]}); "
+            "start it (e.g. `dockerd &`) or use --runner local"
+        ) from None
+    return client
+
+
+def ensure_image(client: Any, tag: str = OFFLINE_IMAGE) -> SandboxImage:
+    """Returns the sandbox image, building the offline one first if it is missing."""
+    try:
+        return describe(client.images.get(tag))
+    except docker.errors.ImageNotFound:
+        if tag != OFFLINE_IMAGE:
+            raise RunnerError(f"image {tag} not found; build it with `selfprog image build`") from None
+    log.warning("sandbox image %s not found: building it offline from this Python (once)", tag)
+    return build_offline(client, tag)
+
+
+def _sandbox_user() -> str:
+    uid = os.getuid()
+    return f"{uid}:{os.getgid()}" if uid != 0 else "65534:65534"
+
+
+def _inside(path: str, roots: tuple[str, ...]) -> bool:
+    return any(Path(path).is_relative_to(root) for root in roots)
+
+
+class DockerRunner:
+    """Runs each phase of a candidate in a fresh, locked-down container."""
+
+    name = "docker"
+
+    def __init__(self, image: str = OFFLINE_IMAGE, client: Any = None):
+        self.client = client or connect()
+        self.image = ensure_image(self.client, image)
+
+    def _container_config(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> dict[str, Any]:
+        mounts = [
+            Mount("/program", str(phase.program_dir.resolve()), type="bind", read_only=True),
+            Mount("/out", str(phase.out_dir.resolve()), type="bind", read_only=not phase.out_writable),
+        ]
+        mounts += [
+            Mount(f"/data/{f.name}", str(f.resolve()), type="bind", read_only=True)
+            for f in phase.data_files
+        ]
+        mounts += [Mount(m, m, type="bind", read_only=True) for m in self.image.mounts]
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={limits.scratch_bytes},mode=1777"}
+        # held-out text that lies inside a mounted folder is covered by an empty tmpfs
+        tmpfs |= {h: HIDDEN_TMPFS for h in phase.hidden if _inside(h, self.image.mounts)}
+        env = harness_env(
+            limits,
+            {
+                **phase.env,
+                "HOME": "/tmp",
+                "TMPDIR": "/tmp",
+                "USER": "sandbox",
+                "PATH": "/usr/bin:/bin",
+                "SELFPROG_DATA": "/data",
+                "SELFPROG_OUT": "/out",
+            },
+        )
+        gpus = None
+        if limits.gpus is not None:
+            count = -1 if limits.gpus == "all" else int(limits.gpus)
+            gpus = [DeviceRequest(count=count, capabilities=[["gpu"]])]
+        return {
+            "image": self.image.tag,
+            "command": [self.image.python, *phase.argv],
+            "working_dir": "/program",
+            "user": _sandbox_user(),
+            "environment": env,
+            "labels": {LABEL: "1", **labels},
+            "stdin_open": phase.stdin is not None,
+            "stdin_once": True,
+            "host_config": self.client.api.create_host_config(
+                mounts=mounts,
+                tmpfs=tmpfs,
+                network_mode="none",
+                mem_limit=limits.memory_bytes,
+                memswap_limit=limits.memory_bytes,  # no swap: past the limit is an OOM kill
+                nano_cpus=int(limits.cpus * 1e9),
+                pids_limit=limits.pids,
+                read_only=True,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                ulimits=[
+                    Ulimit(name="fsize", soft=limits.output_bytes, hard=limits.output_bytes),
+                    Ulimit(name="core", soft=0, hard=0),
+                ],
+                log_config=LogConfig(
+                    type="json-file",
+                    config={"max-size": str(max(limits.log_bytes * 4, 65536)), "max-file": "1"},
+                ),
+                device_requests=gpus,
+                init=False,
+            ),
+        }
+
+    @_retry
+    def _create(self, config: dict[str, Any]) -> Any:
+        return self.client.api.create_container(**config)["Id"]
+
+    @_retry
+    def _remove(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+
+    def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
+        container_id = self._create(self._container_config(phase, limits, labels))
+        try:
+            return self._run(container_id, phase, limits)
+        finally:
+            self._remove(container_id)
+
+    def _run(self, container_id: str, phase: Phase, limits: Limits) -> PhaseOutcome:
+        api = self.client.api
+        sock = None
+        if phase.stdin is not None:
+            sock = api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+        start = time.perf_counter()
+        api.start(container_id)
+        if sock is not None:
+            _write_stdin(sock, phase.stdin or b"")
+        timed_out = exceeded = False
+        while True:
+            try:
+                api.wait(container_id, timeout=POLL_SECONDS)
+                break
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                pass
+            if time.perf_counter() - start > phase.timeout:
+                timed_out = True
+            elif phase.out_writable and folder_size(phase.out_dir) > limits.output_bytes:
+                exceeded = True
+            if timed_out or exceeded:
+                api.kill(container_id)
+                api.wait(container_id, timeout=30)
+                break
+        seconds = time.perf_counter() - start
+        state = api.inspect_container(container_id)["State"]
+        stdout = api.logs(container_id, stdout=True, stderr=False, tail=200)
+        both = api.logs(container_id, stdout=True, stderr=True, tail=400)
+        return PhaseOutcome(
+            exit_code=None if timed_out else state.get("ExitCode"),
+            seconds=seconds,
+            stdout_tail=stdout.decode("utf-8", "replace")[-limits.log_bytes :],
+            log_tail=both.decode("utf-8", "replace")[-limits.log_bytes :],
+            timed_out=timed_out,
+            oom=bool(state.get("OOMKilled")) and not timed_out,
+            output_exceeded=exceeded,
+        )
+
+
+def _write_stdin(sock: Any, payload: bytes) -> None:
+    raw = getattr(sock, "_sock", sock)  # the SDK wraps the socket on unix transports
+    try:
+        raw.sendall(payload)
+        raw.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the phase exited without reading all of it
+    finally:
+        sock.close()
+
+
+def remove_leftovers(client: Any, labels: Mapping[str, str]) -> int:
+    """Removes the containers carrying all the given labels; returns how many."""
+    selector = [LABEL] + [f"{k}={v}" for k, v in labels.items()]
+    containers = client.api.containers(all=True, filters={"label": selector})
+    for container in containers:
+        try:
+            client.api.remove_container(container["Id"], force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+    return len(containers)

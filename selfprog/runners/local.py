@@ -1,0 +1,142 @@
+"""The local runner: plain subprocesses with resource limits and a process-group kill.
+
+It isolates far less than the docker runner: the candidate runs as your user,
+can read your files and reach the network. Use it where Docker is not available.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from selfprog.runners.base import Limits, Phase, PhaseOutcome, TailBuffer, folder_size, pump
+
+log = logging.getLogger(__name__)
+
+WARNING = (
+    "the local runner isolates far less than docker: candidate code runs as your user, "
+    "with your files and network in reach"
+)
+_OOM_SIGNS = ("MemoryError", "std::bad_alloc", "can't allocate memory", "Cannot allocate memory")
+
+
+def harness_env(limits: Limits, extra: Mapping[str, str]) -> dict[str, str]:
+    """Returns the whole environment of a phase: nothing of the host's, only what the harness sets."""
+    threads = str(limits.threads)
+    env = {
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if limits.gpus is None:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(extra)
+    return env
+
+
+class LocalRunner:
+    """Runs each phase as a host subprocess in its own process group."""
+
+    name = "local"
+
+    def __init__(self, python: str = sys.executable):
+        self.python = python
+
+    def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
+        scratch = phase.out_dir.parent / f"{phase.name}-scratch"
+        data = phase.out_dir.parent / f"{phase.name}-data"
+        for folder in (scratch, data):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        for source in phase.data_files:
+            shutil.copyfile(source, data / source.name)
+        env = harness_env(
+            limits,
+            {
+                **phase.env,
+                "HOME": str(scratch),
+                "TMPDIR": str(scratch),
+                "PATH": "/usr/bin:/bin",
+                "SELFPROG_DATA": str(data),
+                "SELFPROG_OUT": str(phase.out_dir),
+            },
+        )
+
+        def limit_resources() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes, limits.output_bytes))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+        stdout, log_tail = TailBuffer(limits.log_bytes), TailBuffer(limits.log_bytes)
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [self.python, *phase.argv],
+            cwd=phase.program_dir,
+            env=env,
+            stdin=subprocess.PIPE if phase.stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, killed as a whole
+            preexec_fn=limit_resources,
+        )
+        timed_out = False
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            pumps = [pump(proc.stdout, stdout, log_tail), pump(proc.stderr, log_tail)]
+            if phase.stdin is not None:
+                threading.Thread(target=_feed, args=(proc, phase.stdin), daemon=True).start()
+            try:
+                proc.wait(timeout=phase.timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        finally:
+            _kill_group(proc)
+        for thread in pumps:
+            thread.join(timeout=5)
+        seconds = time.perf_counter() - start
+        text = log_tail.text()
+        code = proc.returncode
+        exceeded = code == -signal.SIGXFSZ or folder_size(phase.out_dir) > limits.output_bytes
+        oom = not timed_out and code != 0 and any(sign in text for sign in _OOM_SIGNS)
+        return PhaseOutcome(
+            exit_code=None if timed_out else code,
+            seconds=seconds,
+            stdout_tail=stdout.text(),
+            log_tail=text,
+            timed_out=timed_out,
+            oom=oom,
+            output_exceeded=exceeded,
+        )
+
+
+def _feed(proc: subprocess.Popen[bytes], payload: bytes) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(payload)
+        proc.stdin.close()
+    except OSError:
+        pass  # the phase exited without reading all of it
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kills the phase's whole process group, leftovers included, and reaps the leader."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,225 @@
+"""Two-phase scoring that a candidate cannot fake: its code trains, the target's code scores."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import json
+import logging
+import math
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfprog.data import Dataset
+from selfprog.errors import ProgramError
+from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
+from selfprog.target import Target
+
+log = logging.getLogger(__name__)
+
+RESULT_MARKER = "SELFPROG_RESULT"
+
+
+class State(str, enum.Enum):
+    """How a candidate ended."""
+
+    OK = "ok"
+    INVALID = "invalid"  # edits did not apply, or the program does not parse
+    REJECTED = "rejected"  # a fixed file was touched
+    TRAIN_FAILED = "train_failed"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    EVAL_FAILED = "eval_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of scoring one candidate."""
+
+    state: State
+    score: float | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    log_tail: str = ""
+    timings: Mapping[str, float] = field(default_factory=dict)
+    data_hash: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "score": self.score,
+            "metrics": dict(self.metrics),
+            "reason": self.reason,
+            "log_tail": self.log_tail,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "data_hash": self.data_hash,
+        }
+
+
+def check_program(target: Target, program_dir: Path) -> Result | None:
+    """Returns a rejected or invalid result for a program that must not run, else None.
+
+    Raises:
+        ProgramError: the folder does not exist.
+    """
+    if not program_dir.is_dir():
+        raise ProgramError(f"{program_dir}: no such program folder")
+    for name in target.fixed:
+        copy = program_dir / name
+        if copy.exists() and copy.read_bytes() != (target.root / name).read_bytes():
+            return Result(State.REJECTED, reason=f"fixed file {name} differs from the target's")
+    for name in target.editable:
+        path = program_dir / name
+        if not path.is_file():
+            return Result(State.INVALID, reason=f"editable file {name} is missing")
+        if name.endswith(".py"):
+            try:
+                ast.parse(path.read_bytes(), filename=name)
+            except (SyntaxError, ValueError) as exc:
+                return Result(State.INVALID, reason=f"{name} does not parse: {exc}")
+    return None
+
+
+def stage_program(target: Target, program_dir: Path, dest: Path) -> Path:
+    """Returns dest filled with the candidate's editable files and the target's fixed ones."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for name, source in [(n, program_dir / n) for n in target.editable] + [
+        (n, target.root / n) for n in target.fixed
+    ]:
+        out = dest / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out)
+        out.chmod(0o444)
+    return dest
+
+
+def _train_failure(outcome: PhaseOutcome, limits: Limits) -> Result | None:
+    if outcome.timed_out:
+        return Result(State.TIMEOUT, reason=f"training ran past {outcome.seconds:.0f}s and was killed")
+    if outcome.oom:
+        limit = limits.memory_bytes / 2**20
+        return Result(State.OOM, reason=f"training ran out of memory (limit {limit:.0f} MiB)")
+    if outcome.output_exceeded:
+        limit = limits.output_bytes / 2**20
+        return Result(State.TRAIN_FAILED, reason=f"training wrote more than {limit:.0f} MiB of output")
+    if outcome.exit_code != 0:
+        return Result(State.TRAIN_FAILED, reason=f"training exited with code {outcome.exit_code}")
+    return None
+
+
+def parse_result(stdout: str, nonce: str) -> dict[str, Any] | None:
+    """Returns the evaluator's result line carrying this nonce, or None if there is none."""
+    prefix = f"{RESULT_MARKER} {nonce} "
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(prefix):
+            try:
+                value = json.loads(line[len(prefix) :])
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limits: Limits) -> Result:
+    if outcome.timed_out:
+        return Result(State.TIMEOUT, reason=f"evaluation ran past {outcome.seconds:.0f}s and was killed")
+    if outcome.oom:
+        return Result(State.OOM, reason="evaluation ran out of memory")
+    found = parse_result(outcome.stdout_tail, nonce)
+    if found is None:
+        return Result(
+            State.EVAL_FAILED, reason=f"the evaluator gave no result (exit code {outcome.exit_code})"
+        )
+    if "error" in found:
+        return Result(State.EVAL_FAILED, reason=str(found["error"]))
+    score = found.get(target.metric)
+    if not isinstance(score, int | float) or not math.isfinite(score):
+        return Result(State.EVAL_FAILED, reason=f"the evaluator gave no finite {target.metric}")
+    return Result(State.OK, score=float(score), metrics=found)
+
+
+def score_program(
+    target: Target,
+    program_dir: Path,
+    runner: Runner,
+    data: Dataset,
+    work_dir: Path,
+    *,
+    limits: Limits | None = None,
+    seed: int = 0,
+    budget_seconds: float | None = None,
+    budget_steps: int | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Result:
+    """Returns the result of training program_dir with its own code and scoring it with the target's.
+
+    The training phase sees the training split only and writes weights to an
+    output folder; the evaluation phase runs the target's fixed evaluator on
+    those weights, with the held-out split and a one-time nonce on its stdin.
+    Only the evaluator's nonce-marked stdout line counts.
+    """
+    limits = limits or Limits()
+    labels = dict(labels or {})
+    start = time.perf_counter()
+    early = check_program(target, program_dir)
+    if early is not None:
+        return _finish(early, data, {"total": time.perf_counter() - start}, "")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = work_dir / "out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
+    out_dir.chmod(0o777)  # the sandbox user may differ from ours
+    seconds = target.budget.seconds if budget_seconds is None else budget_seconds
+    steps = target.budget.steps if budget_steps is None else budget_steps
+    train = Phase(
+        name="train",
+        argv=target.train,
+        program_dir=stage_program(target, program_dir, work_dir / "program-train"),
+        out_dir=out_dir,
+        out_writable=True,
+        data_files=data.train_files(target),
+        env={
+            "SELFPROG_BUDGET_SECONDS": f"{seconds:g}",
+            "SELFPROG_BUDGET_STEPS": str(steps),
+            "SELFPROG_SEED": str(seed),
+        },
+        timeout=target.budget.timeout,
+        hidden=data.hidden,
+    )
+    log.info("training %s (%s runner)", program_dir, runner.name)
+    trained = runner.run(train, limits, {**labels, "selfprog.phase": "train"})
+    timings = {"train": trained.seconds}
+    failed = _train_failure(trained, limits)
+    if failed is not None:
+        timings["total"] = time.perf_counter() - start
+        return _finish(failed, data, timings, trained.log_tail)
+    nonce = secrets.token_hex(16)
+    evaluate = Phase(
+        name="evaluate",
+        argv=target.evaluate,
+        # staged afresh: nothing the training phase did to its folder reaches the evaluator
+        program_dir=stage_program(target, program_dir, work_dir / "program-evaluate"),
+        out_dir=out_dir,
+        out_writable=False,
+        env={"SELFPROG_SEED": str(seed)},
+        stdin=nonce.encode() + b"\n" + data.heldout(target),
+        timeout=target.budget.eval_timeout,
+        hidden=data.hidden,
+    )
+    log.info("evaluating %s", program_dir)
+    evaluated = runner.run(evaluate, limits, {**labels, "selfprog.phase": "evaluate"})
+    timings["evaluate"] = evaluated.seconds
+    timings["total"] = time.perf_counter() - start
+    result = _eval_result(target, evaluated, nonce, limits)
+    log_tail = trained.log_tail if result.state is State.OK else evaluated.log_tail
+    return _finish(result, data, timings, log_tail)
+
+
+def _finish(result: Result, data: Dataset, timings: dict[str, float], log_tail: str) -> Result:
+    return dataclasses.replace(result, log_tail=log_tail, timings=timings, data_hash=data.data_hash)

@@ -1,0 +1,147 @@
+"""Data for tinylm: a deterministic code corpus, split into train and held-out.
+
+Fixed file: the proposer never edits it. It runs twice over:
+- on the host, once per run, as `python prepare.py OUT_DIR [--corpus DIR]`, to
+  build `train.bin`, `heldout.bin` and `manifest.json` (with their hashes);
+- inside the sandbox, imported by train.py for `load_train()` and `get_batch()`.
+
+By default the corpus is the Python standard library that ships with the
+running interpreter. The held-out split is whole packages (idlelib and
+turtledemo) that training and evaluation never import, so the sandbox can hide
+their folders from the candidate. With --corpus DIR the files of DIR are split
+by a hash of their path instead (DIR is never mounted into the sandbox).
+"""
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+TRAIN_FILE = "train.bin"
+HELDOUT_FILE = "heldout.bin"
+MANIFEST_FILE = "manifest.json"
+
+TRAIN_MAX_BYTES = 4_000_000  # more than a CPU sees in minutes of training
+HELDOUT_MAX_BYTES = 262_144
+MIN_TRAIN_BYTES = 1_000_000
+MIN_HELDOUT_BYTES = 100_000
+HELDOUT_PACKAGES = ("idlelib", "turtledemo")  # never imported by training or evaluation
+SKIPPED_PACKAGES = ("site-packages", "dist-packages", "test", "tests", "__pycache__")
+FILE_SEPARATOR = b"\n\n"
+
+
+# ---------------------------------------------------------------------------
+# building the corpus (host side, once per run)
+
+
+def _python_files(root: Path) -> list[Path]:
+    """Returns the .py files under root in a fixed order, skipping tests and packages."""
+    files = []
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        if any(part in SKIPPED_PACKAGES for part in relative.parts[:-1]):
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_capped(files: list[Path], cap: int) -> bytes:
+    """Returns the files joined by a separator, stopping once cap bytes are reached."""
+    chunks, total = [], 0
+    for path in files:
+        text = path.read_bytes()
+        chunks.append(text)
+        total += len(text) + len(FILE_SEPARATOR)
+        if total >= cap:
+            break
+    return FILE_SEPARATOR.join(chunks)[:cap]
+
+
+def split_stdlib(stdlib: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """Returns (train files, held-out files, held-out folders) of the standard library."""
+    heldout_dirs = [stdlib / name for name in HELDOUT_PACKAGES if (stdlib / name).is_dir()]
+    heldout = [f for d in heldout_dirs for f in _python_files(d)]
+    train = [
+        f
+        for f in _python_files(stdlib)
+        if f.relative_to(stdlib).parts[0] not in HELDOUT_PACKAGES
+    ]
+    return train, heldout, [str(d.resolve()) for d in heldout_dirs]
+
+
+def split_folder(corpus: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """Returns (train files, held-out files, held-out folders) of a user's folder, by path hash."""
+    train, heldout = [], []
+    for path in _python_files(corpus):
+        key = path.relative_to(corpus).as_posix().encode()
+        bucket = int(hashlib.sha256(key).hexdigest(), 16) % 10
+        (heldout if bucket == 0 else train).append(path)
+    return train, heldout, []
+
+
+def build(out_dir: Path, corpus: Path | None = None) -> dict:
+    """Writes train.bin, heldout.bin and manifest.json into out_dir; returns the manifest."""
+    if corpus is None:
+        source = Path(sysconfig.get_paths()["stdlib"])
+        train_files, heldout_files, hidden = split_stdlib(source)
+    else:
+        source = corpus
+        train_files, heldout_files, hidden = split_folder(corpus)
+    train = _read_capped(train_files, TRAIN_MAX_BYTES)
+    heldout = _read_capped(heldout_files, HELDOUT_MAX_BYTES)
+    if len(train) < MIN_TRAIN_BYTES or len(heldout) < MIN_HELDOUT_BYTES:
+        raise SystemExit(
+            f"corpus too small in {source}: {len(train)} train bytes (need {MIN_TRAIN_BYTES}), "
+            f"{len(heldout)} held-out bytes (need {MIN_HELDOUT_BYTES}); pass --corpus DIR"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TRAIN_FILE).write_bytes(train)
+    (out_dir / HELDOUT_FILE).write_bytes(heldout)
+    digest = hashlib.sha256()
+    for blob in (train, heldout):
+        digest.update(hashlib.sha256(blob).digest())
+    manifest = {
+        "source": str(source),
+        "python": sys.version.split()[0],
+        "train_bytes": len(train),
+        "heldout_bytes": len(heldout),
+        "train_files": len(train_files),
+        "heldout_files": len(heldout_files),
+        "hidden_folders": hidden,  # the sandbox masks these so a candidate cannot read them
+        "data_hash": digest.hexdigest(),
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# reading the data (sandbox side, imported by train.py)
+
+
+def load_train():
+    """Returns the training split as a 1-D uint8 tensor (the sandbox mounts only this split)."""
+    import torch
+
+    path = Path(os.environ.get("SELFPROG_DATA", ".")) / TRAIN_FILE
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+
+def get_batch(data, batch_size: int, block_size: int, generator=None):
+    """Returns (inputs, targets), each [batch_size, block_size] int64, from random offsets."""
+    import torch
+
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    rows = torch.stack([data[s : s + block_size + 1] for s in starts.tolist()]).long()
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tinylm corpus.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--corpus", type=Path, help="a folder of .py files instead of the stdlib")
+    args = parser.parse_args()
+    print(json.dumps(build(args.out_dir, args.corpus)))
