@@ -9,11 +9,11 @@ import logging
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from selfprog import __version__
-from selfprog.errors import ConfigError, SelfprogError
+from selfprog.errors import SelfprogError
 
 log = logging.getLogger("selfprog")
 
@@ -32,8 +32,8 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** "_kmgt".index(unit or "_"))
 
 
-def _positive(kind: type) -> object:
-    def convert(text: str) -> object:
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -140,13 +140,20 @@ def cmd_target_export(args: argparse.Namespace) -> int:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     from selfprog.runners.docker import connect
-    from selfprog.runners.image import DOCKERFILE_IMAGE, OFFLINE_IMAGE, build_from_dockerfile, build_offline
+    from selfprog.runners.image import (
+        DOCKERFILE_IMAGE,
+        OFFLINE_IMAGE,
+        build_from_dockerfile,
+        build_offline,
+    )
 
     client = connect()
     if args.offline:
         image = build_offline(client, args.tag or OFFLINE_IMAGE)
     else:
-        context = Path(args.context) if args.context else Path(__file__).resolve().parents[1] / "sandbox"
+        context = (
+            Path(args.context) if args.context else Path(__file__).resolve().parents[1] / "sandbox"
+        )
         image = build_from_dockerfile(client, context, args.tag or DOCKERFILE_IMAGE)
     print(f"built {image.tag} (python {image.python})")
     return 0
@@ -171,27 +178,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and score one program folder in the sandbox",
         description="Train a program folder with its own code (training split only), then score "
         "it with the target's fixed evaluator (held-out split). Exit code 0 when the "
-        f"candidate ends `ok`, {EXIT_NOT_OK} when it ends in another state, {EXIT_ERROR} on an error.",
+        f"candidate ends `ok`, {EXIT_NOT_OK} when it ends in another state, "
+        f"{EXIT_ERROR} on an error.",
     )
     ev.add_argument("program", nargs="?", help="the program folder (default: the target's seed)")
     ev.add_argument("--target", default="tinylm", help="a bundled target name or a target folder")
     ev.add_argument("--runner", default="docker", choices=("docker", "local"), help="the sandbox")
     budget = ev.add_mutually_exclusive_group()
-    budget.add_argument("--budget-seconds", type=_positive(float), help="training wall-clock budget")
+    budget.add_argument(
+        "--budget-seconds", type=_positive(float), help="training wall-clock budget"
+    )
     budget.add_argument("--budget-steps", type=_positive(int), help="training step budget")
     ev.add_argument("--timeout", type=_positive(float), help="hard limit on training, seconds")
     ev.add_argument("--memory", type=parse_size, default=parse_size("4g"), help="memory limit (4g)")
     ev.add_argument("--cpus", type=_positive(float), default=2.0, help="CPU limit (2)")
     ev.add_argument("--gpus", help="pass GPUs through: 'all' or a count (default: none)")
     ev.add_argument("--seed", type=int, default=0, help="the training and evaluation seed (0)")
-    ev.add_argument("--image", help="the sandbox image (default: the offline image, built if missing)")
-    ev.add_argument("--data-cache", type=Path, help="where prepared data is kept (~/.cache/selfprog)")
-    ev.add_argument("--corpus", type=Path, help="a folder of code to train on instead of the stdlib")
+    ev.add_argument(
+        "--image", help="the sandbox image (default: the offline image, built if missing)"
+    )
+    ev.add_argument(
+        "--data-cache", type=Path, help="where prepared data is kept (~/.cache/selfprog)"
+    )
+    ev.add_argument(
+        "--corpus", type=Path, help="a folder of code to train on instead of the stdlib"
+    )
     ev.add_argument("--keep", help="keep the work folder (staged program, weights) here")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    tg = verbs.add_parser("target", help="work with target programs", description="Work with target programs.")
+    tg = verbs.add_parser(
+        "target", help="work with target programs", description="Work with target programs."
+    )
     tg_verbs = tg.add_subparsers(dest="target_verb", metavar="VERB", required=True)
     te = tg_verbs.add_parser(
         "export",
@@ -202,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("dest", help="the folder to write")
     te.set_defaults(func=cmd_target_export)
 
-    im = verbs.add_parser("image", help="build the sandbox image", description="Build the sandbox image.")
+    im = verbs.add_parser(
+        "image", help="build the sandbox image", description="Build the sandbox image."
+    )
     im_verbs = im.add_subparsers(dest="image_verb", metavar="VERB", required=True)
     ib = im_verbs.add_parser(
         "build",

@@ -101,13 +101,17 @@ def stage_program(target: Target, program_dir: Path, dest: Path) -> Path:
 
 def _train_failure(outcome: PhaseOutcome, limits: Limits) -> Result | None:
     if outcome.timed_out:
-        return Result(State.TIMEOUT, reason=f"training ran past {outcome.seconds:.0f}s and was killed")
+        return Result(
+            State.TIMEOUT, reason=f"training ran past {outcome.seconds:.0f}s and was killed"
+        )
     if outcome.oom:
         limit = limits.memory_bytes / 2**20
         return Result(State.OOM, reason=f"training ran out of memory (limit {limit:.0f} MiB)")
     if outcome.output_exceeded:
         limit = limits.output_bytes / 2**20
-        return Result(State.TRAIN_FAILED, reason=f"training wrote more than {limit:.0f} MiB of output")
+        return Result(
+            State.TRAIN_FAILED, reason=f"training wrote more than {limit:.0f} MiB of output"
+        )
     if outcome.exit_code != 0:
         return Result(State.TRAIN_FAILED, reason=f"training exited with code {outcome.exit_code}")
     return None
@@ -128,13 +132,16 @@ def parse_result(stdout: str, nonce: str) -> dict[str, Any] | None:
 
 def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limits: Limits) -> Result:
     if outcome.timed_out:
-        return Result(State.TIMEOUT, reason=f"evaluation ran past {outcome.seconds:.0f}s and was killed")
+        return Result(
+            State.TIMEOUT, reason=f"evaluation ran past {outcome.seconds:.0f}s and was killed"
+        )
     if outcome.oom:
         return Result(State.OOM, reason="evaluation ran out of memory")
     found = parse_result(outcome.stdout_tail, nonce)
     if found is None:
         return Result(
-            State.EVAL_FAILED, reason=f"the evaluator gave no result (exit code {outcome.exit_code})"
+            State.EVAL_FAILED,
+            reason=f"the evaluator gave no result (exit code {outcome.exit_code})",
         )
     if "error" in found:
         return Result(State.EVAL_FAILED, reason=str(found["error"]))
@@ -157,7 +164,7 @@ def score_program(
     budget_steps: int | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> Result:
-    """Returns the result of training program_dir with its own code and scoring it with the target's.
+    """Returns the result of training a program with its own code and scoring it with the target's.
 
     The training phase sees the training split only and writes weights to an
     output folder; the evaluation phase runs the target's fixed evaluator on

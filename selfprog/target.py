@@ -71,11 +71,11 @@ class Target:
 
 
 def _unknown_key(key: str, table: str, path: Path) -> TargetError:
-    where = f"[{table}]" if table else "the top level"
+    where = f"in [{table}]" if table else "at the top level"
     valid = _SCHEMA[table]
     near = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-    return TargetError(f"{path}: unknown key '{key}' in {where}{hint}")
+    return TargetError(f"{path}: unknown key '{key}' {where}{hint}")
 
 
 def _check_keys(raw: Mapping[str, Any], path: Path) -> None:

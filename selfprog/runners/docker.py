@@ -10,6 +10,7 @@ removed in every case.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -46,7 +47,7 @@ def _transient(exc: BaseException) -> bool:
 _retry = retry(
     retry=retry_if_exception(_transient),
     stop=stop_after_attempt(4),
-    wait=wait_exponential_jitter(initial=0.5, max=5),
+    wait=wait_exponential_jitter(multiplier=0.5, max=5),
     reraise=True,
 )
 
@@ -76,7 +77,9 @@ def ensure_image(client: Any, tag: str = OFFLINE_IMAGE) -> SandboxImage:
         return describe(client.images.get(tag))
     except docker.errors.ImageNotFound:
         if tag != OFFLINE_IMAGE:
-            raise RunnerError(f"image {tag} not found; build it with `selfprog image build`") from None
+            raise RunnerError(
+                f"image {tag} not found; build it with `selfprog image build`"
+            ) from None
     log.warning("sandbox image %s not found: building it offline from this Python (once)", tag)
     return build_offline(client, tag)
 
@@ -99,10 +102,14 @@ class DockerRunner:
         self.client = client or connect()
         self.image = ensure_image(self.client, image)
 
-    def _container_config(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> dict[str, Any]:
+    def _container_config(
+        self, phase: Phase, limits: Limits, labels: Mapping[str, str]
+    ) -> dict[str, Any]:
         mounts = [
             Mount("/program", str(phase.program_dir.resolve()), type="bind", read_only=True),
-            Mount("/out", str(phase.out_dir.resolve()), type="bind", read_only=not phase.out_writable),
+            Mount(
+                "/out", str(phase.out_dir.resolve()), type="bind", read_only=not phase.out_writable
+            ),
         ]
         mounts += [
             Mount(f"/data/{f.name}", str(f.resolve()), type="bind", read_only=True)
@@ -136,7 +143,6 @@ class DockerRunner:
             "environment": env,
             "labels": {LABEL: "1", **labels},
             "stdin_open": phase.stdin is not None,
-            "stdin_once": True,
             "host_config": self.client.api.create_host_config(
                 mounts=mounts,
                 tmpfs=tmpfs,
@@ -163,14 +169,16 @@ class DockerRunner:
 
     @_retry
     def _create(self, config: dict[str, Any]) -> Any:
-        return self.client.api.create_container(**config)["Id"]
+        api = self.client.api
+        container_config = api.create_container_config(**config)
+        # stdin closes when our attach closes, so the phase reads to the end of its input
+        container_config["StdinOnce"] = container_config["AttachStdin"] = config["stdin_open"]
+        return api.create_container_from_config(container_config)["Id"]
 
     @_retry
     def _remove(self, container_id: str) -> None:
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             self.client.api.remove_container(container_id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
 
     def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
         container_id = self._create(self._container_config(phase, limits, labels))
@@ -234,8 +242,6 @@ def remove_leftovers(client: Any, labels: Mapping[str, str]) -> int:
     selector = [LABEL] + [f"{k}={v}" for k, v in labels.items()]
     containers = client.api.containers(all=True, filters={"label": selector})
     for container in containers:
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             client.api.remove_container(container["Id"], force=True, v=True)
-        except docker.errors.NotFound:
-            pass
     return len(containers)

@@ -94,14 +94,14 @@ def _ldd(paths: list[str]) -> set[str]:
 
 def shared_libraries(roots: Iterable[str]) -> list[Path]:
     """Returns the host libraries outside roots that Python and its extension modules need."""
-    roots = [Path(r) for r in roots]
+    folders = [Path(r) for r in roots]
     binaries = [str(Path(sys.executable).resolve())]
-    for root in roots:
-        binaries += [str(p) for p in root.rglob("*.so*") if p.is_file() and not p.is_symlink()]
+    for folder in folders:
+        binaries += [str(p) for p in folder.rglob("*.so*") if p.is_file() and not p.is_symlink()]
     libs = {Path(p) for p in _ldd(binaries)}
-    folders = {lib.parent for lib in libs}
-    libs |= {folder / name for folder in folders for name in _ALWAYS if (folder / name).is_file()}
-    return sorted(lib for lib in libs if not any(lib.is_relative_to(r) for r in roots))
+    lib_dirs = {lib.parent for lib in libs}
+    libs |= {d / name for d in lib_dirs for name in _ALWAYS if (d / name).is_file()}
+    return sorted(lib for lib in libs if not any(lib.is_relative_to(f) for f in folders))
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -122,9 +122,15 @@ def offline_rootfs(libraries: Iterable[Path]) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for folder in _EMPTY_DIRS:
             _add_dir(tar, folder, 0o1777 if folder == "tmp" else 0o755)
-        passwd = f"root:x:0:0::/root:/bin/false\nsandbox:x:{SANDBOX_UID}:{SANDBOX_UID}::/home/sandbox:/bin/false\nnobody:x:65534:65534::/nonexistent:/bin/false\n"
+        passwd = (
+            "root:x:0:0::/root:/bin/false\n"
+            f"sandbox:x:{SANDBOX_UID}:{SANDBOX_UID}::/home/sandbox:/bin/false\n"
+            "nobody:x:65534:65534::/nonexistent:/bin/false\n"
+        )
         _add_file(tar, "etc/passwd", passwd.encode())
-        _add_file(tar, "etc/group", f"root:x:0:\nsandbox:x:{SANDBOX_UID}:\nnogroup:x:65534:\n".encode())
+        _add_file(
+            tar, "etc/group", f"root:x:0:\nsandbox:x:{SANDBOX_UID}:\nnogroup:x:65534:\n".encode()
+        )
         made: set[str] = set(_EMPTY_DIRS)
         for lib in libraries:
             parent = ""
@@ -142,7 +148,13 @@ def build_offline(client: Any, tag: str = OFFLINE_IMAGE) -> SandboxImage:
     roots = python_roots()
     libraries = shared_libraries(roots)
     python = str(Path(sys.executable).resolve())
-    log.info("building %s: %d libraries, Python %s mounted from %s", tag, len(libraries), python, ", ".join(roots))
+    log.info(
+        "building %s: %d libraries, Python %s mounted from %s",
+        tag,
+        len(libraries),
+        python,
+        ", ".join(roots),
+    )
     repository, _, version = tag.partition(":")
     changes = [
         f'LABEL {LABEL_PYTHON}="{python}"',
@@ -159,13 +171,19 @@ def build_offline(client: Any, tag: str = OFFLINE_IMAGE) -> SandboxImage:
 def build_from_dockerfile(client: Any, context: Path, tag: str = DOCKERFILE_IMAGE) -> SandboxImage:
     """Returns the image built from sandbox/Dockerfile (needs a registry for its base image)."""
     if not (context / "Dockerfile").is_file():
-        raise RunnerError(f"{context}: no Dockerfile here; pass the sandbox folder of a selfprog checkout")
+        raise RunnerError(
+            f"{context}: no Dockerfile here; pass the sandbox folder of a selfprog checkout"
+        )
     import docker
 
     try:
         image, _ = client.images.build(path=str(context), tag=tag, rm=True)
     except docker.errors.BuildError as exc:
-        raise RunnerError(f"building {tag} failed: {exc.msg}; try `selfprog image build --offline`") from None
+        raise RunnerError(
+            f"building {tag} failed: {exc.msg}; try `selfprog image build --offline`"
+        ) from None
     except docker.errors.APIError as exc:
-        raise RunnerError(f"building {tag} failed: {exc.explanation}; try `selfprog image build --offline`") from None
+        raise RunnerError(
+            f"building {tag} failed: {exc.explanation}; try `selfprog image build --offline`"
+        ) from None
     return describe(image)

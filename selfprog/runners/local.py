@@ -6,6 +6,7 @@ can read your files and reach the network. Use it where Docker is not available.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -16,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, TailBuffer, folder_size, pump
 
@@ -30,7 +30,7 @@ _OOM_SIGNS = ("MemoryError", "std::bad_alloc", "can't allocate memory", "Cannot 
 
 
 def harness_env(limits: Limits, extra: Mapping[str, str]) -> dict[str, str]:
-    """Returns the whole environment of a phase: nothing of the host's, only what the harness sets."""
+    """Returns a phase's whole environment: nothing of the host's, only what the harness sets."""
     threads = str(limits.threads)
     env = {
         "LANG": "C.UTF-8",
@@ -135,8 +135,6 @@ def _feed(proc: subprocess.Popen[bytes], payload: bytes) -> None:
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """Kills the phase's whole process group, leftovers included, and reaps the leader."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()

@@ -188,7 +188,9 @@ def score(heldout: bytes, seed: int) -> dict:
             else:
                 logits = server.logits(torch, x)
             total_nats += float(
-                torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1), reduction="sum")
+                torch.nn.functional.cross_entropy(
+                    logits.view(-1, VOCAB), y.view(-1), reduction="sum"
+                )
             )
             total_bytes += y.numel()
     finally:

@@ -101,8 +101,10 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx):
-        B, T = idx.size()
-        assert T <= self.block_size, f"input of {T} bytes is longer than block_size {self.block_size}"
+        T = idx.size(1)
+        assert self.block_size >= T, (
+            f"input of {T} bytes is longer than block_size {self.block_size}"
+        )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:

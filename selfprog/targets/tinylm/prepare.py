@@ -64,9 +64,7 @@ def split_stdlib(stdlib: Path) -> tuple[list[Path], list[Path], list[str]]:
     heldout_dirs = [stdlib / name for name in HELDOUT_PACKAGES if (stdlib / name).is_dir()]
     heldout = [f for d in heldout_dirs for f in _python_files(d)]
     train = [
-        f
-        for f in _python_files(stdlib)
-        if f.relative_to(stdlib).parts[0] not in HELDOUT_PACKAGES
+        f for f in _python_files(stdlib) if f.relative_to(stdlib).parts[0] not in HELDOUT_PACKAGES
     ]
     return train, heldout, [str(d.resolve()) for d in heldout_dirs]
 

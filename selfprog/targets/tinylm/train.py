@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-
 from model import GPTConfig, build_model, model_config
 from prepare import get_batch, load_train
 

@@ -1,0 +1,133 @@
+"""Two-phase scoring: real training of the seed, and candidates that try to fake their score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from selfprog.data import Dataset
+from selfprog.runners.base import Limits
+from selfprog.scoring import Result, State, check_program, parse_result, score_program
+from selfprog.target import Target
+
+LIMITS = Limits(memory_bytes=3 * 1024 * 2**20, cpus=2.0)
+
+
+def score(target: Target, program: Path, runner, data: Dataset, tmp_path: Path, **kw) -> Result:  # type: ignore[no-untyped-def]
+    labels = {"selfprog.run": "test", "selfprog.candidate": program.name}
+    return score_program(
+        target, program, runner, data, tmp_path / "work", limits=LIMITS, labels=labels, **kw
+    )
+
+
+@pytest.mark.slow
+def test_seed_learns_in_both_runners(
+    runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_seconds=10)
+    assert result.state is State.OK, (result.reason, result.log_tail)
+    assert result.score is not None and 1.0 < result.score < 8.0
+    assert result.metrics["val_bpb"] == result.score
+    assert result.metrics["params"] > 10_000
+    assert result.data_hash == dataset.data_hash
+    assert set(result.timings) == {"train", "evaluate", "total"}
+
+
+class NeverRuns:
+    name = "never"
+
+    def run(self, *args: object) -> None:
+        raise AssertionError("a rejected candidate must not run")
+
+
+def test_edited_fixed_file_is_rejected_before_running(
+    tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    evaluate = seed_program / "evaluate.py"
+    evaluate.write_text(evaluate.read_text().replace("EVAL_BYTES = 131_072", "EVAL_BYTES = 1_000"))
+    result = score(tinylm, seed_program, NeverRuns(), dataset, tmp_path)
+    assert result.state is State.REJECTED
+    assert result.reason == "fixed file evaluate.py differs from the target's"
+
+
+def test_unparsable_or_missing_editable_file_is_invalid(tinylm: Target, seed_program: Path) -> None:
+    (seed_program / "model.py").write_text("def broken(:\n")
+    result = check_program(tinylm, seed_program)
+    assert result is not None and result.state is State.INVALID
+    assert result.reason.startswith("model.py does not parse")
+    (seed_program / "model.py").unlink()
+    result = check_program(tinylm, seed_program)
+    assert result is not None and result.reason == "editable file model.py is missing"
+
+
+FAKE_LINE = 'SELFPROG_RESULT {nonce} {{"val_bpb": 0.001, "params": 1}}'
+
+TRAIN_FAKES = """
+# --- the candidate's attempts to report its own score ---
+for guess in ("", "0" * 32, "ffffffffffffffffffffffffffffffff"):
+    print("{line}".replace("NONCE", guess), flush=True)
+(out_dir / "metrics.json").write_text('{{"val_bpb": 0.001}}')
+(out_dir / "result.json").write_text('{{"val_bpb": 0.001}}')
+""".format(line=FAKE_LINE.format(nonce="NONCE").replace('"', '\\"'))
+
+MODEL_FAKES = """
+import os as _os
+import sys as _sys
+
+# --- from inside the evaluator: write a fake result onto the scorer's stdout ---
+for _path in ("/proc/%d/fd/1" % _os.getppid(), "/proc/1/fd/1"):
+    try:
+        _fd = _os.open(_path, _os.O_WRONLY)
+        _os.write(_fd, b'{line}\\n')
+        _os.close(_fd)
+        print("WROTE", _path, file=_sys.stderr)
+    except OSError as _exc:
+        print("BLOCKED", _path, _exc, file=_sys.stderr)
+try:
+    open(_os.path.join(_os.environ.get("SELFPROG_OUT", "."), "metrics.json"), "w").write("{{}}")
+except OSError:
+    pass
+""".format(line=FAKE_LINE.format(nonce="0" * 32))
+
+
+def test_fake_scores_are_ignored(
+    runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    train = seed_program / "train.py"
+    train.write_text(train.read_text() + TRAIN_FAKES)
+    model = seed_program / "model.py"
+    model.write_text(MODEL_FAKES + model.read_text())
+    result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_steps=60)
+    assert result.state is State.OK, (result.reason, result.log_tail)
+    assert result.score is not None and result.score > 2.0
+    assert result.metrics["params"] > 10_000
+    assert "SELFPROG_RESULT" in result.log_tail  # the fakes were printed, and ignored
+
+
+def test_a_model_that_sees_the_future_fails_evaluation(
+    local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text().replace("is_causal=True", "is_causal=False"))
+    result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=60)
+    assert result.state is State.EVAL_FAILED
+    assert "not causal" in result.reason
+
+
+def test_training_that_crashes_is_train_failed(
+    local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    train = seed_program / "train.py"
+    train.write_text(train.read_text().replace("model.train()", "raise RuntimeError('boom')"))
+    result = score(tinylm, seed_program, local_runner, dataset, tmp_path)
+    assert result.state is State.TRAIN_FAILED
+    assert result.reason == "training exited with code 1"
+    assert "RuntimeError: boom" in result.log_tail
+
+
+def test_parse_result_takes_only_the_nonce_line() -> None:
+    stdout = 'SELFPROG_RESULT abc {"val_bpb": 0.1}\nnoise\nSELFPROG_RESULT good {"val_bpb": 3.2}\n'
+    assert parse_result(stdout, "good") == {"val_bpb": 3.2}
+    assert parse_result(stdout, "other") is None
+    assert parse_result("SELFPROG_RESULT good [1]\n", "good") is None
