@@ -6,30 +6,25 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from selfprog import __version__
-from selfprog.errors import SelfprogError
+from selfprog import __version__, config
+from selfprog.errors import ConfigError, SelfprogError
 
 log = logging.getLogger("selfprog")
 
 EXIT_ERROR = 2  # bad input or an unusable environment
 EXIT_NOT_OK = 3  # the candidate was scored but did not end `ok`
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """Returns bytes for a size such as 512m, 4g, 4GiB or 1048576."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512m or 4g)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+    """Returns bytes for a size given on the command line."""
+    try:
+        return config.parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:

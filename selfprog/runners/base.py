@@ -67,6 +67,10 @@ class Runner(Protocol):
         """Returns the outcome of running the phase; never raises for the candidate's faults."""
         ...
 
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        """Kills every phase carrying these labels, this process's or a dead driver's; returns how many."""
+        ...
+
 
 class TailBuffer:
     """Keeps the last max_bytes written to it, thread-safely."""

@@ -167,6 +167,9 @@ class DockerRunner:
             ),
         }
 
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        return remove_leftovers(self.client, labels)
+
     @_retry
     def _create(self, config: dict[str, Any]) -> Any:
         api = self.client.api

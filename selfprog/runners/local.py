@@ -7,6 +7,7 @@ can read your files and reach the network. Use it where Docker is not available.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -14,9 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, TailBuffer, folder_size, pump
 
@@ -49,13 +52,45 @@ def harness_env(limits: Limits, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def _start_time(pid: int) -> str | None:
+    """Returns a process's start time in clock ticks, which tells it from a later one with its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 class LocalRunner:
-    """Runs each phase as a host subprocess in its own process group."""
+    """Runs each phase as a host subprocess in its own process group.
+
+    Each live process group is registered as a file in `registry`, with its
+    labels, so that a later driver can kill what a killed one left running.
+    """
 
     name = "local"
 
-    def __init__(self, python: str = sys.executable):
+    def __init__(self, python: str = sys.executable, registry: Path | None = None):
         self.python = python
+        self.registry = registry or Path(tempfile.mkdtemp(prefix="selfprog-local-"))
+        self.registry.mkdir(parents=True, exist_ok=True)
+
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        stopped = 0
+        for entry in self.registry.glob("*.json"):
+            try:
+                record = json.loads(entry.read_text())
+            except (OSError, ValueError):
+                continue
+            if any(record["labels"].get(k) != v for k, v in labels.items()):
+                continue
+            pgid = int(entry.stem)
+            if _start_time(pgid) == record["start"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                    stopped += 1
+            entry.unlink(missing_ok=True)
+        return stopped
 
     def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
         scratch = phase.out_dir.parent / f"{phase.name}-scratch"
@@ -94,6 +129,8 @@ class LocalRunner:
             start_new_session=True,  # its own process group, killed as a whole
             preexec_fn=limit_resources,
         )
+        entry = self.registry / f"{proc.pid}.json"
+        entry.write_text(json.dumps({"labels": dict(labels), "start": _start_time(proc.pid)}))
         timed_out = False
         try:
             assert proc.stdout is not None and proc.stderr is not None
@@ -106,6 +143,7 @@ class LocalRunner:
                 timed_out = True
         finally:
             _kill_group(proc)
+            entry.unlink(missing_ok=True)
         for thread in pumps:
             thread.join(timeout=5)
         seconds = time.perf_counter() - start

@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+VOCAB_SIZE = 256  # bytes: fixed by the data and the evaluator
+
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 256  # bytes
+    vocab_size: int = VOCAB_SIZE
     block_size: int = 128  # context length in bytes
     n_layer: int = 2
     n_head: int = 4

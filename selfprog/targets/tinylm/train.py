@@ -26,13 +26,7 @@ budget_steps = int(os.environ.get("SELFPROG_BUDGET_STEPS", "0"))  # 0 = no step 
 seed = int(os.environ.get("SELFPROG_SEED", "0"))
 out_dir = Path(os.environ.get("SELFPROG_OUT", "out"))
 
-batch_size = 16
-block_size = 128
-n_layer = 2
-n_head = 4
-n_embd = 64
-dropout = 0.0
-
+batch_size = 16  # sequences per step; the architecture's sizes are in model.py
 learning_rate = 1e-3  # peak, after warmup
 min_lr_ratio = 0.1  # the cosine decays to this fraction of the peak
 warmup_steps = 50
@@ -49,9 +43,8 @@ accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() el
 data = load_train()
 generator = torch.Generator().manual_seed(seed)
 
-config = GPTConfig(
-    block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout
-)
+config = GPTConfig()
+block_size = config.block_size  # train on windows as long as the model's context
 model = build_model(vars(config))
 n_params = sum(p.numel() for p in model.parameters())
 accelerator.print(f"model: {n_params:,} parameters, {config}")

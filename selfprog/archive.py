@@ -1,0 +1,366 @@
+"""The archive: one SQLite file per run holding every candidate, proposal and evaluation.
+
+WAL mode lets any number of readers inspect a run while its one driver writes.
+Sources are content-addressed: a file is stored once however many candidates
+share it, and a program is identified by the hash of its files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfprog.errors import SelfprogError
+
+SCHEMA_VERSION = 1
+ARCHIVE_FILE = "archive.sqlite"
+PENDING, RUNNING, DUPLICATE = "pending", "running", "duplicate"
+UNFINISHED = (PENDING, RUNNING)
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE blobs (hash TEXT PRIMARY KEY, content BLOB NOT NULL);
+CREATE TABLE programs (hash TEXT PRIMARY KEY, files TEXT NOT NULL);
+CREATE TABLE generations (
+    generation INTEGER PRIMARY KEY, parents TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE calls (
+    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER NOT NULL,
+    proposer TEXT NOT NULL, model TEXT, k INTEGER NOT NULL, prompt_chars INTEGER,
+    tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+    latency REAL, created REAL NOT NULL,
+    UNIQUE (generation, parent_id)
+);
+CREATE TABLE proposals (
+    id INTEGER PRIMARY KEY, call_id INTEGER NOT NULL REFERENCES calls(id), slot INTEGER NOT NULL,
+    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT,
+    UNIQUE (call_id, slot)
+);
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER REFERENCES candidates(id),
+    proposal_id INTEGER UNIQUE REFERENCES proposals(id), program_hash TEXT, state TEXT NOT NULL,
+    score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
+    diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL, started REAL, finished REAL
+);
+CREATE TABLE evaluations (
+    id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX candidates_by_state ON candidates(state);
+CREATE INDEX candidates_by_program ON candidates(program_hash);
+"""
+
+
+class ArchiveError(SelfprogError):
+    """The archive is missing, foreign, or from a newer selfprog."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One row of the candidates table."""
+
+    id: int
+    generation: int
+    parent_id: int | None
+    proposal_id: int | None
+    program_hash: str | None
+    state: str
+    score: float | None
+    metrics: dict[str, Any]
+    reason: str
+    log_tail: str
+    timings: dict[str, float]
+    rationale: str
+    diff: str
+    duplicate_of: int | None
+    attempts: int
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def program_hash(files: Mapping[str, str]) -> str:
+    """Returns the content address of a program (its files and their names)."""
+    manifest = {path: _hash(text.encode()) for path, text in sorted(files.items())}
+    return _hash(json.dumps(manifest, sort_keys=True).encode())
+
+
+class Archive:
+    """A run's archive. Writers are the one driver; readers open it with readonly=True."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = path
+        if not path.is_file():
+            raise ArchiveError(f"{path.parent}: not a selfprog run (no {path.name})")
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            version = int(self.meta("schema_version") or 0)
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            raise ArchiveError(f"{path}: not a selfprog archive ({exc})") from None
+        if version > SCHEMA_VERSION:
+            raise ArchiveError(
+                f"{path}: archive schema {version} is newer than this selfprog's ({SCHEMA_VERSION}); "
+                "upgrade selfprog to read it"
+            )
+        if version < 1:
+            raise ArchiveError(f"{path}: not a selfprog archive (no schema version)")
+
+    @classmethod
+    def create(cls, path: Path, meta: Mapping[str, str]) -> Archive:
+        """Returns a new, empty archive at path."""
+        if path.exists():
+            raise ArchiveError(f"{path}: an archive already exists here")
+        db = sqlite3.connect(path)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            rows = {"schema_version": str(SCHEMA_VERSION), "created": str(time.time()), **meta}
+            db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
+            db.commit()
+        finally:
+            db.close()
+        return cls(path)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Commits everything in the block at once, or nothing."""
+        with self.db:
+            yield self.db
+
+    # -- meta ---------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- sources ------------------------------------------------------------
+
+    def put_program(self, db: sqlite3.Connection, files: Mapping[str, str]) -> str:
+        """Stores a program's files (each once) inside a transaction; returns its hash."""
+        manifest = {}
+        for path, text in sorted(files.items()):
+            data = text.encode()
+            manifest[path] = digest = _hash(data)
+            db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, data))
+        phash = program_hash(files)
+        db.execute("INSERT OR IGNORE INTO programs VALUES (?, ?)", (phash, json.dumps(manifest)))
+        return phash
+
+    def program(self, phash: str) -> dict[str, str]:
+        row = self.db.execute("SELECT files FROM programs WHERE hash = ?", (phash,)).fetchone()
+        if row is None:
+            raise ArchiveError(f"program {phash[:12]} is not in the archive")
+        files = {}
+        for path, digest in json.loads(row[0]).items():
+            blob = self.db.execute("SELECT content FROM blobs WHERE hash = ?", (digest,)).fetchone()
+            files[path] = bytes(blob[0]).decode()
+        return files
+
+    # -- generations and proposals -----------------------------------------
+
+    def generation_parents(self, generation: int) -> list[int] | None:
+        row = self.db.execute(
+            "SELECT parents FROM generations WHERE generation = ?", (generation,)
+        ).fetchone()
+        return None if row is None else list(json.loads(row[0]))
+
+    def record_generation(self, generation: int, parents: Sequence[int]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO generations VALUES (?, ?, ?)",
+                (generation, json.dumps(list(parents)), time.time()),
+            )
+
+    def has_call(self, generation: int, parent_id: int) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM calls WHERE generation = ? AND parent_id = ?", (generation, parent_id)
+        ).fetchone()
+        return row is not None
+
+    def record_call(
+        self, db: sqlite3.Connection, generation: int, parent_id: int, **fields: Any
+    ) -> int:
+        cursor = db.execute(
+            "INSERT INTO calls (generation, parent_id, proposer, model, k, prompt_chars, tokens_in, "
+            "tokens_out, latency, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                generation,
+                parent_id,
+                fields["proposer"],
+                fields.get("model", ""),
+                fields["k"],
+                fields.get("prompt_chars", 0),
+                fields.get("tokens_in", 0),
+                fields.get("tokens_out", 0),
+                fields.get("latency", 0.0),
+                time.time(),
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def record_proposal(
+        self,
+        db: sqlite3.Connection,
+        call_id: int,
+        slot: int,
+        response: str,
+        rationale: str,
+        tokens_out: int,
+        error: str,
+    ) -> int:
+        cursor = db.execute(
+            "INSERT INTO proposals (call_id, slot, response, rationale, tokens_out, error) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (call_id, slot, response, rationale, tokens_out, error),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def tokens_used(self) -> int:
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(tokens_in + tokens_out), 0) FROM calls"
+        ).fetchone()
+        return int(row[0])
+
+    # -- candidates ---------------------------------------------------------
+
+    def add_candidate(self, db: sqlite3.Connection, **fields: Any) -> int:
+        """Inserts a candidate inside a transaction; returns its id."""
+        columns = [
+            "generation",
+            "parent_id",
+            "proposal_id",
+            "program_hash",
+            "state",
+            "reason",
+            "diff",
+            "rationale",
+            "duplicate_of",
+            "created",
+        ]
+        values = [fields.get(c) for c in columns[:-1]] + [time.time()]
+        cursor = db.execute(
+            f"INSERT INTO candidates ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            values,
+        )
+        return int(cursor.lastrowid or 0)
+
+    def find_program(self, phash: str, before: int | None = None) -> int | None:
+        """Returns the first candidate holding this exact program (below id before), if any."""
+        query = "SELECT id FROM candidates WHERE program_hash = ? AND state != ?"
+        args: list[Any] = [phash, DUPLICATE]
+        if before is not None:
+            query += " AND id < ?"
+            args.append(before)
+        row = self.db.execute(query + " ORDER BY id LIMIT 1", args).fetchone()
+        return None if row is None else int(row[0])
+
+    def mark_running(self, candidate_id: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE candidates SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
+                (RUNNING, time.time(), candidate_id),
+            )
+
+    def mark_pending(self, candidate_ids: Sequence[int]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE candidates SET state = ?, started = NULL WHERE id = ?",
+                [(PENDING, i) for i in candidate_ids],
+            )
+
+    def finish(self, candidate_id: int, result: Any, seed: int) -> None:
+        """Records a candidate's final result and its evaluation, at once."""
+        metrics = json.dumps(dict(result.metrics))
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE candidates SET state = ?, score = ?, metrics = ?, reason = ?, log_tail = ?, "
+                "timings = ?, data_hash = ?, finished = ? WHERE id = ?",
+                (
+                    result.state.value,
+                    result.score,
+                    metrics,
+                    result.reason,
+                    result.log_tail,
+                    json.dumps(dict(result.timings)),
+                    result.data_hash,
+                    time.time(),
+                    candidate_id,
+                ),
+            )
+            db.execute(
+                "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    candidate_id,
+                    seed,
+                    result.state.value,
+                    result.score,
+                    metrics,
+                    result.data_hash,
+                    time.time(),
+                ),
+            )
+
+    def candidates(self, where: str = "", args: Sequence[Any] = ()) -> list[Candidate]:
+        query = "SELECT * FROM candidates" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        return [_candidate(row) for row in self.db.execute(query, args)]
+
+    def candidate(self, candidate_id: int) -> Candidate:
+        found = self.candidates("id = ?", (candidate_id,))
+        if not found:
+            raise ArchiveError(f"no candidate {candidate_id} in this run")
+        return found[0]
+
+    def unfinished(self) -> list[Candidate]:
+        return self.candidates("state IN (?, ?)", UNFINISHED)
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM candidates GROUP BY state")
+        return {str(state): int(n) for state, n in rows}
+
+    def best(self, minimize: bool, n: int = 1) -> list[Candidate]:
+        """Returns the n best scored candidates, the earlier first among equals."""
+        order = "ASC" if minimize else "DESC"
+        rows = self.db.execute(
+            f"SELECT * FROM candidates WHERE state = 'ok' ORDER BY score {order}, id LIMIT ?", (n,)
+        )
+        return [_candidate(row) for row in rows]
+
+
+def _candidate(row: sqlite3.Row) -> Candidate:
+    return Candidate(
+        id=row["id"],
+        generation=row["generation"],
+        parent_id=row["parent_id"],
+        proposal_id=row["proposal_id"],
+        program_hash=row["program_hash"],
+        state=row["state"],
+        score=row["score"],
+        metrics=json.loads(row["metrics"]) if row["metrics"] else {},
+        reason=row["reason"] or "",
+        log_tail=row["log_tail"] or "",
+        timings=json.loads(row["timings"]) if row["timings"] else {},
+        rationale=row["rationale"] or "",
+        diff=row["diff"] or "",
+        duplicate_of=row["duplicate_of"],
+        attempts=row["attempts"],
+    )

@@ -1,0 +1,219 @@
+"""Run configuration: load from TOML, validate, apply --set overrides, freeze into the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import sys
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from selfprog.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True, slots=True)
+class RunSection:
+    target: str = "tinylm"
+    seed: int = 0
+    generations: int = 4
+    population: int = 4
+    parents: int = 2
+    workers: int = 1
+    max_candidates: int = 0
+    max_hours: float = 0.0
+    max_tokens: int = 0
+    on_interrupt: str = "finish"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSection:
+    seconds: float = 0.0
+    steps: int = 0
+    timeout: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSection:
+    kind: str = "docker"
+    image: str = ""
+    memory: str = "4g"
+    cpus: float = 0.0
+    gpus: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerSection:
+    kind: str = "mutate"
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.8
+    max_new_tokens: int = 2048
+    timeout: float = 120.0
+    prompt_tokens: int = 6000
+    max_changes: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    run: RunSection = RunSection()
+    budget: BudgetSection = BudgetSection()
+    runner: RunnerSection = RunnerSection()
+    proposer: ProposerSection = ProposerSection()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS: dict[str, Any] = {
+    "run": RunSection,
+    "budget": BudgetSection,
+    "runner": RunnerSection,
+    "proposer": ProposerSection,
+}
+_CHOICES = {
+    ("run", "on_interrupt"): ("finish", "kill"),
+    ("runner", "kind"): ("docker", "local"),
+    ("proposer", "kind"): ("mutate", "openai", "transformers"),
+}
+_NON_NEGATIVE = {
+    "seed",
+    "max_candidates",
+    "max_hours",
+    "max_tokens",
+    "seconds",
+    "steps",
+    "timeout",
+    "cpus",
+}
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Returns bytes for a size such as 512m, 4g, 4GiB or 1048576.
+
+    Raises:
+        ConfigError: the text is not a size.
+    """
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"not a size: {text!r} (try 512m or 4g)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(valid)}"
+
+
+def _coerce(table: str, key: str, value: Any, kind: type) -> Any:
+    where = f"{table}.{key}"
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is not type(value):
+        raise ConfigError(
+            f"{where} must be {kind.__name__}, not {type(value).__name__} ({value!r})"
+        )
+    if (table, key) == ("runner", "memory"):
+        parse_size(str(value))
+    choices = _CHOICES.get((table, key))
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0 and key in _NON_NEGATIVE:
+            raise ConfigError(f"{where} must be >= 0, not {value}")
+        if value <= 0 and key not in _NON_NEGATIVE and key != "temperature":
+            raise ConfigError(f"{where} must be above 0, not {value}")
+    return value
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Returns the config a TOML-shaped dict describes, every key checked.
+
+    Raises:
+        ConfigError: an unknown table or key (with the nearest valid one), or a bad value.
+    """
+    for table, values in raw.items():
+        if table not in _SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown table [{table}]{_nearest(table, list(_SECTIONS))}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{table}] must be a table")
+    built: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        defaults = cls()
+        kinds = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
+        values = raw.get(name, {})
+        for key in values:
+            if key not in kinds:
+                raise ConfigError(
+                    f"{source}: unknown key '{key}' in [{name}]{_nearest(key, list(kinds))}"
+                )
+        built[name] = cls(**{k: _coerce(name, k, v, kinds[k]) for k, v in values.items()})
+    return Config(**built)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Returns (table, key, value) from 'table.key=value'; the value is read as TOML, else text."""
+    name, sep, value = text.partition("=")
+    table, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"--set {text!r}: expected table.key=value, e.g. run.workers=2")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return table, key.strip(), parsed
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Returns the config from a TOML file (or the defaults) with --set overrides applied."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for text in overrides or []:
+        table, key, value = parse_override(text)
+        raw.setdefault(table, {})
+        if not isinstance(raw[table], dict):
+            raise ConfigError(f"--set {text!r}: {table} is not a table")
+        raw[table][key] = value
+    return from_dict(raw, source)
+
+
+def freeze(config: Config, path: Path) -> None:
+    """Writes the resolved config into the run folder; resume reads this copy."""
+    path.write_text(json.dumps(config.to_json(), indent=2) + "\n")
+
+
+def thaw(path: Path) -> Config:
+    """Returns the config frozen into a run folder."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the run's frozen config ({exc})") from None
+    return from_dict(raw, str(path))
+
+
+def default_text() -> str:
+    """Returns the commented default configuration."""
+    return (resources.files("selfprog") / "defaults.toml").read_text()

@@ -1,0 +1,40 @@
+"""The proposer interface: given a parent and its context, return k proposed edits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalRequest:
+    """What a proposer is asked: improve this parent program."""
+
+    parent_id: int
+    files: Mapping[str, str]  # the parent's editable files
+    prompt: str  # the full prompt, for proposers that read one
+    seed: int  # deterministic proposers draw from this
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """One proposer answer: the raw text (edits) and what it cost."""
+
+    text: str
+    rationale: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency: float = 0.0
+    model: str = ""
+    error: str = ""  # the proposer failed for this one (the candidate ends `invalid`)
+
+
+class Proposer(Protocol):
+    """An LM backend (or none, for `mutate`)."""
+
+    name: str
+
+    def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
+        """Returns k proposals; failures are proposals with an error, not exceptions."""
+        ...

@@ -1,0 +1,150 @@
+"""The `mutate` proposer: no LM; perturbs numeric literals of the editable files.
+
+It is the baseline every LM must beat and lets the whole loop run without a
+model. Ints stay ints (powers of two move to a neighbouring power of two),
+floats move on a log scale (values in [0.5, 1) move their distance to 1), and
+the output is SEARCH/REPLACE text, exactly as an LM would write it.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from selfprog.edits import DIVIDER, REPLACE, SEARCH
+from selfprog.proposers.base import Proposal, ProposalRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """A tunable number: `name = 3e-4` at module level or a class-level default."""
+
+    path: str
+    name: str
+    value: int | float
+    line: int  # 1-based
+    col: int
+    end_col: int
+
+
+def _settings(module: list[ast.stmt]) -> list[ast.stmt]:
+    """Returns the module's leading run of imports and assignments: its settings."""
+    kept = []
+    for node in module:
+        docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        if not (
+            docstring or isinstance(node, ast.Assign | ast.AnnAssign | ast.Import | ast.ImportFrom)
+        ):
+            break
+        kept.append(node)
+    return kept
+
+
+def tunable_literals(path: str, source: str) -> list[Literal]:
+    """Returns the numbers assigned to one name in a module's settings or a class body."""
+    found: list[Literal] = []
+    tree = ast.parse(source)
+    classes = [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
+    bodies = [_settings(tree.body), *classes]
+    for body in bodies:
+        for node in body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                target, value = node.target, node.value
+            else:
+                continue
+            if not isinstance(target, ast.Name) or not isinstance(value, ast.Constant):
+                continue
+            if target.id.isupper():  # by convention a constant, not a setting
+                continue
+            number = value.value
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                continue
+            if value.lineno != value.end_lineno or value.end_col_offset is None:
+                continue
+            found.append(
+                Literal(
+                    path, target.id, number, value.lineno, value.col_offset, value.end_col_offset
+                )
+            )
+    return found
+
+
+def perturb(value: int | float, rng: random.Random) -> int | float:
+    """Returns a nearby value of the same type, never the same value."""
+    if isinstance(value, int):
+        if value > 1 and value & (value - 1) == 0:  # a power of two: a size
+            return value * 2 if rng.random() < 0.5 else value // 2
+        if value == 0:
+            return 1
+        step = max(1, round(abs(value) * rng.choice((0.25, 0.5))))
+        new = value + step if rng.random() < 0.5 else value - step
+        return new if new != 0 else value + step
+    if value == 0.0:
+        return round(rng.choice((0.01, 0.05, 0.1)), 6)
+    factor = math.exp(rng.gauss(0.0, 0.6))
+    # betas and ratios near one move their distance to one
+    moved = 1.0 - (1.0 - value) * factor if 0.5 <= value < 1.0 else value * factor
+    rounded = float(f"{moved:.2g}")
+    return rounded if rounded != value else moved
+
+
+def _format(value: int | float, like: str) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if "e" in like.lower():
+        return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e")
+    return repr(value)
+
+
+def _block(lines: list[str], index: int, new: str) -> tuple[str, str]:
+    """Returns SEARCH and REPLACE text around line index, grown until SEARCH is unique."""
+    source = "\n".join(lines)
+    before, after = index, index + 1
+    while True:
+        search = "\n".join(lines[before:after])
+        if source.count(search) == 1 or (before == 0 and after == len(lines)):
+            break
+        before, after = max(0, before - 1), min(len(lines), after + 1)
+    replace = "\n".join([*lines[before:index], new, *lines[index + 1 : after]])
+    return search, replace
+
+
+class MutateProposer:
+    """Proposes random, valid numeric perturbations; seeded and deterministic."""
+
+    name = "mutate"
+
+    def __init__(self, max_changes: int = 2):
+        self.max_changes = max_changes
+
+    def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
+        rng = random.Random(request.seed)
+        return [self._one(request.files, rng) for _ in range(k)]
+
+    def _one(self, files: Mapping[str, str], rng: random.Random) -> Proposal:
+        literals = [lit for path in sorted(files) for lit in tunable_literals(path, files[path])]
+        if not literals:
+            return Proposal(text="", error="no numeric literals to perturb")
+        chosen = rng.sample(literals, min(len(literals), rng.randint(1, self.max_changes)))
+        chosen.sort(key=lambda lit: (lit.path, lit.line))
+        blocks, reasons = [], []
+        current = dict(files)  # later blocks are written against the earlier ones' result
+        for lit in chosen:
+            lines = current[lit.path].split("\n")
+            line = lines[lit.line - 1]
+            old_text = line[lit.col : lit.end_col]
+            new_value = perturb(lit.value, rng)
+            new_line = line[: lit.col] + _format(new_value, old_text) + line[lit.end_col :]
+            search, replace = _block(lines, lit.line - 1, new_line)
+            current[lit.path] = current[lit.path].replace(search, replace, 1)
+            blocks.append(f"{lit.path}\n{SEARCH}\n{search}\n{DIVIDER}\n{replace}\n{REPLACE}\n")
+            reasons.append(f"{lit.path}: {lit.name} {old_text} → {_format(new_value, old_text)}")
+        rationale = "; ".join(reasons)
+        return Proposal(
+            text=f"{rationale}\n\n" + "\n".join(blocks), rationale=rationale, model="mutate"
+        )
