@@ -333,6 +333,14 @@ class Archive:
     def unfinished(self) -> list[Candidate]:
         return self.candidates("state IN (?, ?)", UNFINISHED)
 
+    def recent_failures(self, n: int) -> list[Candidate]:
+        """Returns the n latest candidates that ended in a failure state, latest first."""
+        rows = self.db.execute(
+            "SELECT * FROM candidates WHERE state NOT IN ('ok', ?, ?, ?) ORDER BY id DESC LIMIT ?",
+            (PENDING, RUNNING, DUPLICATE, n),
+        )
+        return [_candidate(row) for row in rows]
+
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM candidates GROUP BY state")
         return {str(state): int(n) for state, n in rows}

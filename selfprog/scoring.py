@@ -36,6 +36,7 @@ class State(str, enum.Enum):
     TIMEOUT = "timeout"
     OOM = "oom"
     EVAL_FAILED = "eval_failed"
+    ERROR = "error"  # the harness itself failed on this candidate (traceback in the log tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +200,7 @@ def score_program(
         timeout=target.budget.timeout,
         hidden=data.hidden,
     )
-    log.info("training %s (%s runner)", program_dir, runner.name)
+    log.debug("training %s (%s runner)", program_dir, runner.name)
     trained = runner.run(train, limits, {**labels, "selfprog.phase": "train"})
     timings = {"train": trained.seconds}
     failed = _train_failure(trained, limits)
@@ -219,7 +220,7 @@ def score_program(
         timeout=target.budget.eval_timeout,
         hidden=data.hidden,
     )
-    log.info("evaluating %s", program_dir)
+    log.debug("evaluating %s", program_dir)
     evaluated = runner.run(evaluate, limits, {**labels, "selfprog.phase": "evaluate"})
     timings["evaluate"] = evaluated.seconds
     timings["total"] = time.perf_counter() - start

@@ -12,7 +12,18 @@ import pytest
 
 from selfprog.cli import build_parser, parse_size
 
-VERBS = [[], ["eval"], ["target"], ["target", "export"], ["image"], ["image", "build"]]
+VERBS = [
+    [],
+    ["eval"],
+    ["run"],
+    ["resume"],
+    ["status"],
+    ["config"],
+    ["target"],
+    ["target", "export"],
+    ["image"],
+    ["image", "build"],
+]
 
 
 def selfprog(

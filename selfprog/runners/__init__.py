@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from selfprog.errors import ConfigError
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
@@ -14,8 +15,8 @@ RUNNERS = ("docker", "local")
 __all__ = ["RUNNERS", "Limits", "Phase", "PhaseOutcome", "Runner", "make_runner"]
 
 
-def make_runner(name: str, image: str | None = None) -> Runner:
-    """Returns the runner of that name, connected and ready."""
+def make_runner(name: str, image: str | None = None, registry: Path | None = None) -> Runner:
+    """Returns the runner of that name, connected and ready (registry: where local keeps its pids)."""
     if name == "docker":
         from selfprog.runners.docker import DockerRunner
 
@@ -24,5 +25,5 @@ def make_runner(name: str, image: str | None = None) -> Runner:
         from selfprog.runners.local import WARNING, LocalRunner
 
         log.warning(WARNING)
-        return LocalRunner()
+        return LocalRunner(registry=registry)
     raise ConfigError(f"unknown runner '{name}'; choose one of: {', '.join(RUNNERS)}")

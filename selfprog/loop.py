@@ -1,0 +1,372 @@
+"""The generation loop: select parents, ask for children, score them, record everything.
+
+The loop keeps no state outside the archive, so a resumed run continues
+exactly: generations whose parents are recorded are not reselected, proposer
+calls already recorded are not repeated, and candidates left pending or
+running are scored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfprog.archive import DUPLICATE, PENDING, Archive, Candidate
+from selfprog.config import Config, parse_size
+from selfprog.data import Dataset
+from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
+from selfprog.errors import SelfprogError
+from selfprog.prompt import build_prompt
+from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
+from selfprog.runners.base import Limits, Runner
+from selfprog.scoring import Result, State, score_program
+from selfprog.target import Target
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class Run:
+    """An open run: its folder, frozen config, target, data and archive."""
+
+    root: Path
+    run_id: str
+    config: Config
+    target: Target
+    data: Dataset
+    archive: Archive
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"selfprog.run": self.run_id}
+
+    def limits(self) -> Limits:
+        section = self.config.runner
+        cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.config.run.workers)
+        return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=section.gpus or None)
+
+    def budget(self) -> tuple[float, int]:
+        """Returns the training budget (seconds, steps): the config's if it sets one, else the target's."""
+        section = self.config.budget
+        if section.seconds or section.steps:
+            return section.seconds, section.steps
+        return self.target.budget.seconds, self.target.budget.steps
+
+    def budget_text(self) -> str:
+        seconds, steps = self.budget()
+        parts = [f"{seconds:g} s of training"] * bool(seconds) + [
+            f"{steps} optimizer steps"
+        ] * bool(steps)
+        return " or ".join(parts) + (", whichever ends first" if len(parts) > 1 else "")
+
+
+def derive_seed(*parts: object) -> int:
+    """Returns a stable 32-bit seed from the parts (Python's hash() changes between processes)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def select_parents(archive: Archive, target: Target, count: int) -> list[Candidate]:
+    """Returns the best scored candidates (the elitist rule), earlier first among equals."""
+    return archive.best(minimize=target.direction == "minimize", n=count)
+
+
+def allocate(parents: list[int], population: int) -> list[tuple[int, int]]:
+    """Returns (parent, children) pairs sharing population among parents, best first."""
+    share, extra = divmod(population, len(parents))
+    pairs = [(p, share + (1 if i < extra else 0)) for i, p in enumerate(parents)]
+    return [(p, k) for p, k in pairs if k > 0]
+
+
+class StopRequest:
+    """Set from a signal handler: the first request stops gracefully, the second at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reason = ""
+        self._event = threading.Event()
+
+    def request(self, reason: str) -> None:
+        self.count += 1
+        self.reason = self.reason or reason
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+
+class Driver:
+    """Drives one run to its end or until asked to stop."""
+
+    def __init__(
+        self,
+        run: Run,
+        proposer: Proposer,
+        runner: Runner,
+        stop: StopRequest | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ):
+        self.run = run
+        self.proposer = proposer
+        self.runner = runner
+        self.stop = stop or StopRequest()
+        self.on_event = on_event or (lambda event: None)
+        self.started = time.time()
+        self.active_before = float(run.archive.meta("active_seconds") or 0)
+
+    # -- the loop -------------------------------------------------------------
+
+    def drive(self) -> str:
+        """Runs generations until the config's end or a stop; returns why it ended."""
+        run, config = self.run, self.run.config
+        removed = self.runner.stop_all(run.labels)
+        if removed:
+            log.info("removed %d leftover sandbox(es) of this run", removed)
+        if not run.archive.candidates():
+            self._add_seed()
+        self._score(run.archive.unfinished())
+        for generation in range(1, config.run.generations + 1):
+            if self.stop.requested:
+                return self.stop.reason
+            parents = run.archive.generation_parents(generation)
+            if parents is None:
+                reason = self._limit_reached()
+                if reason:
+                    return reason
+                chosen = select_parents(run.archive, run.target, config.run.parents)
+                if not chosen:
+                    seed = run.archive.candidates("generation = 0")[0]
+                    raise SelfprogError(
+                        f"no candidate has scored `ok`, so none can be a parent: the seed ended "
+                        f"{seed.state} ({seed.reason}); try `selfprog eval` on the target"
+                    )
+                parents = [c.id for c in chosen]
+                run.archive.record_generation(generation, parents)
+            self.on_event({"event": "generation", "generation": generation, "parents": parents})
+            for parent_id, k in allocate(parents, config.run.population):
+                if self.stop.requested or run.archive.has_call(generation, parent_id):
+                    continue
+                k = self._trim_to_max(k)
+                if k == 0:
+                    break
+                self._propose(generation, run.archive.candidate(parent_id), k)
+            self._score(run.archive.unfinished())
+        return self.stop.reason or "finished"
+
+    def _limit_reached(self) -> str:
+        run = self.run.config.run
+        total = len(self.run.archive.candidates())
+        if run.max_candidates and total >= run.max_candidates:
+            return f"reached max_candidates ({run.max_candidates})"
+        if run.max_tokens and self.run.archive.tokens_used() >= run.max_tokens:
+            return f"reached max_tokens ({run.max_tokens})"
+        if run.max_hours and self.active_seconds() >= run.max_hours * 3600:
+            return f"reached max_hours ({run.max_hours:g})"
+        return ""
+
+    def _trim_to_max(self, k: int) -> int:
+        limit = self.run.config.run.max_candidates
+        if not limit:
+            return k
+        return max(0, min(k, limit - len(self.run.archive.candidates())))
+
+    def active_seconds(self) -> float:
+        return self.active_before + time.time() - self.started
+
+    # -- proposing ----------------------------------------------------------------
+
+    def _add_seed(self) -> None:
+        target = self.run.target
+        files = {name: (target.root / name).read_text() for name in target.editable}
+        with self.run.archive.transaction() as db:
+            phash = self.run.archive.put_program(db, files)
+            self.run.archive.add_candidate(
+                db, generation=0, program_hash=phash, state=PENDING, rationale="the seed program"
+            )
+
+    def _propose(self, generation: int, parent: Candidate, k: int) -> None:
+        run = self.run
+        assert parent.program_hash is not None
+        files = run.archive.program(parent.program_hash)
+        minimize = run.target.direction == "minimize"
+        best = [c for c in run.archive.best(minimize, 4) if c.id != parent.id]
+        failures = run.archive.recent_failures(4)
+        prompt = build_prompt(
+            run.target,
+            parent,
+            files,
+            run.budget_text(),
+            best,
+            failures,
+            run.config.proposer.prompt_tokens,
+        )
+        seed = derive_seed(run.config.run.seed, generation, parent.id)
+        request = ProposalRequest(parent_id=parent.id, files=files, prompt=prompt, seed=seed)
+        self.on_event({"event": "proposing", "generation": generation, "parent": parent.id, "k": k})
+        start = time.perf_counter()
+        proposals = self.proposer.propose(request, k)
+        latency = time.perf_counter() - start
+        with run.archive.transaction() as db:
+            call_id = run.archive.record_call(
+                db,
+                generation,
+                parent.id,
+                proposer=self.proposer.name,
+                model=next((p.model for p in proposals if p.model), ""),
+                k=k,
+                prompt_chars=len(prompt),
+                tokens_in=sum(p.tokens_in for p in proposals),
+                tokens_out=sum(p.tokens_out for p in proposals),
+                latency=latency,
+            )
+            for slot, proposal in enumerate(proposals):
+                proposal_id = run.archive.record_proposal(
+                    db,
+                    call_id,
+                    slot,
+                    proposal.text,
+                    proposal.rationale,
+                    proposal.tokens_out,
+                    proposal.error,
+                )
+                self._add_child(db, generation, parent, files, proposal, proposal_id)
+
+    def _add_child(
+        self,
+        db: Any,
+        generation: int,
+        parent: Candidate,
+        files: dict[str, str],
+        proposal: Proposal,
+        proposal_id: int,
+    ) -> None:
+        archive, target = self.run.archive, self.run.target
+        why = proposal.rationale or rationale(proposal.text)
+        fields: dict[str, Any] = {
+            "generation": generation,
+            "parent_id": parent.id,
+            "proposal_id": proposal_id,
+            "rationale": why,
+        }
+        try:
+            if proposal.error:
+                raise EditError(f"the proposer failed: {proposal.error}")
+            edits = parse_edits(proposal.text, target.files)
+            child = apply_edits(files, edits, target.editable, target.fixed)
+        except EditError as exc:
+            archive.add_candidate(db, state=State.INVALID.value, reason=str(exc), **fields)
+            return
+        phash = archive.put_program(db, child)
+        fields.update(program_hash=phash, diff=unified_diff(files, child))
+        same = archive.find_program(phash) if phash != parent.program_hash else parent.id
+        if same is not None:
+            archive.add_candidate(
+                db,
+                state=DUPLICATE,
+                duplicate_of=same,
+                reason=f"same program as candidate {same}",
+                **fields,
+            )
+            return
+        archive.add_candidate(db, state=PENDING, **fields)
+
+    # -- scoring ------------------------------------------------------------------
+
+    def _score(self, candidates: list[Candidate]) -> None:
+        """Scores candidates in id order, `workers` at once, recording each as it ends."""
+        queue = list(candidates)
+        running: dict[Future[Result], Candidate] = {}
+        killed = False
+        with ThreadPoolExecutor(max_workers=self.run.config.run.workers) as pool:
+            try:
+                while queue or running:
+                    while (
+                        queue
+                        and len(running) < self.run.config.run.workers
+                        and not self.stop.requested
+                    ):
+                        candidate = queue.pop(0)
+                        assert candidate.program_hash is not None
+                        files = self.run.archive.program(candidate.program_hash)
+                        self.run.archive.mark_running(candidate.id)
+                        self.on_event({"event": "started", "candidate": candidate.id})
+                        running[pool.submit(self._score_one, candidate, files)] = candidate
+                    if not running:
+                        break
+                    if (
+                        self.stop.requested
+                        and self.run.config.run.on_interrupt == "kill"
+                        and not killed
+                    ):
+                        killed = True
+                        self.runner.stop_all(self.run.labels)
+                    done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        candidate = running.pop(future)
+                        if killed:
+                            self.run.archive.mark_pending([candidate.id])
+                            continue
+                        self._record(candidate, future.result())
+            finally:
+                if running:  # stopped at once: what was running runs again on resume
+                    self.runner.stop_all(self.run.labels)
+                    self.run.archive.mark_pending([c.id for c in running.values()])
+                    for future in running:
+                        future.cancel()
+
+    def _record(self, candidate: Candidate, result: Result) -> None:
+        self.run.archive.finish(candidate.id, result, self.run.config.run.seed)
+        self.run.archive.set_meta("active_seconds", f"{self.active_seconds():.1f}")
+        self.on_event(
+            {
+                "event": "finished",
+                "candidate": candidate.id,
+                "state": result.state.value,
+                "score": result.score,
+            }
+        )
+
+    def _score_one(self, candidate: Candidate, files: dict[str, str]) -> Result:
+        """Returns the candidate's result; runs on a worker thread, so it never touches the archive."""
+        run = self.run
+        work = run.root / "work" / str(candidate.id)
+        seconds, steps = run.budget()
+        try:
+            program_dir = work / "candidate"
+            shutil.rmtree(work, ignore_errors=True)
+            for path, text in files.items():
+                (program_dir / path).parent.mkdir(parents=True, exist_ok=True)
+                (program_dir / path).write_text(text)
+            return score_program(
+                run.target,
+                program_dir,
+                self.runner,
+                run.data,
+                work / "score",
+                limits=run.limits(),
+                seed=run.config.run.seed,
+                budget_seconds=seconds,
+                budget_steps=steps,
+                labels={**run.labels, "selfprog.candidate": str(candidate.id)},
+            )
+        except Exception:  # the one broad except: the per-candidate boundary
+            return Result(
+                State.ERROR,
+                reason="the harness failed on this candidate",
+                log_tail=traceback.format_exc()[-4000:],
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

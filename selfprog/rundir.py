@@ -1,0 +1,146 @@
+"""Run folders: create one, open one to drive or to read, and the one-driver lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
+from selfprog.config import Config, freeze, thaw
+from selfprog.data import load_dataset, prepare_data
+from selfprog.errors import SelfprogError
+from selfprog.loop import Run
+from selfprog.target import TARGET_FILE, load_target
+
+CONFIG_FILE = "config.json"
+LOCK_FILE = "driver.lock"
+TARGET_DIR = (
+    "target"  # the run's own copy of the target, so later edits to it cannot change the run
+)
+DATA_DIR = "data"
+
+
+class RunLocked(SelfprogError):
+    """Another driver holds the run."""
+
+
+def default_run_dir(root: Path, target: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return root / f"{stamp}-{Path(target).name}"
+
+
+def create_run(run_dir: Path, config: Config) -> Run:
+    """Returns a new run in an empty folder: the target copied in, data prepared, config frozen."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if (run_dir / ARCHIVE_FILE).exists():
+            raise SelfprogError(
+                f"{run_dir} already holds a run; continue it with `selfprog resume {run_dir}`"
+            )
+        raise SelfprogError(f"{run_dir}: folder exists and is not empty")
+    source = load_target(config.run.target)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*source.files, TARGET_FILE):
+        (run_dir / TARGET_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source.root / name, run_dir / TARGET_DIR / name)
+    target = load_target(run_dir / TARGET_DIR)
+    data = prepare_data(target, run_dir / DATA_DIR)
+    freeze(config, run_dir / CONFIG_FILE)
+    run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+    meta = {"run_id": run_id, "target": target.name, "data_hash": data.data_hash}
+    Archive.create(run_dir / ARCHIVE_FILE, meta).close()
+    return open_run(run_dir)
+
+
+def open_run(run_dir: Path, readonly: bool = False) -> Run:
+    """Returns an existing run, reading the config frozen into it (never the original file).
+
+    Raises:
+        ArchiveError: the folder is not a run, or its archive is foreign or newer.
+    """
+    if not run_dir.is_dir():
+        raise ArchiveError(f"{run_dir}: no such run folder")
+    archive = Archive(run_dir / ARCHIVE_FILE, readonly=readonly)
+    config = thaw(run_dir / CONFIG_FILE)
+    target = load_target(run_dir / TARGET_DIR)
+    if config.budget.timeout:
+        target = dataclasses.replace(
+            target, budget=dataclasses.replace(target.budget, timeout=config.budget.timeout)
+        )
+    roots = [
+        p
+        for p in (run_dir / DATA_DIR / target.name).glob("*")
+        if p.is_dir() and not p.name.startswith(".")
+    ]
+    if len(roots) != 1:
+        raise ArchiveError(f"{run_dir}: its prepared data is missing")
+    data = load_dataset(target, roots[0])
+    if data.data_hash != archive.meta("data_hash"):
+        raise ArchiveError(
+            f"{run_dir}: its data no longer matches the hash recorded in the archive"
+        )
+    return Run(
+        root=run_dir,
+        run_id=archive.meta("run_id") or run_dir.name,
+        config=config,
+        target=target,
+        data=data,
+        archive=archive,
+    )
+
+
+def lock_holder(run_dir: Path) -> dict[str, object] | None:
+    """Returns who holds the driver lock, or None when nobody does."""
+    path = run_dir / LOCK_FILE
+    if not path.exists():
+        return None
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                return dict(json.loads(handle.read() or "{}"))
+            except ValueError:
+                return {}
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+@contextmanager
+def driver_lock(run_dir: Path) -> Iterator[None]:
+    """Holds the run's driver lock for the block; a second driver is refused.
+
+    Raises:
+        RunLocked: another process drives the run.
+    """
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "{}"
+            info = json.loads(holder) if holder.startswith("{") else {}
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
+            raise RunLocked(
+                f"{run_dir} is being driven by pid {info.get('pid', '?')} on {info.get('host', '?')} "
+                f"since {since}; only one driver at a time (`selfprog status {run_dir}` reads it meanwhile)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        )
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock

@@ -1,0 +1,95 @@
+"""Hand-written fakes: an OpenAI-compatible chat server on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """One scripted answer: a status, headers and a body, after an optional delay."""
+
+    status: int = 200
+    body: Any = None  # a dict is sent as JSON, a str as is
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+def chat(*contents: str, prompt_tokens: int = 100, completion_tokens: int = 50) -> Reply:
+    """Returns a successful chat-completions reply with one choice per content."""
+    return Reply(
+        body={
+            "id": "chatcmpl-fake",
+            "model": "fake-model",
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c},
+                    "finish_reason": "stop",
+                }
+                for i, c in enumerate(contents)
+            ],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        }
+    )
+
+
+class FakeOpenAI:
+    """Answers POST /v1/chat/completions from a script, and records every request."""
+
+    def __init__(self, script: list[Reply]):
+        self.script = list(script)
+        self.requests: list[dict[str, Any]] = []
+        self.times: list[float] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                fake.requests.append(
+                    {
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "body": json.loads(self.rfile.read(length)),
+                    }
+                )
+                fake.times.append(time.monotonic())
+                reply = fake.script.pop(0) if fake.script else Reply(500, "script exhausted")
+                time.sleep(reply.delay)
+                data = (
+                    json.dumps(reply.body).encode()
+                    if isinstance(reply.body, dict)
+                    else str(reply.body).encode()
+                )
+                try:
+                    self.send_response(reply.status)
+                    for key, value in reply.headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @contextmanager
+    def running(self) -> Iterator[FakeOpenAI]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()

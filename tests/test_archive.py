@@ -1,0 +1,55 @@
+"""The archive: content addressing, schema checks, readers beside a writer."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from selfprog.archive import Archive, ArchiveError, program_hash
+from selfprog.scoring import Result, State
+
+
+def test_sources_are_stored_once_and_programs_found_by_hash(tmp_path: Path) -> None:
+    archive = Archive.create(tmp_path / "a.sqlite", {"run_id": "r"})
+    first = {"model.py": "x = 1\n", "train.py": "y = 2\n"}
+    second = {"model.py": "x = 1\n", "train.py": "y = 3\n"}
+    with archive.transaction() as db:
+        h1 = archive.put_program(db, first)
+        h2 = archive.put_program(db, second)
+        archive.put_program(db, dict(first))
+        c1 = archive.add_candidate(db, generation=0, program_hash=h1, state="pending")
+    assert archive.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 3
+    assert archive.program(h2) == second and h1 == program_hash(first) != h2
+    assert archive.find_program(h1) == c1 and archive.find_program(h2) is None
+
+
+def test_results_and_every_evaluation_are_kept(tmp_path: Path) -> None:
+    archive = Archive.create(tmp_path / "a.sqlite", {})
+    with archive.transaction() as db:
+        cid = archive.add_candidate(db, generation=0, state="pending")
+    archive.mark_running(cid)
+    reader = Archive(tmp_path / "a.sqlite", readonly=True)
+    assert reader.candidate(cid).state == "running"
+    archive.finish(
+        cid, Result(State.OK, score=3.1, metrics={"val_bpb": 3.1}, timings={"total": 9.0}), seed=0
+    )
+    assert reader.candidate(cid).score == 3.1 and reader.candidate(cid).attempts == 1
+    assert reader.counts() == {"ok": 1}
+    with pytest.raises(sqlite3.OperationalError):
+        reader.set_meta("x", "y")  # readers cannot write
+    with pytest.raises(ArchiveError, match="no candidate 99"):
+        reader.candidate(99)
+
+
+def test_foreign_newer_and_missing_archives(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError, match="not a selfprog run"):
+        Archive(tmp_path / "none.sqlite")
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ArchiveError, match="not a selfprog archive"):
+        Archive(tmp_path / "junk.sqlite")
+    archive = Archive.create(tmp_path / "new.sqlite", {})
+    archive.set_meta("schema_version", "99")
+    with pytest.raises(ArchiveError, match="schema 99 is newer"):
+        Archive(tmp_path / "new.sqlite")

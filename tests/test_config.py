@@ -1,0 +1,53 @@
+"""Run configuration: defaults, unknown keys, overrides, freezing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfprog.config import Config, default_text, freeze, from_dict, load_config, thaw
+from selfprog.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def test_the_commented_defaults_are_the_defaults() -> None:
+    assert from_dict(tomllib.loads(default_text())) == Config()
+
+
+def test_overrides_are_typed_and_win(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[run]\nworkers = 2\ngenerations = 9\n[runner]\nkind = 'local'\n")
+    config = load_config(path, ["run.workers=3", "proposer.model=my-model", "budget.seconds=10"])
+    assert config.run.workers == 3 and config.run.generations == 9
+    assert config.runner.kind == "local" and config.proposer.model == "my-model"
+    assert config.budget.seconds == 10.0 and isinstance(config.budget.seconds, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run.wrokers=2"], "unknown key 'wrokers' in [run]; did you mean 'workers'?"),
+        (["runer.kind=local"], "unknown table [runer]; did you mean 'runner'?"),
+        (["run.workers=two"], "run.workers must be int, not str"),
+        (["run.workers=0"], "run.workers must be above 0"),
+        (["runner.kind=podman"], "runner.kind must be one of docker, local"),
+        (["runner.memory=lots"], "not a size: 'lots'"),
+        (["workers=2"], "expected table.key=value"),
+    ],
+)
+def test_bad_values_are_refused_with_a_precise_message(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_frozen_config_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, ["run.seed=4", "proposer.kind=openai"])
+    freeze(config, tmp_path / "config.json")
+    assert thaw(tmp_path / "config.json") == config

@@ -1,0 +1,193 @@
+"""Proposers: mutate (seeded, valid by construction), openai (fake server), transformers (tiny model)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from selfprog.config import ProposerSection
+from selfprog.edits import apply_edits, parse_edits
+from selfprog.errors import ConfigError
+from selfprog.proposers.base import ProposalRequest
+from selfprog.proposers.mutate import MutateProposer, perturb, tunable_literals
+from selfprog.proposers.openai import OpenAIProposer
+from selfprog.target import Target
+from tests.fakes import FakeOpenAI, Reply, chat
+
+EDIT = "Halve the batch.\n\ntrain.py\n<<<<<<< SEARCH\nbatch_size = 16\n=======\nbatch_size = 8\n>>>>>>> REPLACE\n"
+
+
+def seed_files(target: Target) -> dict[str, str]:
+    return {name: (target.root / name).read_text() for name in target.editable}
+
+
+def test_mutate_is_seeded_and_always_valid(tinylm: Target) -> None:
+    files = seed_files(tinylm)
+    request = ProposalRequest(parent_id=1, files=files, prompt="", seed=7)
+    first = MutateProposer().propose(request, 20)
+    assert [p.text for p in first] == [p.text for p in MutateProposer().propose(request, 20)]
+    assert [p.text for p in first] != [
+        p.text for p in MutateProposer().propose(ProposalRequest(1, files, "", 8), 20)
+    ]
+    for proposal in first:
+        child = apply_edits(
+            files, parse_edits(proposal.text, tinylm.files), tinylm.editable, tinylm.fixed
+        )
+        assert child != files
+        assert " → " in proposal.rationale
+
+
+def test_mutate_keeps_types_and_sizes_sensible() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        assert perturb(64, rng) in (32, 128)
+        ints = perturb(50, rng)
+        assert isinstance(ints, int) and ints > 0 and ints != 50
+        lr = perturb(1e-3, rng)
+        assert isinstance(lr, float) and 1e-5 < lr < 1e-1
+        beta = perturb(0.95, rng)
+        assert 0.5 < beta < 1.0
+
+
+def test_mutate_leaves_constants_and_loop_state_alone() -> None:
+    source = "VOCAB = 256\nlr = 0.1\nx = f(1)\nsetup()\nstep = 0\n"
+    assert [lit.name for lit in tunable_literals("train.py", source)] == ["lr"]
+
+
+def request() -> ProposalRequest:
+    return ProposalRequest(parent_id=1, files={}, prompt="improve it", seed=0)
+
+
+def proposer(url: str, **kw: object) -> OpenAIProposer:
+    fields = {
+        "base_url": url,
+        "model": "m",
+        "api_key": "sk-test",
+        "timeout": 2.0,
+        "backoff_initial": 0.05,
+        "backoff_max": 0.2,
+    }
+    fields.update(kw)
+    return OpenAIProposer(**fields)  # type: ignore[arg-type]
+
+
+def test_openai_success_k_samples_in_one_call() -> None:
+    with FakeOpenAI(
+        [chat(EDIT, EDIT + " ", prompt_tokens=120, completion_tokens=61)]
+    ).running() as fake:
+        proposals = proposer(fake.url).propose(request(), 2)
+    assert [p.error for p in proposals] == ["", ""]
+    assert proposals[0].rationale == "Halve the batch."
+    assert sum(p.tokens_in for p in proposals) == 120 and sum(p.tokens_out for p in proposals) == 61
+    assert fake.requests[0]["body"]["n"] == 2
+    assert fake.requests[0]["auth"] == "Bearer sk-test"
+    assert fake.requests[0]["path"] == "/v1/chat/completions"
+
+
+def test_openai_server_ignoring_n_is_asked_again() -> None:
+    with FakeOpenAI([chat(EDIT), chat(EDIT)]).running() as fake:
+        proposals = proposer(fake.url).propose(request(), 2)
+    assert len(proposals) == 2 and len(fake.requests) == 2
+    assert fake.requests[1]["body"]["n"] == 1
+
+
+def test_openai_429_honours_retry_after() -> None:
+    script = [Reply(429, {"error": "slow down"}, {"Retry-After": "1"}), chat(EDIT)]
+    with FakeOpenAI(script).running() as fake:
+        proposals = proposer(fake.url).propose(request(), 1)
+    assert proposals[0].error == ""
+    assert fake.times[1] - fake.times[0] >= 1.0
+
+
+def test_openai_500s_are_retried_then_reported() -> None:
+    with FakeOpenAI([Reply(500, "oops"), Reply(503, "busy"), chat(EDIT)]).running() as fake:
+        assert proposer(fake.url).propose(request(), 1)[0].error == ""
+        assert len(fake.requests) == 3
+    with FakeOpenAI([Reply(500, "oops")] * 3).running() as fake:
+        proposals = proposer(fake.url, attempts=3).propose(request(), 2)
+    assert [p.text for p in proposals] == ["", ""]
+    assert all("HTTP 500" in p.error for p in proposals)
+
+
+def test_openai_timeout_is_retried() -> None:
+    with FakeOpenAI([Reply(200, {}, delay=3.0), chat(EDIT)]).running() as fake:
+        start = time.monotonic()
+        proposals = proposer(fake.url, timeout=0.5).propose(request(), 1)
+    assert proposals[0].error == ""
+    assert time.monotonic() - start < 3.0
+
+
+def test_openai_client_error_is_not_retried() -> None:
+    with FakeOpenAI([Reply(400, {"error": "bad model"})]).running() as fake:
+        proposals = proposer(fake.url).propose(request(), 2)
+    assert len(fake.requests) == 1
+    assert all(p.error.startswith("PermanentHTTPError: HTTP 400") for p in proposals)
+
+
+def test_openai_malformed_body() -> None:
+    with FakeOpenAI([Reply(200, "<html>not json</html>")]).running() as fake:
+        proposals = proposer(fake.url).propose(request(), 1)
+    assert "not a chat completion" in proposals[0].error
+
+
+def test_openai_needs_an_endpoint_and_model() -> None:
+    with pytest.raises(ConfigError, match=r"needs proposer.base_url and proposer.model"):
+        OpenAIProposer.from_config(ProposerSection(kind="openai"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random GPT-2-shaped model and a BPE tokenizer trained on the spot, saved locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    corpus = [Path(__file__).read_text(), (Path(__file__).parent / "test_edits.py").read_text()] * 4
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(folder)
+    config = GPT2Config(
+        vocab_size=fast.vocab_size, n_positions=4096, n_embd=32, n_layer=2, n_head=2
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_k_samples_from_a_local_model(tiny_model: Path, tinylm: Target) -> None:
+    from selfprog.proposers.transformers import TransformersProposer
+
+    section = ProposerSection(
+        kind="transformers", model=str(tiny_model), max_new_tokens=24, temperature=1.0
+    )
+    lm = TransformersProposer.from_config(section)
+    req = ProposalRequest(parent_id=1, files=seed_files(tinylm), prompt="improve train.py", seed=3)
+    proposals = lm.propose(req, 3)
+    assert len(proposals) == 3
+    assert proposals[0].tokens_in > 0 and all(0 < p.tokens_out <= 24 for p in proposals)
+    assert [p.text for p in proposals] == [p.text for p in lm.propose(req, 3)]  # seeded
+
+
+def test_transformers_missing_model_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfprog.proposers.transformers import TransformersProposer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="cannot load the model"):
+        TransformersProposer.load(str(tmp_path / "no-model"))
