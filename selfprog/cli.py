@@ -135,6 +135,9 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
         "run.population": args.population,
         "run.workers": args.workers,
         "run.seed": args.seed,
+        "run.max_candidates": args.max_candidates,
+        "run.max_hours": args.max_hours,
+        "run.max_tokens": args.max_tokens,
         "proposer.kind": args.proposer,
         "runner.kind": args.runner,
         "budget.seconds": args.budget_seconds,
@@ -383,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_budget.add_argument("--budget-seconds", type=float, help="training seconds per candidate")
     run_budget.add_argument("--budget-steps", type=int, help="training steps per candidate")
     rn.add_argument("--seed", type=int, help="the run's seed")
+    rn.add_argument("--max-candidates", type=int, help="stop after this many candidates")
+    rn.add_argument("--max-hours", type=float, help="stop after this much driving time")
+    rn.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
     rn.add_argument(
         "--set", action="append", metavar="TABLE.KEY=VALUE", help="override a config value"
     )

@@ -75,4 +75,41 @@ def script_phase(tmp_path: Path, source: str, **overrides: object) -> Phase:
     return Phase(**fields)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random GPT-2-shaped model and a BPE tokenizer trained on the spot, saved locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    corpus = [Path(__file__).read_text(), (Path(__file__).parent / "test_edits.py").read_text()] * 4
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(folder)
+    eos = fast.eos_token_id
+    config = GPT2Config(
+        vocab_size=fast.vocab_size,
+        n_positions=8192,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
 SMALL = Limits(memory_bytes=1024 * 2**20, cpus=1.0, log_bytes=4096, output_bytes=64 * 2**20)

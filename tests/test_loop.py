@@ -204,3 +204,60 @@ def test_allocate_and_seeds() -> None:
     assert allocate([5, 3, 9], 4) == [(5, 2), (3, 1), (9, 1)]
     assert allocate([5, 3], 1) == [(5, 1)]
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
+
+
+def make_run(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    from selfprog.config import load_config
+    from selfprog.rundir import create_run
+
+    settings = ["runner.kind=local", "budget.steps=20", "run.workers=1", *overrides]
+    return create_run(tmp_path / "run", load_config(None, settings))
+
+
+def test_lm_proposals_flow_into_candidates_and_failures_do_not_stop_the_run(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.runners.local import LocalRunner
+    from tests.fakes import FakeOpenAI, Reply, chat
+    from tests.test_proposers import EDIT, proposer
+
+    run = make_run(tmp_path, "run.generations=3", "run.population=1")
+    script = [
+        Reply(429, {"error": "rate"}, {"Retry-After": "0"}),
+        chat(EDIT, prompt_tokens=300, completion_tokens=40),
+        Reply(400, {"error": "context too long"}),
+        chat("I think the model is fine as it is.", prompt_tokens=310, completion_tokens=9),
+    ]
+    with FakeOpenAI(script).running() as fake:
+        ended = Driver(run, proposer(fake.url), LocalRunner(registry=tmp_path / "pids")).drive()
+    assert ended == "finished"
+    rows = [(c.generation, c.state, c.reason) for c in run.archive.candidates()]
+    assert rows[0][:2] == (0, "ok") and rows[1][:2] == (1, "ok")
+    assert rows[2] == (2, "invalid", rows[2][2]) and "HTTP 400" in rows[2][2]
+    assert rows[3] == (
+        3,
+        "invalid",
+        "no edits found: expected SEARCH/REPLACE blocks or a whole file",
+    )
+    assert run.archive.candidate(2).rationale == "Raise the learning rate."
+    assert (
+        "learning_rate = 2e-3"
+        in run.archive.program(run.archive.candidate(2).program_hash or "")["train.py"]
+    )
+    assert run.archive.tokens_used() == 300 + 40 + 310 + 9
+    assert "# The parent program (candidate 1" in fake.requests[0]["body"]["messages"][1]["content"]
+
+
+def test_random_text_from_a_local_model_ends_invalid_cleanly(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from selfprog.loop import Driver
+    from selfprog.proposers.transformers import TransformersProposer
+    from selfprog.runners.local import LocalRunner
+
+    run = make_run(tmp_path, "run.generations=1", "run.population=3", "proposer.prompt_tokens=400")
+    lm = TransformersProposer.load(str(tiny_model), temperature=1.0, max_new_tokens=16)
+    assert Driver(run, lm, LocalRunner(registry=tmp_path / "pids")).drive() == "finished"
+    children = run.archive.candidates("generation = 1")
+    assert len(children) == 3 and {c.state for c in children} == {"invalid"}
+    calls = run.archive.db.execute("SELECT k, tokens_in, tokens_out FROM calls").fetchall()
+    assert len(calls) == 1 and calls[0][0] == 3 and calls[0][1] > 0 and 0 < calls[0][2] <= 48

@@ -16,7 +16,10 @@ from selfprog.proposers.openai import OpenAIProposer
 from selfprog.target import Target
 from tests.fakes import FakeOpenAI, Reply, chat
 
-EDIT = "Halve the batch.\n\ntrain.py\n<<<<<<< SEARCH\nbatch_size = 16\n=======\nbatch_size = 8\n>>>>>>> REPLACE\n"
+EDIT = (
+    "Raise the learning rate.\n\ntrain.py\n<<<<<<< SEARCH\nlearning_rate = 1e-3  # peak, after warmup\n"
+    "=======\nlearning_rate = 2e-3  # peak, after warmup\n>>>>>>> REPLACE\n"
+)
 
 
 def seed_files(target: Target) -> dict[str, str]:
@@ -81,7 +84,7 @@ def test_openai_success_k_samples_in_one_call() -> None:
     ).running() as fake:
         proposals = proposer(fake.url).propose(request(), 2)
     assert [p.error for p in proposals] == ["", ""]
-    assert proposals[0].rationale == "Halve the batch."
+    assert proposals[0].rationale == "Raise the learning rate."
     assert sum(p.tokens_in for p in proposals) == 120 and sum(p.tokens_out for p in proposals) == 61
     assert fake.requests[0]["body"]["n"] == 2
     assert fake.requests[0]["auth"] == "Bearer sk-test"
@@ -139,36 +142,6 @@ def test_openai_needs_an_endpoint_and_model() -> None:
         OpenAIProposer.from_config(ProposerSection(kind="openai"))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random GPT-2-shaped model and a BPE tokenizer trained on the spot, saved locally."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    corpus = [Path(__file__).read_text(), (Path(__file__).parent / "test_edits.py").read_text()] * 4
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    fast.save_pretrained(folder)
-    config = GPT2Config(
-        vocab_size=fast.vocab_size, n_positions=4096, n_embd=32, n_layer=2, n_head=2
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
 def test_transformers_k_samples_from_a_local_model(tiny_model: Path, tinylm: Target) -> None:
     from selfprog.proposers.transformers import TransformersProposer
 
@@ -191,3 +164,12 @@ def test_transformers_missing_model_is_a_config_error(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="cannot load the model"):
         TransformersProposer.load(str(tmp_path / "no-model"))
+
+
+def test_transformers_prompt_beyond_the_context_is_an_error_not_a_crash(tiny_model: Path) -> None:
+    from selfprog.proposers.transformers import TransformersProposer
+
+    lm = TransformersProposer.load(str(tiny_model), max_new_tokens=8000)
+    proposals = lm.propose(ProposalRequest(parent_id=1, files={}, prompt="x " * 400, seed=0), 2)
+    assert [p.text for p in proposals] == ["", ""]
+    assert all("exceed the model's context of 8192" in p.error for p in proposals)

@@ -64,6 +64,15 @@ class TransformersProposer:
         )
         return cls(model, tokenizer, name, temperature, max_new_tokens)
 
+    def context_length(self) -> int | None:
+        """Returns the longest input the model takes, if its config says."""
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
     def _input_text(self, prompt: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
@@ -81,6 +90,13 @@ class TransformersProposer:
             self.model.device
         )
         prompt_length = inputs["input_ids"].shape[1]
+        context = self.context_length()
+        if context and prompt_length + self.max_new_tokens > context:
+            error = (
+                f"the prompt ({prompt_length} tokens) and {self.max_new_tokens} new tokens exceed "
+                f"the model's context of {context}; lower proposer.prompt_tokens or max_new_tokens"
+            )
+            return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
         torch.manual_seed(request.seed)
         start = time.perf_counter()
         with torch.no_grad():
