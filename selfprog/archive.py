@@ -104,7 +104,9 @@ class Archive:
             raise ArchiveError(f"{path.parent}: not a selfprog run (no {path.name})")
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         try:
-            self.db = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            # a reader gives up soon on a locked file; the driver waits longer for its turn
+            timeout = 2 if readonly else 30
+            self.db = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             version = int(self.meta("schema_version") or 0)
         except (sqlite3.DatabaseError, ValueError) as exc:

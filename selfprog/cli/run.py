@@ -1,0 +1,231 @@
+"""Verbs that drive and watch a run: run, resume, status, config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfprog import config
+
+log = logging.getLogger("selfprog")
+
+
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """Returns --set style overrides for the run flags given (flags beat the file, --set beats both)."""
+    flags = {
+        "run.target": args.target,
+        "run.generations": args.generations,
+        "run.population": args.population,
+        "run.workers": args.workers,
+        "run.seed": args.seed,
+        "run.max_candidates": args.max_candidates,
+        "run.max_hours": args.max_hours,
+        "run.max_tokens": args.max_tokens,
+        "proposer.kind": args.proposer,
+        "runner.kind": args.runner,
+        "budget.seconds": args.budget_seconds,
+        "budget.steps": args.budget_steps,
+    }
+    out = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if args.budget_seconds is not None:
+        out.append("budget.steps=0")
+    if args.budget_steps is not None:
+        out.append("budget.seconds=0.0")
+    return out + list(args.set or [])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from selfprog.rundir import create_run, default_run_dir
+
+    settings = config.load_config(args.config, _run_overrides(args))
+    if args.target is not None and Path(args.target).is_dir():
+        settings = dataclasses.replace(
+            settings, run=dataclasses.replace(settings.run, target=str(Path(args.target).resolve()))
+        )
+    run_dir = (
+        Path(args.run_dir) if args.run_dir else default_run_dir(Path("runs"), settings.run.target)
+    )
+    log.info("new run in %s", run_dir)
+    return _drive(create_run(run_dir, settings))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from selfprog.rundir import open_run
+
+    run = open_run(Path(args.run_dir))
+    log.info("resuming %s", run.root)
+    return _drive(run)
+
+
+def _drive(run: Any) -> int:
+    import signal
+
+    from selfprog.loop import Driver, StopRequest
+    from selfprog.progress import Reporter
+    from selfprog.proposers import make_proposer
+    from selfprog.rundir import driver_lock
+    from selfprog.runners import make_runner
+
+    settings = run.config
+    stop = StopRequest()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.request("interrupted" if signum == signal.SIGINT else "terminated")
+        if stop.count == 1:
+            how = "killing" if settings.run.on_interrupt == "kill" else "finishing"
+            print(
+                f"\nselfprog: stopping: {how} the running candidates (again to stop at once)",
+                file=sys.stderr,
+            )
+        else:
+            raise KeyboardInterrupt
+
+    minimize = run.target.direction == "minimize"
+    with driver_lock(run.root):
+        proposer = make_proposer(settings.proposer)
+        runner = make_runner(
+            settings.runner.kind, settings.runner.image or None, run.root / "local"
+        )
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with Reporter(run.archive, run.target.metric, minimize) as reporter:
+                driver = Driver(run, proposer, runner, stop, reporter)
+                try:
+                    ended = driver.drive()
+                except KeyboardInterrupt:
+                    ended = "stopped at once"
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    print(summary(run.archive, run.target.metric, minimize, run.root, ended))
+    return 0 if ended == "finished" or ended.startswith("reached") else 130
+
+
+def summary(archive: Any, metric: str, minimize: bool, root: Path, ended: str) -> str:
+    """Returns the lines printed when a run stops: why, the best candidate, what next."""
+    counts = archive.counts()
+    best = archive.best(minimize, 1)
+    seed = archive.candidates("generation = 0")
+    lines = [f"run {ended}: {sum(counts.values())} candidates ({_counts_text(counts)})"]
+    if best:
+        start = seed[0].score if seed and seed[0].score is not None else float("nan")
+        lines.append(
+            f"best: candidate {best[0].id}, {metric} {best[0].score:.4f} (seed {start:.4f}): {best[0].rationale}"
+        )
+    if archive.unfinished() or not (ended == "finished" or ended.startswith("reached")):
+        lines.append(f"resume with: selfprog resume {root}")
+    lines.append(f"inspect with: selfprog status {root}")
+    return "\n".join(lines)
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from selfprog.rundir import lock_holder, open_run
+
+    run = open_run(Path(args.run_dir), readonly=True)
+    archive = run.archive
+    minimize = run.target.direction == "minimize"
+    best = archive.best(minimize, 1)
+    seed = archive.candidates("generation = 0")
+    holder = lock_holder(run.root)
+    report: dict[str, Any] = {
+        "run": str(run.root),
+        "target": run.target.name,
+        "driver": holder,
+        "counts": archive.counts(),
+        "generation": max((c.generation for c in archive.candidates()), default=0),
+        "generations": run.config.run.generations,
+        "seed_score": seed[0].score if seed else None,
+        "best": {"candidate": best[0].id, "score": best[0].score, "rationale": best[0].rationale}
+        if best
+        else None,
+        "running": [c.id for c in archive.candidates("state = 'running'")],
+        "tokens": archive.tokens_used(),
+        "active_seconds": float(archive.meta("active_seconds") or 0),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    driven = f"driven by pid {holder.get('pid')}" if holder is not None else "no driver"
+    lines = [
+        f"run         {run.root} ({run.target.name}, {driven})",
+        f"generation  {report['generation']} of {report['generations']}",
+        f"candidates  {sum(report['counts'].values())} ({_counts_text(report['counts'])})",
+    ]
+    if best:
+        lines.append(
+            f"best        {run.target.metric} {best[0].score:.4f}, candidate {best[0].id}: {best[0].rationale}"
+        )
+    if seed and seed[0].score is not None:
+        lines.append(f"seed        {run.target.metric} {seed[0].score:.4f}")
+    lines.append(f"running     {', '.join(map(str, report['running'])) or '-'}")
+    lines.append(f"tokens      {report['tokens']}")
+    lines.append(f"active      {report['active_seconds'] / 60:.1f} min")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config.default_text(), end="")
+    return 0
+
+
+def add_verbs(verbs: Any) -> None:
+    rn = verbs.add_parser(
+        "run",
+        help="start a new run: generations of proposals, scored in the sandbox",
+        description="Start a new run in a new folder (default runs/<time>-<target>). The config "
+        "(`selfprog config` prints the defaults) is frozen into the run; flags beat the file and "
+        "--set beats both. Ctrl-C once stops gracefully, twice at once; `selfprog resume` continues.",
+    )
+    rn.add_argument("--config", type=Path, help="a TOML config file")
+    rn.add_argument("--run-dir", help="the run folder to create")
+    rn.add_argument("--target", help="a bundled target name or a target folder")
+    rn.add_argument("--proposer", choices=("mutate", "openai", "transformers"), help="the proposer")
+    rn.add_argument("--runner", choices=("docker", "local"), help="the sandbox")
+    rn.add_argument("--generations", type=int, help="generations after the seed")
+    rn.add_argument("--population", type=int, help="children per generation")
+    rn.add_argument("--workers", type=int, help="candidates scored at once")
+    run_budget = rn.add_mutually_exclusive_group()
+    run_budget.add_argument("--budget-seconds", type=float, help="training seconds per candidate")
+    run_budget.add_argument("--budget-steps", type=int, help="training steps per candidate")
+    rn.add_argument("--seed", type=int, help="the run's seed")
+    rn.add_argument("--max-candidates", type=int, help="stop after this many candidates")
+    rn.add_argument("--max-hours", type=float, help="stop after this much driving time")
+    rn.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
+    rn.add_argument(
+        "--set", action="append", metavar="TABLE.KEY=VALUE", help="override a config value"
+    )
+    rn.set_defaults(func=cmd_run)
+
+    rs = verbs.add_parser(
+        "resume",
+        help="continue a stopped or crashed run",
+        description="Continue a run after Ctrl-C, SIGTERM, kill -9 or a reboot: finished candidates "
+        "are kept, recorded proposals are not asked again, work in flight runs again.",
+    )
+    rs.add_argument("run_dir", help="the run folder")
+    rs.set_defaults(func=cmd_resume)
+
+    st = verbs.add_parser(
+        "status",
+        help="where a run stands (safe while it runs)",
+        description="Counts by state, generation, best score, running work and tokens; reads the "
+        "archive without writing, so it is safe while the run is being driven.",
+    )
+    st.add_argument("run_dir", help="the run folder")
+    st.add_argument("--json", action="store_true", help="print as JSON")
+    st.set_defaults(func=cmd_status)
+
+    cf = verbs.add_parser(
+        "config", help="print the default config", description="Print the commented default config."
+    )
+    cf.set_defaults(func=cmd_config)

@@ -1,0 +1,168 @@
+"""Verbs that score one program: eval, target export, image build."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from selfprog.cli.common import EXIT_ERROR, EXIT_NOT_OK, parse_size, positive
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from selfprog.data import prepare_data
+    from selfprog.runners import Limits, make_runner
+    from selfprog.scoring import State, score_program
+    from selfprog.target import load_target
+
+    target = load_target(args.target)
+    if args.timeout is not None:
+        target = dataclasses.replace(
+            target, budget=dataclasses.replace(target.budget, timeout=args.timeout)
+        )
+    program = Path(args.program) if args.program else target.root
+    seconds, steps = None, None
+    if args.budget_seconds is not None:
+        seconds, steps = args.budget_seconds, 0
+    if args.budget_steps is not None:
+        seconds, steps = 0, args.budget_steps
+    limits = Limits(memory_bytes=args.memory, cpus=args.cpus, gpus=args.gpus)
+    data = prepare_data(target, args.data_cache, args.corpus)
+    runner = make_runner(args.runner, args.image)
+    with tempfile.TemporaryDirectory(prefix="selfprog-eval-") as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        result = score_program(
+            target,
+            program,
+            runner,
+            data,
+            work,
+            limits=limits,
+            seed=args.seed,
+            budget_seconds=seconds,
+            budget_steps=steps,
+            labels={"selfprog.run": "eval", "selfprog.candidate": program.name or "program"},
+        )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_result(result, target.metric, target.direction))
+    return 0 if result.state is State.OK else EXIT_NOT_OK
+
+
+def format_result(result: object, metric: str, direction: str) -> str:
+    """Returns the readable summary of a scoring result."""
+    from selfprog.scoring import Result, State
+
+    assert isinstance(result, Result)
+    lines = [f"state    {result.state.value}"]
+    if result.state is State.OK and result.score is not None:
+        lines.append(f"score    {metric} = {result.score:.4f} ({direction})")
+        others = {k: v for k, v in result.metrics.items() if k != metric}
+        lines.append("metrics  " + ", ".join(f"{k}={_short(v)}" for k, v in others.items()))
+    else:
+        lines.append(f"reason   {result.reason}")
+    lines.append("timings  " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    lines.append(f"data     {result.data_hash[:16]}")
+    if result.state is not State.OK and result.log_tail:
+        tail = result.log_tail.rstrip().splitlines()[-15:]
+        lines += ["log tail:", *("  " + line for line in tail)]
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_target_export(args: argparse.Namespace) -> int:
+    from selfprog.target import export_target
+
+    written = export_target(args.target, Path(args.dest))
+    print(f"wrote {len(written)} files to {args.dest}")
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from selfprog.runners.docker import connect
+    from selfprog.runners.image import (
+        DOCKERFILE_IMAGE,
+        OFFLINE_IMAGE,
+        build_from_dockerfile,
+        build_offline,
+    )
+
+    client = connect()
+    if args.offline:
+        image = build_offline(client, args.tag or OFFLINE_IMAGE)
+    else:
+        context = (
+            Path(args.context) if args.context else Path(__file__).resolve().parents[1] / "sandbox"
+        )
+        image = build_from_dockerfile(client, context, args.tag or DOCKERFILE_IMAGE)
+    print(f"built {image.tag} (python {image.python})")
+    return 0
+
+
+def add_verbs(verbs: Any) -> None:
+    ev = verbs.add_parser(
+        "eval",
+        help="train and score one program folder in the sandbox",
+        description="Train a program folder with its own code (training split only), then score "
+        "it with the target's fixed evaluator (held-out split). Exit code 0 when the "
+        f"candidate ends `ok`, {EXIT_NOT_OK} when it ends in another state, "
+        f"{EXIT_ERROR} on an error.",
+    )
+    ev.add_argument("program", nargs="?", help="the program folder (default: the target's seed)")
+    ev.add_argument("--target", default="tinylm", help="a bundled target name or a target folder")
+    ev.add_argument("--runner", default="docker", choices=("docker", "local"), help="the sandbox")
+    budget = ev.add_mutually_exclusive_group()
+    budget.add_argument("--budget-seconds", type=positive(float), help="training wall-clock budget")
+    budget.add_argument("--budget-steps", type=positive(int), help="training step budget")
+    ev.add_argument("--timeout", type=positive(float), help="hard limit on training, seconds")
+    ev.add_argument("--memory", type=parse_size, default=parse_size("4g"), help="memory limit (4g)")
+    ev.add_argument("--cpus", type=positive(float), default=2.0, help="CPU limit (2)")
+    ev.add_argument("--gpus", help="pass GPUs through: 'all' or a count (default: none)")
+    ev.add_argument("--seed", type=int, default=0, help="the training and evaluation seed (0)")
+    ev.add_argument(
+        "--image", help="the sandbox image (default: the offline image, built if missing)"
+    )
+    ev.add_argument(
+        "--data-cache", type=Path, help="where prepared data is kept (~/.cache/selfprog)"
+    )
+    ev.add_argument(
+        "--corpus", type=Path, help="a folder of code to train on instead of the stdlib"
+    )
+    ev.add_argument("--keep", help="keep the work folder (staged program, weights) here")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    tg = verbs.add_parser(
+        "target", help="work with target programs", description="Work with target programs."
+    )
+    tg_verbs = tg.add_subparsers(dest="target_verb", metavar="VERB", required=True)
+    te = tg_verbs.add_parser(
+        "export",
+        help="write a target's files into a folder",
+        description="Write a target's program files and target.toml into an empty folder.",
+    )
+    te.add_argument("target", help="a bundled target name (tinylm) or a target folder")
+    te.add_argument("dest", help="the folder to write")
+    te.set_defaults(func=cmd_target_export)
+
+    im = verbs.add_parser(
+        "image", help="build the sandbox image", description="Build the sandbox image."
+    )
+    im_verbs = im.add_subparsers(dest="image_verb", metavar="VERB", required=True)
+    ib = im_verbs.add_parser(
+        "build",
+        help="build the sandbox image",
+        description="Build the sandbox image from sandbox/Dockerfile (needs a registry), or with "
+        "--offline from this host's Python environment (needs none).",
+    )
+    ib.add_argument("--offline", action="store_true", help="build without a registry")
+    ib.add_argument("--tag", help="the image tag")
+    ib.add_argument("--context", help="the folder holding the Dockerfile (default: sandbox/)")
+    ib.set_defaults(func=cmd_image_build)

@@ -1,0 +1,213 @@
+"""Read-only questions about runs: the best candidates, one candidate in full, lineage, all runs.
+
+Everything here reads the archive opened read-only, so it is safe while a
+driver writes the run, and it never changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError, Candidate
+from selfprog.errors import SelfprogError
+from selfprog.loop import Run
+
+FAILED = ("invalid", "rejected", "train_failed", "timeout", "oom", "eval_failed", "error")
+
+
+def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:
+    """Returns every evaluation of a candidate, oldest first."""
+    rows = archive.db.execute(
+        "SELECT seed, state, score, metrics, data_hash, created FROM evaluations "
+        "WHERE candidate_id = ? ORDER BY id",
+        (candidate_id,),
+    )
+    return [
+        {
+            "seed": seed,
+            "state": state,
+            "score": score,
+            "metrics": json.loads(metrics or "{}"),
+            "data_hash": data_hash,
+            "created": created,
+        }
+        for seed, state, score, metrics, data_hash, created in rows
+    ]
+
+
+def spread(archive: Archive, candidate_id: int) -> tuple[int, float | None]:
+    """Returns how many scored evaluations a candidate has and their standard deviation."""
+    scores = [e["score"] for e in evaluations(archive, candidate_id) if e["score"] is not None]
+    return len(scores), statistics.stdev(scores) if len(scores) > 1 else None
+
+
+def one_line(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def top(run: Run, n: int, states: Sequence[str]) -> list[dict[str, Any]]:
+    """Returns the best n candidates in the given states (scored ones by score, then the rest)."""
+    minimize = run.target.direction == "minimize"
+    chosen = [c for c in run.archive.candidates() if c.state in states]
+    scored = sorted(
+        (c for c in chosen if c.score is not None),
+        key=lambda c: (c.score if minimize else -(c.score or 0.0), c.id),
+    )
+    rest = [c for c in chosen if c.score is None]
+    rows = []
+    for c in (scored + rest)[:n]:
+        count, sd = spread(run.archive, c.id)
+        rows.append(
+            {
+                "id": c.id,
+                "score": c.score,
+                "spread": sd,
+                "evaluations": count,
+                "generation": c.generation,
+                "parent": c.parent_id,
+                "state": c.state,
+                "params": c.metrics.get("params"),
+                "rationale": c.rationale,
+            }
+        )
+    return rows
+
+
+def show(run: Run, candidate_id: int) -> dict[str, Any]:
+    """Returns everything the archive knows about one candidate."""
+    c = run.archive.candidate(candidate_id)
+    call = run.archive.db.execute(
+        "SELECT calls.proposer, calls.model, calls.k, calls.prompt_chars, calls.tokens_in, "
+        "calls.tokens_out, calls.latency, proposals.slot FROM proposals JOIN calls "
+        "ON proposals.call_id = calls.id WHERE proposals.id = ?",
+        (c.proposal_id,),
+    ).fetchone()
+    proposer = None
+    if call is not None:
+        keys = (
+            "proposer",
+            "model",
+            "k",
+            "prompt_chars",
+            "tokens_in",
+            "tokens_out",
+            "latency",
+            "slot",
+        )
+        proposer = dict(zip(keys, call, strict=True))
+    return {
+        "id": c.id,
+        "generation": c.generation,
+        "parent": c.parent_id,
+        "state": c.state,
+        "score": c.score,
+        "metric": run.target.metric,
+        "metrics": c.metrics,
+        "evaluations": evaluations(run.archive, c.id),
+        "timings": c.timings,
+        "attempts": c.attempts,
+        "proposer": proposer,
+        "rationale": c.rationale,
+        "reason": c.reason,
+        "duplicate_of": c.duplicate_of,
+        "program_hash": c.program_hash,
+        "diff": c.diff,
+        "log_tail": c.log_tail,
+    }
+
+
+def lineage(run: Run, candidate_id: int) -> list[dict[str, Any]]:
+    """Returns the chain from the seed to a candidate, with each step's score change."""
+    chain: list[Candidate] = []
+    current: int | None = candidate_id
+    while current is not None:
+        c = run.archive.candidate(current)
+        chain.append(c)
+        current = c.parent_id
+    rows, previous = [], None
+    for c in reversed(chain):
+        change: float | None = None if c.score is None or previous is None else c.score - previous
+        rows.append(
+            {
+                "id": c.id,
+                "generation": c.generation,
+                "state": c.state,
+                "score": c.score,
+                "change": change,
+                "rationale": c.rationale,
+            }
+        )
+        previous = c.score if c.score is not None else previous
+    return rows
+
+
+def source(run: Run, candidate_id: int) -> dict[str, str]:
+    """Returns a candidate's whole program: its editable files and the target's fixed ones."""
+    c = run.archive.candidate(candidate_id)
+    if c.program_hash is None:
+        raise SelfprogError(f"candidate {candidate_id} has no program ({c.state}: {c.reason})")
+    files = run.archive.program(c.program_hash)
+    files.update({name: (run.target.root / name).read_text() for name in run.target.fixed})
+    return files
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    """Returns a summary of every run folder directly under root, the latest activity first."""
+    from selfprog.rundir import lock_holder, open_run
+
+    if not root.is_dir():
+        raise SelfprogError(f"{root}: no such folder")
+    rows: list[dict[str, Any]] = []
+    for folder in sorted(p for p in root.iterdir() if (p / ARCHIVE_FILE).is_file()):
+        try:
+            run = open_run(folder, readonly=True)
+        except SelfprogError as exc:
+            rows.append({"run": folder.name, "state": "unreadable", "reason": str(exc)})
+            continue
+        counts = run.archive.counts()
+        best = run.archive.best(run.target.direction == "minimize", 1)
+        last = run.archive.db.execute(
+            "SELECT MAX(COALESCE(finished, started, created)) FROM candidates"
+        ).fetchone()[0]
+        unfinished = counts.get("pending", 0) + counts.get("running", 0)
+        generations = run.archive.db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+        if lock_holder(folder) is not None:
+            state = "running"
+        elif unfinished or generations < run.config.run.generations:
+            state = "stopped"
+        else:
+            state = "finished"
+        rows.append(
+            {
+                "run": folder.name,
+                "state": state,
+                "target": run.target.name,
+                "candidates": sum(counts.values()),
+                "best": best[0].score if best else None,
+                "size_mb": round(_folder_bytes(folder) / 2**20, 1),
+                "last_activity": time.strftime("%Y-%m-%d %H:%M", time.localtime(last))
+                if last
+                else "",
+            }
+        )
+        run.archive.close()
+    return sorted(rows, key=lambda r: r.get("last_activity", ""), reverse=True)
+
+
+def check_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ArchiveError(
+            f"{text!r} is not a candidate id (a number, as `selfprog top` shows)"
+        ) from None
