@@ -1,0 +1,159 @@
+"""Parent selection and noise-aware acceptance: pure functions over archive rows.
+
+Policies (chosen with `selection.policy`):
+- `greedy`: one lineage; the champion has every child, and a child that is
+  better (clear of the noise) becomes the champion: the classic keep/discard.
+- `archive`: parents drawn with probability rising with score (a sigmoid
+  around the archive's median, scaled by its spread) and falling with how
+  many children they already have, so promising but under-explored variants
+  get their turn. Failed candidates never become parents.
+- `map-elites`: a grid over descriptors (parameter count and training
+  throughput, in powers of two); the best candidate of each cell is its
+  elite, and parents are drawn uniformly from the filled cells.
+
+Acceptance: a score is a mean over evaluations with different seeds; a
+candidate counts as better than another only when the difference stands
+clear of the noise, beyond `z` standard errors of the difference.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+POLICIES = ("greedy", "archive", "map-elites")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A scored candidate as selection sees it."""
+
+    id: int
+    scores: tuple[float, ...]  # every evaluation's score
+    children: int = 0
+    descriptors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores)
+
+
+def goodness(score: float, minimize: bool) -> float:
+    """Returns the score turned so that higher is better."""
+    return -score if minimize else score
+
+
+# ---------------------------------------------------------------------------
+# acceptance
+
+
+def standard_error(member: Member, noise: float) -> float:
+    """Returns the standard error of a member's mean, with `noise` as the per-evaluation spread.
+
+    The measured spread of a few evaluations is itself noisy, so the larger of
+    it and the run's noise floor is used.
+    """
+    measured = statistics.stdev(member.scores) if len(member.scores) > 1 else 0.0
+    return max(measured, noise) / math.sqrt(len(member.scores))
+
+
+def clearly_better(a: Member, b: Member, noise: float, z: float, minimize: bool) -> bool:
+    """Returns whether a beats b by more than z standard errors of the difference."""
+    gap = goodness(a.mean, minimize) - goodness(b.mean, minimize)
+    return gap > z * math.hypot(standard_error(a, noise), standard_error(b, noise))
+
+
+def looks_better(a: Member, b: Member, minimize: bool) -> bool:
+    """Returns whether a's mean beats b's at all: the trigger for re-evaluating a."""
+    return goodness(a.mean, minimize) > goodness(b.mean, minimize)
+
+
+def champion(members: Sequence[Member], accepted: Sequence[int]) -> Member | None:
+    """Returns the latest accepted member: the head of the kept lineage."""
+    by_id = {m.id: m for m in members}
+    kept = [by_id[i] for i in accepted if i in by_id]
+    return kept[-1] if kept else None
+
+
+# ---------------------------------------------------------------------------
+# parent selection
+
+
+def archive_probabilities(
+    members: Sequence[Member], minimize: bool, sharpness: float = 10.0
+) -> dict[int, float]:
+    """Returns each member's chance of being drawn as a parent.
+
+    The weight is sigmoid(sharpness * (goodness - median) / spread) / (1 + children),
+    spread being the archive's interquartile range (or 1 with too few members).
+    """
+    if not members:
+        return {}
+    values = [goodness(m.mean, minimize) for m in members]
+    median = statistics.median(values)
+    if len(values) >= 4:
+        q = statistics.quantiles(values, n=4)
+        spread = q[2] - q[0]
+    else:
+        spread = max(values) - min(values)
+    spread = spread or 1.0
+    weights = {
+        m.id: 1.0 / (1.0 + math.exp(-sharpness * (v - median) / spread)) / (1 + m.children)
+        for m, v in zip(members, values, strict=True)
+    }
+    total = sum(weights.values())
+    return {i: w / total for i, w in weights.items()}
+
+
+def cell(descriptors: dict[str, float], keys: Sequence[str]) -> tuple[int, ...]:
+    """Returns a member's grid cell: each descriptor binned by powers of two."""
+    return tuple(math.floor(math.log2(max(descriptors.get(k, 1.0), 1.0))) for k in keys)
+
+
+def elites(
+    members: Sequence[Member], minimize: bool, keys: Sequence[str]
+) -> dict[tuple[int, ...], Member]:
+    """Returns the best member of each filled cell of the descriptor grid."""
+    grid: dict[tuple[int, ...], Member] = {}
+    for m in members:
+        key = cell(m.descriptors, keys)
+        if key not in grid or goodness(m.mean, minimize) > goodness(grid[key].mean, minimize):
+            grid[key] = m
+    return grid
+
+
+def select(
+    policy: str,
+    members: Sequence[Member],
+    population: int,
+    rng: random.Random,
+    minimize: bool,
+    accepted: Sequence[int] = (),
+    descriptor_keys: Sequence[str] = ("params", "throughput"),
+) -> list[tuple[int, int]]:
+    """Returns (parent, children) pairs for the next generation, parents in id order.
+
+    Raises:
+        ValueError: an unknown policy, or no member to choose from.
+    """
+    if not members:
+        raise ValueError("no scored candidate to select parents from")
+    if policy == "greedy":
+        head = champion(members, accepted) or members[0]
+        return [(head.id, population)]
+    if policy == "archive":
+        chances = archive_probabilities(members, minimize)
+        ids = sorted(chances)
+        draws = rng.choices(ids, weights=[chances[i] for i in ids], k=population)
+    elif policy == "map-elites":
+        ids = sorted(m.id for m in elites(members, minimize, descriptor_keys).values())
+        draws = [rng.choice(ids) for _ in range(population)]
+    else:
+        raise ValueError(
+            f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}"
+        )
+    return sorted(Counter(draws).items())

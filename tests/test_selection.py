@@ -1,0 +1,107 @@
+"""Selection policies and acceptance on hand-made archives (golden numbers)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from selfprog.selection import (
+    Member,
+    archive_probabilities,
+    clearly_better,
+    elites,
+    looks_better,
+    select,
+)
+
+ARCHIVE = [
+    Member(1, (3.0,)),
+    Member(2, (3.5,), children=1),
+    Member(3, (4.0,)),
+    Member(4, (2.5,), children=2),
+    Member(5, (3.2,)),
+]
+
+
+def test_archive_probabilities_golden() -> None:
+    chances = archive_probabilities(ARCHIVE, minimize=True)
+    assert {k: round(v, 4) for k, v in chances.items()} == {
+        1: 0.5068,
+        2: 0.0136,
+        3: 0.0002,
+        4: 0.1916,
+        5: 0.2877,
+    }
+    assert sum(chances.values()) == pytest.approx(1.0)
+
+
+def test_archive_probabilities_rise_with_score_and_fall_with_children() -> None:
+    twins = [Member(1, (3.0,)), Member(2, (3.0,), children=3), Member(3, (3.4,)), Member(4, (3.6,))]
+    chances = archive_probabilities(twins, minimize=True)
+    assert chances[1] == pytest.approx(4 * chances[2])  # 1 / (1 + children)
+    assert chances[1] > chances[3] > chances[4]
+    flipped = archive_probabilities(twins, minimize=False)
+    assert flipped[4] > flipped[3] > flipped[1]
+
+
+def test_archive_selection_is_seeded() -> None:
+    assert select("archive", ARCHIVE, 6, random.Random(0), minimize=True) == [
+        (1, 3),
+        (2, 1),
+        (5, 2),
+    ]
+    assert select("archive", ARCHIVE, 6, random.Random(0), True) == select(
+        "archive", ARCHIVE, 6, random.Random(0), True
+    )
+
+
+def test_greedy_breeds_only_the_champion() -> None:
+    assert select("greedy", ARCHIVE, 4, random.Random(0), True, accepted=[1, 4]) == [(4, 4)]
+    assert select("greedy", ARCHIVE, 4, random.Random(0), True) == [
+        (1, 4)
+    ]  # nothing accepted yet: the seed
+
+
+def test_map_elites_golden() -> None:
+    keys = ("params", "context")
+    grid = [
+        Member(1, (3.0,), descriptors={"params": 1000, "context": 128}),
+        Member(2, (2.9,), descriptors={"params": 1100, "context": 128}),
+        Member(3, (3.5,), descriptors={"params": 5000, "context": 128}),
+        Member(4, (3.1,), descriptors={"params": 1000, "context": 64}),
+    ]
+    assert {k: v.id for k, v in elites(grid, True, keys).items()} == {
+        (9, 7): 1,
+        (10, 7): 2,
+        (12, 7): 3,
+        (9, 6): 4,
+    }
+    assert select("map-elites", grid, 4, random.Random(0), True, descriptor_keys=keys) == [
+        (1, 1),
+        (3, 1),
+        (4, 2),
+    ]
+
+
+def test_unknown_policy_and_empty_archive() -> None:
+    with pytest.raises(ValueError, match="unknown selection policy"):
+        select("best", ARCHIVE, 2, random.Random(0), True)
+    with pytest.raises(ValueError, match="no scored candidate"):
+        select("archive", [], 2, random.Random(0), True)
+
+
+def test_better_only_by_noise_is_not_better() -> None:
+    noise = 0.04  # the spread of the seed's scores over seeds
+    parent = Member(1, (3.00, 3.05, 2.96))
+    lucky = Member(2, (2.97,))
+    assert looks_better(lucky, parent, minimize=True)  # so it is re-evaluated...
+    confirmed = Member(2, (2.97, 3.04, 3.01))
+    assert not clearly_better(confirmed, parent, noise, z=2.0, minimize=True)  # ...and not kept
+
+
+def test_clearly_better_is_better() -> None:
+    parent = Member(1, (3.00, 3.05, 2.96))
+    child = Member(2, (2.61, 2.65, 2.58))
+    assert clearly_better(child, parent, 0.04, z=2.0, minimize=True)
+    assert not clearly_better(parent, child, 0.04, z=2.0, minimize=True)
