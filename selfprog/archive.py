@@ -48,6 +48,7 @@ CREATE TABLE candidates (
     proposal_id INTEGER UNIQUE REFERENCES proposals(id), program_hash TEXT, state TEXT NOT NULL,
     score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
     diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+    evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
     created REAL NOT NULL, started REAL, finished REAL
 );
 CREATE TABLE evaluations (
@@ -83,6 +84,8 @@ class Candidate:
     diff: str
     duplicate_of: int | None
     attempts: int
+    evals_needed: int
+    accepted: bool | None  # better than the best before it, clear of the noise (None: undecided)
 
 
 def _hash(data: bytes) -> str:
@@ -179,13 +182,14 @@ class Archive:
 
     # -- generations and proposals -----------------------------------------
 
-    def generation_parents(self, generation: int) -> list[int] | None:
+    def generation_plan(self, generation: int) -> list[tuple[int, int]] | None:
+        """Returns the (parent, children) pairs recorded for a generation, if it was planned."""
         row = self.db.execute(
             "SELECT parents FROM generations WHERE generation = ?", (generation,)
         ).fetchone()
-        return None if row is None else list(json.loads(row[0]))
+        return None if row is None else [(int(p), int(k)) for p, k in json.loads(row[0])]
 
-    def record_generation(self, generation: int, parents: Sequence[int]) -> None:
+    def record_generation(self, generation: int, parents: Sequence[tuple[int, int]]) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO generations VALUES (?, ?, ?)",
@@ -256,9 +260,13 @@ class Archive:
             "diff",
             "rationale",
             "duplicate_of",
+            "evals_needed",
             "created",
         ]
-        values = [fields.get(c) for c in columns[:-1]] + [time.time()]
+        values = [fields.get(c) for c in columns[:-2]] + [
+            fields.get("evals_needed", 1),
+            time.time(),
+        ]
         cursor = db.execute(
             f"INSERT INTO candidates ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
             values,
@@ -322,6 +330,62 @@ class Archive:
                 ),
             )
 
+    def add_evaluation(self, candidate_id: int, result: Any, seed: int) -> None:
+        """Records one more evaluation; the candidate's score becomes the mean of its `ok` ones."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    candidate_id,
+                    seed,
+                    result.state.value,
+                    result.score,
+                    json.dumps(dict(result.metrics)),
+                    result.data_hash,
+                    time.time(),
+                ),
+            )
+            db.execute(
+                "UPDATE candidates SET score = (SELECT AVG(score) FROM evaluations "
+                "WHERE candidate_id = ? AND state = 'ok') WHERE id = ?",
+                (candidate_id, candidate_id),
+            )
+
+    def scores(self, candidate_id: int) -> list[float]:
+        """Returns the scores of a candidate's `ok` evaluations, oldest first."""
+        rows = self.db.execute(
+            "SELECT score FROM evaluations WHERE candidate_id = ? AND state = 'ok' ORDER BY id",
+            (candidate_id,),
+        )
+        return [float(r[0]) for r in rows]
+
+    def evaluation_count(self, candidate_id: int) -> int:
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM evaluations WHERE candidate_id = ?", (candidate_id,)
+        )
+        return int(row.fetchone()[0])
+
+    def set_evals_needed(self, candidate_id: int, n: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE candidates SET evals_needed = ? WHERE id = ?", (n, candidate_id))
+
+    def set_accepted(self, candidate_id: int, accepted: bool) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE candidates SET accepted = ? WHERE id = ?", (int(accepted), candidate_id)
+            )
+
+    def accepted_ids(self) -> list[int]:
+        rows = self.db.execute("SELECT id FROM candidates WHERE accepted = 1 ORDER BY id")
+        return [int(r[0]) for r in rows]
+
+    def children_counts(self) -> dict[int, int]:
+        rows = self.db.execute(
+            "SELECT parent_id, COUNT(*) FROM candidates WHERE parent_id IS NOT NULL GROUP BY parent_id"
+        )
+        return {int(p): int(n) for p, n in rows}
+
     def candidates(self, where: str = "", args: Sequence[Any] = ()) -> list[Candidate]:
         query = "SELECT * FROM candidates" + (f" WHERE {where}" if where else "") + " ORDER BY id"
         return [_candidate(row) for row in self.db.execute(query, args)]
@@ -347,11 +411,13 @@ class Archive:
         rows = self.db.execute("SELECT state, COUNT(*) FROM candidates GROUP BY state")
         return {str(state): int(n) for state, n in rows}
 
-    def best(self, minimize: bool, n: int = 1) -> list[Candidate]:
-        """Returns the n best scored candidates, the earlier first among equals."""
+    def best(self, minimize: bool, n: int = 1, accepted: bool = False) -> list[Candidate]:
+        """Returns the n best scored candidates (only accepted ones if asked), earlier first among equals."""
         order = "ASC" if minimize else "DESC"
+        only = " AND accepted = 1" if accepted else ""
         rows = self.db.execute(
-            f"SELECT * FROM candidates WHERE state = 'ok' ORDER BY score {order}, id LIMIT ?", (n,)
+            f"SELECT * FROM candidates WHERE state = 'ok'{only} ORDER BY score {order}, id LIMIT ?",
+            (n,),
         )
         return [_candidate(row) for row in rows]
 
@@ -373,4 +439,6 @@ def _candidate(row: sqlite3.Row) -> Candidate:
         diff=row["diff"] or "",
         duplicate_of=row["duplicate_of"],
         attempts=row["attempts"],
+        evals_needed=row["evals_needed"],
+        accepted=None if row["accepted"] is None else bool(row["accepted"]),
     )

@@ -26,7 +26,6 @@ class RunSection:
     seed: int = 0
     generations: int = 4
     population: int = 4
-    parents: int = 2
     workers: int = 1
     max_candidates: int = 0
     max_hours: float = 0.0
@@ -64,11 +63,21 @@ class ProposerSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SelectionSection:
+    policy: str = "archive"
+    noise_seeds: int = 3
+    confirm_seeds: int = 3
+    z: float = 2.0
+    sharpness: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     run: RunSection = RunSection()
     budget: BudgetSection = BudgetSection()
     runner: RunnerSection = RunnerSection()
     proposer: ProposerSection = ProposerSection()
+    selection: SelectionSection = SelectionSection()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,14 +88,17 @@ _SECTIONS: dict[str, Any] = {
     "budget": BudgetSection,
     "runner": RunnerSection,
     "proposer": ProposerSection,
+    "selection": SelectionSection,
 }
 _CHOICES = {
     ("run", "on_interrupt"): ("finish", "kill"),
     ("runner", "kind"): ("docker", "local"),
     ("proposer", "kind"): ("mutate", "openai", "transformers"),
+    ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }
 _NON_NEGATIVE = {
     "seed",
+    "z",
     "max_candidates",
     "max_hours",
     "max_tokens",

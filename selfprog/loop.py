@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import shutil
+import statistics
 import threading
 import time
 import traceback
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfprog.archive import DUPLICATE, PENDING, Archive, Candidate
+from selfprog.archive import DUPLICATE, PENDING, UNFINISHED, Archive, Candidate
 from selfprog.config import Config, parse_size
 from selfprog.data import Dataset
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
@@ -30,6 +32,7 @@ from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 from selfprog.runners.base import Limits, Runner
 from selfprog.scoring import Result, State, score_program
+from selfprog.selection import Member, clearly_better, needs_confirmation, select
 from selfprog.target import Target
 
 log = logging.getLogger(__name__)
@@ -76,18 +79,6 @@ def derive_seed(*parts: object) -> int:
     """Returns a stable 32-bit seed from the parts (Python's hash() changes between processes)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def select_parents(archive: Archive, target: Target, count: int) -> list[Candidate]:
-    """Returns the best scored candidates (the elitist rule), earlier first among equals."""
-    return archive.best(minimize=target.direction == "minimize", n=count)
-
-
-def allocate(parents: list[int], population: int) -> list[tuple[int, int]]:
-    """Returns (parent, children) pairs sharing population among parents, best first."""
-    share, extra = divmod(population, len(parents))
-    pairs = [(p, share + (1 if i < extra else 0)) for i, p in enumerate(parents)]
-    return [(p, k) for p, k in pairs if k > 0]
 
 
 class StopRequest:
@@ -137,34 +128,120 @@ class Driver:
             log.info("removed %d leftover sandbox(es) of this run", removed)
         if not run.archive.candidates():
             self._add_seed()
-        self._score(run.archive.unfinished())
+        if not self._evaluate():
+            return self.stop.reason
+        self._accept(0)
         for generation in range(1, config.run.generations + 1):
             if self.stop.requested:
                 return self.stop.reason
-            parents = run.archive.generation_parents(generation)
-            if parents is None:
+            plan = run.archive.generation_plan(generation)
+            if plan is None:
                 reason = self._limit_reached()
                 if reason:
                     return reason
-                chosen = select_parents(run.archive, run.target, config.run.parents)
-                if not chosen:
-                    seed = run.archive.candidates("generation = 0")[0]
-                    raise SelfprogError(
-                        f"no candidate has scored `ok`, so none can be a parent: the seed ended "
-                        f"{seed.state} ({seed.reason}); try `selfprog eval` on the target"
-                    )
-                parents = [c.id for c in chosen]
-                run.archive.record_generation(generation, parents)
-            self.on_event({"event": "generation", "generation": generation, "parents": parents})
-            for parent_id, k in allocate(parents, config.run.population):
+                plan = self._select(generation)
+                run.archive.record_generation(generation, plan)
+            self.on_event(
+                {"event": "generation", "generation": generation, "parents": [p for p, _ in plan]}
+            )
+            for parent_id, k in plan:
                 if self.stop.requested or run.archive.has_call(generation, parent_id):
                     continue
                 k = self._trim_to_max(k)
                 if k == 0:
                     break
                 self._propose(generation, run.archive.candidate(parent_id), k)
-            self._score(run.archive.unfinished())
+            # first evaluations; then re-evaluations of the children that look better; then acceptance
+            if not self._evaluate():
+                return self.stop.reason
+            self._confirm(generation)
+            if not self._evaluate():
+                return self.stop.reason
+            self._accept(generation)
         return self.stop.reason or "finished"
+
+    # -- selection and acceptance ----------------------------------------------------
+
+    def _members(self) -> list[Member]:
+        archive = self.run.archive
+        children = archive.children_counts()
+        members = []
+        for c in archive.candidates("state = 'ok'"):
+            scores = tuple(archive.scores(c.id))
+            if scores:
+                keys: tuple[str, ...] = ("params", "context")
+                descriptors = {k: float(c.metrics[k]) for k in keys if k in c.metrics}
+                members.append(Member(c.id, scores, children.get(c.id, 0), descriptors))
+        return members
+
+    def _select(self, generation: int) -> list[tuple[int, int]]:
+        run, section = self.run, self.run.config.selection
+        members = self._members()
+        if not members:
+            seed = run.archive.candidates("generation = 0")[0]
+            raise SelfprogError(
+                f"no candidate has scored `ok`, so none can be a parent: the seed ended "
+                f"{seed.state} ({seed.reason}); try `selfprog eval` on the target"
+            )
+        rng = random.Random(derive_seed(run.config.run.seed, "select", generation))
+        minimize = run.target.direction == "minimize"
+        accepted = run.archive.accepted_ids()
+        return select(
+            section.policy,
+            members,
+            run.config.run.population,
+            rng,
+            minimize,
+            accepted,
+            ("params", "context"),
+        )
+
+    def noise(self) -> float:
+        """Returns the noise floor: the spread of the seed's scores over its evaluation seeds."""
+        seed = self.run.archive.candidates("generation = 0")
+        scores = self.run.archive.scores(seed[0].id) if seed else []
+        return statistics.stdev(scores) if len(scores) > 1 else 0.0
+
+    def _champion(self) -> Member | None:
+        by_id = {m.id: m for m in self._members()}
+        accepted = [i for i in self.run.archive.accepted_ids() if i in by_id]
+        return by_id[accepted[-1]] if accepted else None
+
+    def _confirm(self, generation: int) -> None:
+        """Asks for more evaluations of each child of the generation that looks better than the best."""
+        champion, want = self._champion(), self.run.config.selection.confirm_seeds
+        minimize = self.run.target.direction == "minimize"
+        for member in self._members():
+            c = self.run.archive.candidate(member.id)
+            if c.generation != generation or c.accepted is not None or c.evals_needed >= want:
+                continue
+            section = self.run.config.selection
+            if champion is None or needs_confirmation(
+                member, champion, self.noise(), section.z, minimize
+            ):
+                self.run.archive.set_evals_needed(c.id, want)
+
+    def _accept(self, generation: int) -> None:
+        """Decides, in id order, which candidates of the generation beat the best clear of the noise."""
+        section, archive = self.run.config.selection, self.run.archive
+        minimize = self.run.target.direction == "minimize"
+        members = {m.id: m for m in self._members()}
+        champion, noise = self._champion(), self.noise()
+        for c in archive.candidates("generation = ? AND accepted IS NULL", (generation,)):
+            member = members.get(c.id)
+            better = member is not None and (
+                champion is None or clearly_better(member, champion, noise, section.z, minimize)
+            )
+            archive.set_accepted(c.id, better)
+            if better:
+                champion = member
+                self.on_event(
+                    {
+                        "event": "accepted",
+                        "candidate": c.id,
+                        "score": member.mean if member else None,
+                    }
+                )
 
     def _limit_reached(self) -> str:
         run = self.run.config.run
@@ -194,7 +271,12 @@ class Driver:
         with self.run.archive.transaction() as db:
             phash = self.run.archive.put_program(db, files)
             self.run.archive.add_candidate(
-                db, generation=0, program_hash=phash, state=PENDING, rationale="the seed program"
+                db,
+                generation=0,
+                program_hash=phash,
+                state=PENDING,
+                rationale="the seed program",
+                evals_needed=self.run.config.selection.noise_seeds,  # they measure the noise floor
             )
 
     def _propose(self, generation: int, parent: Candidate, k: int) -> None:
@@ -285,25 +367,39 @@ class Driver:
 
     # -- scoring ------------------------------------------------------------------
 
-    def _score(self, candidates: list[Candidate]) -> None:
-        """Scores candidates in id order, `workers` at once, recording each as it ends."""
-        queue = list(candidates)
-        running: dict[Future[Result], Candidate] = {}
+    def _jobs(self) -> list[tuple[Candidate, int]]:
+        """Returns the evaluations due, in id order: (candidate, evaluation index)."""
+        archive, jobs = self.run.archive, []
+        for c in archive.candidates("state IN ('pending', 'running', 'ok')"):
+            done = 0 if c.state in UNFINISHED else archive.evaluation_count(c.id)
+            jobs += [(c, i) for i in range(done, c.evals_needed)]
+        return jobs
+
+    def _evaluate(self) -> bool:
+        """Runs the evaluations due, `workers` at once; returns False if a stop left some undone."""
+        self._score(self._jobs())
+        return not self._jobs()
+
+    def _score(self, jobs: list[tuple[Candidate, int]]) -> None:
+        """Runs evaluation jobs in order, `workers` at once, recording each as it ends."""
+        queue = list(jobs)
+        running: dict[Future[Result], tuple[Candidate, int]] = {}
         killed = False
-        with ThreadPoolExecutor(max_workers=self.run.config.run.workers) as pool:
+        workers = self.run.config.run.workers
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             try:
                 while queue or running:
-                    while (
-                        queue
-                        and len(running) < self.run.config.run.workers
-                        and not self.stop.requested
-                    ):
-                        candidate = queue.pop(0)
+                    while queue and len(running) < workers and not self.stop.requested:
+                        candidate, index = queue.pop(0)
                         assert candidate.program_hash is not None
                         files = self.run.archive.program(candidate.program_hash)
-                        self.run.archive.mark_running(candidate.id)
-                        self.on_event({"event": "started", "candidate": candidate.id})
-                        running[pool.submit(self._score_one, candidate, files)] = candidate
+                        if index == 0:
+                            self.run.archive.mark_running(candidate.id)
+                        self.on_event(
+                            {"event": "started", "candidate": candidate.id, "evaluation": index}
+                        )
+                        future = pool.submit(self._score_one, candidate, files, index)
+                        running[future] = (candidate, index)
                     if not running:
                         break
                     if (
@@ -315,34 +411,33 @@ class Driver:
                         self.runner.stop_all(self.run.labels)
                     done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in done:
-                        candidate = running.pop(future)
-                        if killed:
-                            self.run.archive.mark_pending([candidate.id])
+                        candidate, index = running.pop(future)
+                        if killed:  # killed by us: it runs again on resume
+                            if index == 0:
+                                self.run.archive.mark_pending([candidate.id])
                             continue
-                        self._record(candidate, future.result())
+                        self._record(candidate, index, future.result())
             finally:
                 if running:  # stopped at once: what was running runs again on resume
                     self.runner.stop_all(self.run.labels)
-                    self.run.archive.mark_pending([c.id for c in running.values()])
+                    self.run.archive.mark_pending([c.id for c, i in running.values() if i == 0])
                     for future in running:
                         future.cancel()
 
-    def _record(self, candidate: Candidate, result: Result) -> None:
-        self.run.archive.finish(candidate.id, result, self.run.config.run.seed)
+    def _record(self, candidate: Candidate, index: int, result: Result) -> None:
+        seed = self.run.config.run.seed + index
+        if index == 0:
+            self.run.archive.finish(candidate.id, result, seed)
+        else:
+            self.run.archive.add_evaluation(candidate.id, result, seed)
         self.run.archive.set_meta("active_seconds", f"{self.active_seconds():.1f}")
-        self.on_event(
-            {
-                "event": "finished",
-                "candidate": candidate.id,
-                "state": result.state.value,
-                "score": result.score,
-            }
-        )
+        event = {"event": "finished", "candidate": candidate.id, "evaluation": index}
+        self.on_event({**event, "state": result.state.value, "score": result.score})
 
-    def _score_one(self, candidate: Candidate, files: dict[str, str]) -> Result:
-        """Returns the candidate's result; runs on a worker thread, so it never touches the archive."""
+    def _score_one(self, candidate: Candidate, files: dict[str, str], index: int) -> Result:
+        """Returns one evaluation of a candidate; runs on a worker thread, so never touches the archive."""
         run = self.run
-        work = run.root / "work" / str(candidate.id)
+        work = run.root / "work" / f"{candidate.id}-{index}"
         seconds, steps = run.budget()
         try:
             program_dir = work / "candidate"
@@ -357,7 +452,7 @@ class Driver:
                 run.data,
                 work / "score",
                 limits=run.limits(),
-                seed=run.config.run.seed,
+                seed=run.config.run.seed + index,
                 budget_seconds=seconds,
                 budget_steps=steps,
                 labels={**run.labels, "selfprog.candidate": str(candidate.id)},

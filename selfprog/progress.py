@@ -39,7 +39,7 @@ class Reporter:
             self.live.__exit__(None, None, None)
 
     def best_text(self) -> str:
-        best = self.archive.best(self.minimize, 1)
+        best = self.archive.best(self.minimize, 1, accepted=True)
         return f"{self.metric} {best[0].score:.4f} (candidate {best[0].id})" if best else "none yet"
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -53,7 +53,10 @@ class Reporter:
             log.info("asking for %d children of candidate %d", event["k"], event["parent"])
         elif kind == "started":
             self.running[event["candidate"]] = time.time()
-            log.info("candidate %d: scoring", event["candidate"])
+            again = (
+                f" again (evaluation {event['evaluation'] + 1})" if event.get("evaluation") else ""
+            )
+            log.info("candidate %d: scoring%s", event["candidate"], again)
         elif kind == "finished":
             started = self.running.pop(event["candidate"], time.time())
             score = f" {self.metric} {event['score']:.4f}" if event["score"] is not None else ""
@@ -64,6 +67,12 @@ class Reporter:
                 score,
                 time.time() - started,
                 self.best_text(),
+            )
+        elif kind == "accepted":
+            log.info(
+                "candidate %d is better clear of the noise: mean %.4f",
+                event["candidate"],
+                event["score"],
             )
         if self.live is not None:
             self.live.update(self._panel())

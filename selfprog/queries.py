@@ -175,7 +175,7 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             rows.append({"run": folder.name, "state": "unreadable", "reason": str(exc)})
             continue
         counts = run.archive.counts()
-        best = run.archive.best(run.target.direction == "minimize", 1)
+        best = run.archive.best(run.target.direction == "minimize", 1, accepted=True)
         last = run.archive.db.execute(
             "SELECT MAX(COALESCE(finished, started, created)) FROM candidates"
         ).fetchone()[0]

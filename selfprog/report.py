@@ -20,16 +20,8 @@ def _minimize(run: Run) -> bool:
 
 
 def improvements(run: Run) -> list[tuple[int, float]]:
-    """Returns (candidate, score) for each candidate that set a new best, in order."""
-    best: float | None = None
-    kept = []
-    for c in run.archive.candidates():
-        if c.state != "ok" or c.score is None:
-            continue
-        if best is None or (c.score < best if _minimize(run) else c.score > best):
-            best = c.score
-            kept.append((c.id, c.score))
-    return kept
+    """Returns (candidate, mean score) for each candidate accepted as better, clear of the noise."""
+    return [(c.id, c.score) for c in run.archive.candidates("accepted = 1") if c.score is not None]
 
 
 def progress_plot(run: Run) -> bytes:
@@ -47,17 +39,18 @@ def progress_plot(run: Run) -> bytes:
         xs, ys = zip(*ok, strict=True)
         ax.scatter(xs, ys, s=22, color="#1f77b4", alpha=0.75, label="scored", zorder=3)
         kept = improvements(run)
-        steps_x = [x for x, _ in kept] + [max(c.id for c in candidates)]
-        steps_y = [y for _, y in kept] + [kept[-1][1]]
-        ax.step(
-            steps_x,
-            steps_y,
-            where="post",
-            color="#2ca02c",
-            linewidth=2,
-            label="best so far",
-            zorder=2,
-        )
+        if kept:
+            steps_x = [x for x, _ in kept] + [max(c.id for c in candidates)]
+            steps_y = [y for _, y in kept] + [kept[-1][1]]
+            ax.step(
+                steps_x,
+                steps_y,
+                where="post",
+                color="#2ca02c",
+                linewidth=2,
+                zorder=2,
+                label="best, clear of the noise",
+            )
         rationale = {c.id: c.rationale for c in candidates}
         last = max(c.id for c in candidates)
         for i, (x, y) in enumerate(kept[1:]):
@@ -121,7 +114,7 @@ def lineage_svg(run: Run) -> str:
             position[cid] = (60 + generation * 150, 30 + row * 30)
     scores = [c.score for c in candidates if c.state == "ok" and c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    best = run.archive.best(_minimize(run), 1)
+    best = run.archive.best(_minimize(run), 1, accepted=True)
     best_id = best[0].id if best else None
     width = 120 + 150 * max(by_generation, default=0)
     height = 60 + 30 * max((len(v) for v in by_generation.values()), default=1)
@@ -179,8 +172,9 @@ def report_html(run: Run, best_n: int = 10) -> str:
     counts = archive.counts()
     seed = archive.candidates("generation = 0")
     best = top(run, best_n, ("ok",))
+    champion = archive.best(_minimize(run), 1, accepted=True)  # the best clear of the noise
     seed_score = seed[0].score if seed else None
-    best_score = best[0]["score"] if best else None
+    best_score = champion[0].score if champion else None
     change = None
     if seed_score and best_score is not None:
         change = (best_score - seed_score) / abs(seed_score) * 100
@@ -200,7 +194,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
         total=sum(counts.values()),
         seed_score=seed_score,
         best_score=best_score,
-        best_id=best[0]["id"] if best else None,
+        best_id=champion[0].id if champion else None,
         change=change,
         active_minutes=float(archive.meta("active_seconds") or 0) / 60,
         tokens=archive.tokens_used(),

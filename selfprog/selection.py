@@ -72,6 +72,17 @@ def looks_better(a: Member, b: Member, minimize: bool) -> bool:
     return goodness(a.mean, minimize) > goodness(b.mean, minimize)
 
 
+def needs_confirmation(child: Member, best: Member, noise: float, z: float, minimize: bool) -> bool:
+    """Returns whether a child should be evaluated again before it is judged.
+
+    Only a child that looks better but not yet clearly better is worth more
+    evaluations: a clear win needs no more, and one that looks worse is not kept.
+    """
+    return looks_better(child, best, minimize) and not clearly_better(
+        child, best, noise, z, minimize
+    )
+
+
 def champion(members: Sequence[Member], accepted: Sequence[int]) -> Member | None:
     """Returns the latest accepted member: the head of the kept lineage."""
     by_id = {m.id: m for m in members}

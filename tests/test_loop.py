@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfprog.archive import ARCHIVE_FILE, Archive
-from selfprog.loop import allocate, derive_seed
+from selfprog.loop import derive_seed
 from selfprog.rundir import driver_lock
 
 RUN_FLAGS = [
@@ -28,6 +28,10 @@ RUN_FLAGS = [
     "40",
     "--seed",
     "5",
+    "--set",
+    "selection.noise_seeds=2",
+    "--set",
+    "selection.confirm_seeds=2",
 ]
 
 
@@ -117,7 +121,7 @@ def test_short_real_run_records_everything(reference_run: Path) -> None:
     assert len(candidates) == 1 + 3 * 2
     assert all(c.state not in ("pending", "running") for c in candidates)
     seed = candidates[0].score
-    best = archive.best(minimize=True)[0]
+    best = archive.best(minimize=True, accepted=True)[0]
     assert seed is not None and best.score is not None and best.score <= seed
     children = candidates[1:]
     assert all(
@@ -126,9 +130,18 @@ def test_short_real_run_records_everything(reference_run: Path) -> None:
     calls = archive.db.execute("SELECT generation, parent_id, k FROM calls ORDER BY id").fetchall()
     assert tuple(calls[0]) == (1, 1, 2)  # generation 1: the seed is the only parent
     assert sum(r[2] for r in calls) == 6
-    assert archive.db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == sum(
-        1 for c in candidates if c.state not in ("invalid", "duplicate")
+    evaluations = dict(
+        archive.db.execute(
+            "SELECT candidate_id, COUNT(*) FROM evaluations GROUP BY candidate_id"
+        ).fetchall()
     )
+    assert evaluations[1] == 2  # the seed, twice: the noise floor
+    for c in children:
+        assert evaluations.get(c.id, 0) == (
+            0 if c.state in ("invalid", "duplicate") else c.evals_needed
+        )
+        assert c.accepted is not None  # every child was judged
+    assert candidates[0].accepted is True
     status = subprocess.run(
         [sys.executable, "-m", "selfprog", "status", str(reference_run), "--json"],
         capture_output=True,
@@ -199,10 +212,7 @@ def test_a_second_driver_is_refused(tmp_path: Path) -> None:
         pass  # released when the first driver ended
 
 
-def test_allocate_and_seeds() -> None:
-    assert allocate([5, 3], 4) == [(5, 2), (3, 2)]
-    assert allocate([5, 3, 9], 4) == [(5, 2), (3, 1), (9, 1)]
-    assert allocate([5, 3], 1) == [(5, 1)]
+def test_seeds_are_stable() -> None:
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
 
 

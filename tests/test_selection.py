@@ -105,3 +105,59 @@ def test_clearly_better_is_better() -> None:
     child = Member(2, (2.61, 2.65, 2.58))
     assert clearly_better(child, parent, 0.04, z=2.0, minimize=True)
     assert not clearly_better(parent, child, 0.04, z=2.0, minimize=True)
+
+
+def test_only_an_ambiguous_child_is_evaluated_again() -> None:
+    from selfprog.selection import needs_confirmation
+
+    best = Member(1, (3.00, 3.05, 2.96))
+    assert needs_confirmation(
+        Member(2, (2.98,)), best, 0.04, 2.0, True
+    )  # looks better, within the noise
+    assert not needs_confirmation(
+        Member(3, (2.60,)), best, 0.04, 2.0, True
+    )  # already clearly better
+    assert not needs_confirmation(Member(4, (3.10,)), best, 0.04, 2.0, True)  # looks worse
+
+
+def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Driver._confirm and _accept on an archive with scripted evaluations (no training)."""
+    from selfprog.config import load_config
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from selfprog.rundir import create_run
+    from selfprog.runners.local import LocalRunner
+    from selfprog.scoring import Result, State
+
+    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
+    archive = run.archive
+    driver = Driver(run, MutateProposer(), LocalRunner(registry=tmp_path / "pids"))
+    with archive.transaction() as db:
+        seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
+        lucky = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+        real = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+        worse = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+
+    def ok(score: float) -> Result:
+        return Result(State.OK, score=score, metrics={"val_bpb": score})
+
+    archive.finish(seed, ok(3.00), 0)
+    archive.add_evaluation(seed, ok(3.05), 1)
+    archive.add_evaluation(seed, ok(2.96), 2)
+    driver._accept(0)
+    assert driver.noise() == pytest.approx(0.0451, abs=1e-4)
+    archive.finish(lucky, ok(2.97), 0)  # better only by noise
+    archive.finish(real, ok(2.60), 0)  # clearly better at once
+    archive.finish(worse, ok(3.30), 0)
+    driver._confirm(1)
+    assert [archive.candidate(i).evals_needed for i in (lucky, real, worse)] == [3, 1, 1]
+    archive.add_evaluation(lucky, ok(3.04), 1)  # evaluated again, it regresses to the seed's level
+    archive.add_evaluation(lucky, ok(3.01), 2)
+    driver._accept(1)
+    assert [archive.candidate(i).accepted for i in (seed, lucky, real, worse)] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert archive.candidate(lucky).score == pytest.approx((2.97 + 3.04 + 3.01) / 3)

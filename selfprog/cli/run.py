@@ -109,7 +109,7 @@ def _drive(run: Any) -> int:
 def summary(archive: Any, metric: str, minimize: bool, root: Path, ended: str) -> str:
     """Returns the lines printed when a run stops: why, the best candidate, what next."""
     counts = archive.counts()
-    best = archive.best(minimize, 1)
+    best = archive.best(minimize, 1, accepted=True)
     seed = archive.candidates("generation = 0")
     lines = [f"run {ended}: {sum(counts.values())} candidates ({_counts_text(counts)})"]
     if best:
@@ -133,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     run = open_run(Path(args.run_dir), readonly=True)
     archive = run.archive
     minimize = run.target.direction == "minimize"
-    best = archive.best(minimize, 1)
+    best = archive.best(minimize, 1, accepted=True)
     seed = archive.candidates("generation = 0")
     holder = lock_holder(run.root)
     report: dict[str, Any] = {

@@ -99,7 +99,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         image = build_offline(client, args.tag or OFFLINE_IMAGE)
     else:
         context = (
-            Path(args.context) if args.context else Path(__file__).resolve().parents[1] / "sandbox"
+            Path(args.context) if args.context else Path(__file__).resolve().parents[2] / "sandbox"
         )
         image = build_from_dockerfile(client, context, args.tag or DOCKERFILE_IMAGE)
     print(f"built {image.tag} (python {image.python})")
