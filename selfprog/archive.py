@@ -360,11 +360,12 @@ class Archive:
         )
         return [float(r[0]) for r in rows]
 
-    def evaluation_count(self, candidate_id: int) -> int:
-        row = self.db.execute(
-            "SELECT COUNT(*) FROM evaluations WHERE candidate_id = ?", (candidate_id,)
+    def evaluation_seeds(self, candidate_id: int) -> list[int]:
+        """Returns the seeds of a candidate's recorded evaluations."""
+        rows = self.db.execute(
+            "SELECT seed FROM evaluations WHERE candidate_id = ?", (candidate_id,)
         )
-        return int(row.fetchone()[0])
+        return [int(r[0]) for r in rows]
 
     def set_evals_needed(self, candidate_id: int, n: int) -> None:
         with self.transaction() as db:

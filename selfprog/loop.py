@@ -368,17 +368,29 @@ class Driver:
     # -- scoring ------------------------------------------------------------------
 
     def _jobs(self) -> list[tuple[Candidate, int]]:
-        """Returns the evaluations due, in id order: (candidate, evaluation index)."""
-        archive, jobs = self.run.archive, []
+        """Returns the evaluations due, in id order: (candidate, evaluation index).
+
+        A candidate's first evaluation decides its state; more are due only
+        once it ended `ok`. An index already recorded is never run again.
+        """
+        archive, seed, jobs = self.run.archive, self.run.config.run.seed, []
         for c in archive.candidates("state IN ('pending', 'running', 'ok')"):
-            done = 0 if c.state in UNFINISHED else archive.evaluation_count(c.id)
-            jobs += [(c, i) for i in range(done, c.evals_needed)]
+            if c.state in UNFINISHED:
+                jobs.append((c, 0))
+                continue
+            recorded = {s - seed for s in archive.evaluation_seeds(c.id)}
+            jobs += [(c, i) for i in range(1, c.evals_needed) if i not in recorded]
         return jobs
 
     def _evaluate(self) -> bool:
         """Runs the evaluations due, `workers` at once; returns False if a stop left some undone."""
-        self._score(self._jobs())
-        return not self._jobs()
+        while True:
+            jobs = self._jobs()
+            if not jobs:
+                return True
+            if self.stop.requested:
+                return False
+            self._score(jobs)
 
     def _score(self, jobs: list[tuple[Candidate, int]]) -> None:
         """Runs evaluation jobs in order, `workers` at once, recording each as it ends."""

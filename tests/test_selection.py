@@ -161,3 +161,25 @@ def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  #
         False,
     ]
     assert archive.candidate(lucky).score == pytest.approx((2.97 + 3.04 + 3.01) / 3)
+
+
+def test_an_evaluation_already_recorded_is_never_run_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A repeat recorded before a crash, while the first evaluation was still running."""
+    from selfprog.config import load_config
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from selfprog.rundir import create_run
+    from selfprog.runners.local import LocalRunner
+    from selfprog.scoring import Result, State
+
+    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local", "run.seed=7"]))
+    archive = run.archive
+    driver = Driver(run, MutateProposer(), LocalRunner(registry=tmp_path / "pids"))
+    with archive.transaction() as db:
+        seed = archive.add_candidate(db, generation=0, state="running", evals_needed=3)
+    archive.add_evaluation(seed, Result(State.OK, score=3.0), 7 + 2)  # index 2 made it
+    assert [(c.id, i) for c, i in driver._jobs()] == [
+        (seed, 0)
+    ]  # first the one that decides the state
+    archive.finish(seed, Result(State.OK, score=3.1), 7 + 0)
+    assert [(c.id, i) for c, i in driver._jobs()] == [(seed, 1)]  # index 2 is not run twice
