@@ -55,7 +55,7 @@ def prepare_data(target: Target, cache: Path | None = None, corpus: Path | None 
     Raises:
         TargetError: the prepare command failed or left no valid manifest.
     """
-    cache = cache or default_cache()
+    cache = (cache or default_cache()).resolve()  # prepare runs in the target's folder
     root = cache / target.name / _cache_key(target, corpus)
     if not (root / target.manifest).is_file():
         root.parent.mkdir(parents=True, exist_ok=True)

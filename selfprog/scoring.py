@@ -174,6 +174,7 @@ def score_program(
     """
     limits = limits or Limits()
     labels = dict(labels or {})
+    program_dir, work_dir = program_dir.resolve(), work_dir.resolve()  # phases run elsewhere
     start = time.perf_counter()
     early = check_program(target, program_dir)
     if early is not None:

@@ -121,7 +121,7 @@ def load_target(where: str | Path) -> Target:
     Raises:
         TargetError: the folder or its target.toml is missing or malformed.
     """
-    root = bundled_root(str(where)) if str(where) in BUNDLED else Path(where)
+    root = bundled_root(str(where)) if str(where) in BUNDLED else Path(where).resolve()
     path = root / TARGET_FILE
     if not path.is_file():
         raise TargetError(f"{root}: not a target folder (no {TARGET_FILE})")

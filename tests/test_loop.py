@@ -271,3 +271,32 @@ def test_random_text_from_a_local_model_ends_invalid_cleanly(
     assert len(children) == 3 and {c.state for c in children} == {"invalid"}
     calls = run.archive.db.execute("SELECT k, tokens_in, tokens_out FROM calls").fetchall()
     assert len(calls) == 1 and calls[0][0] == 3 and calls[0][1] > 0 and 0 < calls[0][2] <= 48
+
+
+def test_a_relative_run_folder_works(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selfprog",
+            "run",
+            "--run-dir",
+            "runs/r",
+            "--runner",
+            "local",
+            "--generations",
+            "1",
+            "--population",
+            "1",
+            "--budget-steps",
+            "5",
+            "--set",
+            "selection.noise_seeds=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "selfprog status runs/r" in done.stdout
