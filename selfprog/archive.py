@@ -316,36 +316,12 @@ class Archive:
                     candidate_id,
                 ),
             )
-            db.execute(
-                "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    candidate_id,
-                    seed,
-                    result.state.value,
-                    result.score,
-                    metrics,
-                    result.data_hash,
-                    time.time(),
-                ),
-            )
+            _insert_evaluation(db, candidate_id, result, seed)
 
     def add_evaluation(self, candidate_id: int, result: Any, seed: int) -> None:
         """Records one more evaluation; the candidate's score becomes the mean of its `ok` ones."""
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    candidate_id,
-                    seed,
-                    result.state.value,
-                    result.score,
-                    json.dumps(dict(result.metrics)),
-                    result.data_hash,
-                    time.time(),
-                ),
-            )
+            _insert_evaluation(db, candidate_id, result, seed)
             db.execute(
                 "UPDATE candidates SET score = (SELECT AVG(score) FROM evaluations "
                 "WHERE candidate_id = ? AND state = 'ok') WHERE id = ?",
@@ -421,6 +397,22 @@ class Archive:
             (n,),
         )
         return [_candidate(row) for row in rows]
+
+
+def _insert_evaluation(db: sqlite3.Connection, candidate_id: int, result: Any, seed: int) -> None:
+    db.execute(
+        "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            candidate_id,
+            seed,
+            result.state.value,
+            result.score,
+            json.dumps(dict(result.metrics)),
+            result.data_hash,
+            time.time(),
+        ),
+    )
 
 
 def _candidate(row: sqlite3.Row) -> Candidate:
