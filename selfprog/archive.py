@@ -273,14 +273,12 @@ class Archive:
         )
         return int(cursor.lastrowid or 0)
 
-    def find_program(self, phash: str, before: int | None = None) -> int | None:
-        """Returns the first candidate holding this exact program (below id before), if any."""
-        query = "SELECT id FROM candidates WHERE program_hash = ? AND state != ?"
-        args: list[Any] = [phash, DUPLICATE]
-        if before is not None:
-            query += " AND id < ?"
-            args.append(before)
-        row = self.db.execute(query + " ORDER BY id LIMIT 1", args).fetchone()
+    def find_program(self, phash: str) -> int | None:
+        """Returns the first candidate holding this exact program, if any."""
+        row = self.db.execute(
+            "SELECT id FROM candidates WHERE program_hash = ? AND state != ? ORDER BY id LIMIT 1",
+            (phash, DUPLICATE),
+        ).fetchone()
         return None if row is None else int(row[0])
 
     def mark_running(self, candidate_id: int) -> None:

@@ -60,7 +60,8 @@ def prepare_data(target: Target, cache: Path | None = None, corpus: Path | None 
     if not (root / target.manifest).is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         log.info("preparing %s data into %s (once)", target.name, root)
-        with tempfile.TemporaryDirectory(dir=root.parent, prefix=".building-") as tmp:
+        tmp = tempfile.mkdtemp(dir=root.parent, prefix=".building-")
+        try:
             args = [arg.replace("{data_dir}", tmp) for arg in target.prepare]
             argv = [sys.executable, str(target.root / args[0]), *args[1:]]
             if corpus is not None:
@@ -70,8 +71,9 @@ def prepare_data(target: Target, cache: Path | None = None, corpus: Path | None 
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise TargetError(f"{target.name}: prepare failed: {tail[0]}")
             shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)
-            os.makedirs(tmp)  # so the context manager finds something to remove
+            os.replace(tmp, root)  # appears whole or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_dataset(target, root)
 
 

@@ -32,7 +32,7 @@ from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 from selfprog.runners.base import Limits, Runner
 from selfprog.scoring import Result, State, score_program
-from selfprog.selection import Member, clearly_better, needs_confirmation, select
+from selfprog.selection import Member, champion, clearly_better, needs_confirmation, select
 from selfprog.target import Target
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class Driver:
                 f"{seed.state} ({seed.reason}); try `selfprog eval` on the target"
             )
         rng = random.Random(derive_seed(run.config.run.seed, "select", generation))
-        minimize = run.target.direction == "minimize"
+        minimize = run.target.minimize
         accepted = run.archive.accepted_ids()
         return select(
             section.policy,
@@ -203,38 +203,38 @@ class Driver:
         return statistics.stdev(scores) if len(scores) > 1 else 0.0
 
     def _champion(self) -> Member | None:
-        by_id = {m.id: m for m in self._members()}
-        accepted = [i for i in self.run.archive.accepted_ids() if i in by_id]
-        return by_id[accepted[-1]] if accepted else None
+        return champion(self._members(), self.run.archive.accepted_ids())
 
     def _confirm(self, generation: int) -> None:
         """Asks for more evaluations of each child of the generation that looks better than the best."""
-        champion, want = self._champion(), self.run.config.selection.confirm_seeds
-        minimize = self.run.target.direction == "minimize"
-        for member in self._members():
-            c = self.run.archive.candidate(member.id)
-            if c.generation != generation or c.accepted is not None or c.evals_needed >= want:
+        section, archive = self.run.config.selection, self.run.archive
+        best, noise, minimize = self._champion(), self.noise(), self.run.target.minimize
+        undecided = archive.candidates(
+            "generation = ? AND state = 'ok' AND accepted IS NULL AND evals_needed < ?",
+            (generation, section.confirm_seeds),
+        )
+        members = {m.id: m for m in self._members()}
+        for c in undecided:
+            member = members.get(c.id)
+            if member is None:
                 continue
-            section = self.run.config.selection
-            if champion is None or needs_confirmation(
-                member, champion, self.noise(), section.z, minimize
-            ):
-                self.run.archive.set_evals_needed(c.id, want)
+            if best is None or needs_confirmation(member, best, noise, section.z, minimize):
+                archive.set_evals_needed(c.id, section.confirm_seeds)
 
     def _accept(self, generation: int) -> None:
         """Decides, in id order, which candidates of the generation beat the best clear of the noise."""
         section, archive = self.run.config.selection, self.run.archive
-        minimize = self.run.target.direction == "minimize"
+        minimize = self.run.target.minimize
         members = {m.id: m for m in self._members()}
-        champion, noise = self._champion(), self.noise()
+        best, noise = self._champion(), self.noise()
         for c in archive.candidates("generation = ? AND accepted IS NULL", (generation,)):
             member = members.get(c.id)
             better = member is not None and (
-                champion is None or clearly_better(member, champion, noise, section.z, minimize)
+                best is None or clearly_better(member, best, noise, section.z, minimize)
             )
             archive.set_accepted(c.id, better)
             if better:
-                champion = member
+                best = member
                 self.on_event(
                     {
                         "event": "accepted",
@@ -283,7 +283,7 @@ class Driver:
         run = self.run
         assert parent.program_hash is not None
         files = run.archive.program(parent.program_hash)
-        minimize = run.target.direction == "minimize"
+        minimize = run.target.minimize
         best = [c for c in run.archive.best(minimize, 4) if c.id != parent.id]
         failures = run.archive.recent_failures(4)
         prompt = build_prompt(
@@ -353,7 +353,7 @@ class Driver:
             return
         phash = archive.put_program(db, child)
         fields.update(program_hash=phash, diff=unified_diff(files, child))
-        same = archive.find_program(phash) if phash != parent.program_hash else parent.id
+        same = archive.find_program(phash)
         if same is not None:
             archive.add_candidate(
                 db,

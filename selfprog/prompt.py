@@ -60,7 +60,7 @@ def build_prompt(
             target_name=target.name,
             target_description=target.description,
             metric=target.metric,
-            direction="lower is better" if target.direction == "minimize" else "higher is better",
+            direction=target.direction_text,
             budget=budget,
             editable=", ".join(target.editable),
             fixed=", ".join(target.fixed),

@@ -16,8 +16,9 @@ from typing import Any
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError, Candidate
 from selfprog.errors import SelfprogError
 from selfprog.loop import Run
+from selfprog.scoring import State
 
-FAILED = ("invalid", "rejected", "train_failed", "timeout", "oom", "eval_failed", "error")
+FAILED = tuple(state.value for state in State if state is not State.OK)
 
 
 def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:
@@ -53,7 +54,7 @@ def one_line(text: str, width: int = 60) -> str:
 
 def top(run: Run, n: int, states: Sequence[str]) -> list[dict[str, Any]]:
     """Returns the best n candidates in the given states (scored ones by score, then the rest)."""
-    minimize = run.target.direction == "minimize"
+    minimize = run.target.minimize
     chosen = [c for c in run.archive.candidates() if c.state in states]
     scored = sorted(
         (c for c in chosen if c.score is not None),
@@ -175,7 +176,7 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             rows.append({"run": folder.name, "state": "unreadable", "reason": str(exc)})
             continue
         counts = run.archive.counts()
-        best = run.archive.best(run.target.direction == "minimize", 1, accepted=True)
+        best = run.archive.best(run.target.minimize, 1, accepted=True)
         last = run.archive.db.execute(
             "SELECT MAX(COALESCE(finished, started, created)) FROM candidates"
         ).fetchone()[0]

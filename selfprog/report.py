@@ -15,10 +15,6 @@ from selfprog.queries import FAILED, one_line, top
 FAILED_COLOUR = "#d62728"
 
 
-def _minimize(run: Run) -> bool:
-    return run.target.direction == "minimize"
-
-
 def improvements(run: Run) -> list[tuple[int, float]]:
     """Returns (candidate, mean score) for each candidate accepted as better, clear of the noise."""
     return [(c.id, c.score) for c in run.archive.candidates("accepted = 1") if c.score is not None]
@@ -81,7 +77,7 @@ def progress_plot(run: Run) -> bytes:
             label="failed (not scored)",
             zorder=3,
         )
-    direction = "lower is better" if _minimize(run) else "higher is better"
+    direction = run.target.direction_text
     ax.set_xlabel("candidate (in the order proposed)")
     ax.set_ylabel(f"{run.target.metric} ({direction})")
     ax.set_title(f"{run.root.name}: {len(candidates)} candidates")
@@ -114,7 +110,7 @@ def lineage_svg(run: Run) -> str:
             position[cid] = (60 + generation * 150, 30 + row * 30)
     scores = [c.score for c in candidates if c.state == "ok" and c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    best = run.archive.best(_minimize(run), 1, accepted=True)
+    best = run.archive.best(run.target.minimize, 1, accepted=True)
     best_id = best[0].id if best else None
     width = 120 + 150 * max(by_generation, default=0)
     height = 60 + 30 * max((len(v) for v in by_generation.values()), default=1)
@@ -130,7 +126,7 @@ def lineage_svg(run: Run) -> str:
     for c in candidates:
         x, y = position[c.id]
         if c.state == "ok" and c.score is not None:
-            fill, cls = _colour(c.score, low, high, _minimize(run)), "node ok"
+            fill, cls = _colour(c.score, low, high, run.target.minimize), "node ok"
             label = f"{run.target.metric} {c.score:.4f}"
         else:
             fill, cls = (
@@ -172,7 +168,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
     counts = archive.counts()
     seed = archive.candidates("generation = 0")
     best = top(run, best_n, ("ok",))
-    champion = archive.best(_minimize(run), 1, accepted=True)  # the best clear of the noise
+    champion = archive.best(run.target.minimize, 1, accepted=True)  # the best clear of the noise
     seed_score = seed[0].score if seed else None
     best_score = champion[0].score if champion else None
     change = None

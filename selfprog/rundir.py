@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.config import Config, freeze, thaw
@@ -97,20 +98,26 @@ def open_run(run_dir: Path, readonly: bool = False) -> Run:
     )
 
 
-def lock_holder(run_dir: Path) -> dict[str, object] | None:
-    """Returns who holds the driver lock, or None when nobody does."""
+def _holder(handle: IO[str]) -> dict[str, Any]:
+    """Returns what the driver holding the lock wrote about itself (empty if unreadable)."""
+    handle.seek(0)
+    try:
+        info = json.loads(handle.read() or "{}")
+    except ValueError:
+        return {}
+    return dict(info) if isinstance(info, dict) else {}
+
+
+def lock_holder(run_dir: Path) -> dict[str, Any] | None:
+    """Returns who holds the driver lock, or None when nobody does (reading only)."""
     path = run_dir / LOCK_FILE
     if not path.exists():
         return None
-    with path.open("a+") as handle:
+    with path.open("r") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            try:
-                return dict(json.loads(handle.read() or "{}"))
-            except ValueError:
-                return {}
+            return _holder(handle)
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
 
@@ -127,9 +134,7 @@ def driver_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "{}"
-            info = json.loads(holder) if holder.startswith("{") else {}
+            info = _holder(handle)
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
             raise RunLocked(
                 f"{run_dir} is being driven by pid {info.get('pid', '?')} on {info.get('host', '?')} "

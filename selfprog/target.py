@@ -65,9 +65,18 @@ class Target:
         """Returns every file of the program, editable first."""
         return self.editable + self.fixed
 
+    @property
+    def minimize(self) -> bool:
+        """Returns whether lower scores are better."""
+        return self.direction == "minimize"
+
+    @property
+    def direction_text(self) -> str:
+        return "lower is better" if self.minimize else "higher is better"
+
     def better(self, a: float, b: float) -> bool:
         """Returns whether score a is better than score b in the metric's direction."""
-        return a < b if self.direction == "minimize" else a > b
+        return a < b if self.minimize else a > b
 
 
 def _unknown_key(key: str, table: str, path: Path) -> TargetError:

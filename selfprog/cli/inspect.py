@@ -12,20 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
+from selfprog.scoring import State
 
-STATES = (
-    "ok",
-    "invalid",
-    "rejected",
-    "train_failed",
-    "timeout",
-    "oom",
-    "eval_failed",
-    "error",
-    "duplicate",
-    "pending",
-    "running",
-)
+STATES = (*(state.value for state in State), "duplicate", "pending", "running")
 
 
 def _open(run_dir: str) -> Any:

@@ -85,7 +85,7 @@ def _drive(run: Any) -> int:
         else:
             raise KeyboardInterrupt
 
-    minimize = run.target.direction == "minimize"
+    minimize = run.target.minimize
     with driver_lock(run.root):
         proposer = make_proposer(settings.proposer)
         runner = make_runner(
@@ -132,7 +132,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     run = open_run(Path(args.run_dir), readonly=True)
     archive = run.archive
-    minimize = run.target.direction == "minimize"
+    minimize = run.target.minimize
     best = archive.best(minimize, 1, accepted=True)
     seed = archive.candidates("generation = 0")
     holder = lock_holder(run.root)
