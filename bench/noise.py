@@ -8,8 +8,8 @@ rules get the same number of evaluations per trial:
 - greedy: the classic keep/discard. Each child is evaluated once and kept
   when its one observation beats the champion's one observation.
 - selfprog: the seed is evaluated with `noise_seeds` seeds to measure the
-  noise; a child that looks better than the champion is re-evaluated up to
-  `confirm_seeds` seeds and kept only when its mean is better beyond `z`
+  noise; the generation's best-looking child, if it looks better than the
+  champion but not yet clearly, is re-evaluated up to `confirm_seeds` seeds and kept only when its mean is better beyond `z`
   standard errors of the difference (selfprog.selection.clearly_better).
 
 A false keep is a kept child whose true score is not better than the true
@@ -114,7 +114,8 @@ def noise_aware(
                 children[parent] = children.get(parent, 0) + 1
                 used += 1
                 born.append(child)
-        for child in born:  # re-evaluate what looks better than the champion, but not yet clearly
+        if born:  # the loop re-evaluates the generation's best-looking child if it needs it
+            child = min(born, key=lambda c: scores[c][0])
             a, b = Member(child, tuple(scores[child])), Member(champion, tuple(scores[champion]))
             if needs_confirmation(a, b, noise, z, minimize=True):
                 while len(scores[child]) < confirm_seeds and used < budget:

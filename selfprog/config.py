@@ -60,6 +60,7 @@ class ProposerSection:
     timeout: float = 120.0
     prompt_tokens: int = 6000
     max_changes: int = 2
+    edit_mode: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ _CHOICES = {
     ("run", "on_interrupt"): ("finish", "kill"),
     ("runner", "kind"): ("docker", "local"),
     ("proposer", "kind"): ("mutate", "openai", "transformers"),
+    ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }
 _NON_NEGATIVE = {

@@ -32,7 +32,14 @@ from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 from selfprog.runners.base import Limits, Runner
 from selfprog.scoring import Result, State, score_program
-from selfprog.selection import Member, champion, clearly_better, needs_confirmation, select
+from selfprog.selection import (
+    Member,
+    champion,
+    clearly_better,
+    goodness,
+    needs_confirmation,
+    select,
+)
 from selfprog.target import Target
 
 log = logging.getLogger(__name__)
@@ -206,20 +213,24 @@ class Driver:
         return champion(self._members(), self.run.archive.accepted_ids())
 
     def _confirm(self, generation: int) -> None:
-        """Asks for more evaluations of each child of the generation that looks better than the best."""
+        """Asks for more evaluations of the generation's best-looking child, if it needs them.
+
+        Only that child is re-evaluated, and only when it looks better than the
+        best but not yet clearly so: confirming every lucky-looking child spends
+        evaluations on neutral edits that noise made look better (bench/noise.py).
+        """
         section, archive = self.run.config.selection, self.run.archive
+        children = archive.candidates("generation = ? AND state = 'ok'", (generation,))
+        if any(c.evals_needed > 1 for c in children):
+            return  # chosen already (before a resume)
         best, noise, minimize = self._champion(), self.noise(), self.run.target.minimize
-        undecided = archive.candidates(
-            "generation = ? AND state = 'ok' AND accepted IS NULL AND evals_needed < ?",
-            (generation, section.confirm_seeds),
-        )
         members = {m.id: m for m in self._members()}
-        for c in undecided:
-            member = members.get(c.id)
-            if member is None:
-                continue
-            if best is None or needs_confirmation(member, best, noise, section.z, minimize):
-                archive.set_evals_needed(c.id, section.confirm_seeds)
+        scored = [members[c.id] for c in children if c.accepted is None and c.id in members]
+        if not scored:
+            return
+        pick = max(scored, key=lambda m: goodness(m.mean, minimize))
+        if best is None or needs_confirmation(pick, best, noise, section.z, minimize):
+            archive.set_evals_needed(pick.id, section.confirm_seeds)
 
     def _accept(self, generation: int) -> None:
         """Decides, in id order, which candidates of the generation beat the best clear of the noise."""
@@ -294,6 +305,7 @@ class Driver:
             best,
             failures,
             run.config.proposer.prompt_tokens,
+            getattr(self.proposer, "template", "propose.md"),
         )
         seed = derive_seed(run.config.run.seed, generation, parent.id)
         request = ProposalRequest(parent_id=parent.id, files=files, prompt=prompt, seed=seed)

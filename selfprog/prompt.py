@@ -51,12 +51,17 @@ def build_prompt(
     best: Sequence[Candidate],
     failures: Sequence[Candidate],
     max_tokens: int,
+    template: str = "propose.md",
 ) -> str:
-    """Returns the prompt, dropping the oldest context first until it fits max_tokens."""
+    """Returns the prompt, dropping the oldest context first until it fits max_tokens.
+
+    `propose.md` asks for free-form SEARCH/REPLACE edits; `choose.md` leaves
+    the answer's format to a proposer that constrains it.
+    """
     worked, failed = _worked(best, target.metric), _failed(failures)
     score = f"{target.metric} {parent.score:.4f}" if parent.score is not None else "not scored"
     while True:
-        text = _template("propose.md").substitute(
+        text = _template(template).substitute(
             target_name=target.name,
             target_description=target.description,
             metric=target.metric,

@@ -135,32 +135,42 @@ def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  #
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
         lucky = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
-        real = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+        also = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
         worse = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+        real = archive.add_candidate(db, generation=2, parent_id=seed, state="pending")
+        fluke = archive.add_candidate(db, generation=2, parent_id=seed, state="pending")
 
     def ok(score: float) -> Result:
         return Result(State.OK, score=score, metrics={"val_bpb": score})
+
+    def needed(*ids: int) -> list[int]:
+        return [archive.candidate(i).evals_needed for i in ids]
 
     archive.finish(seed, ok(3.00), 0)
     archive.add_evaluation(seed, ok(3.05), 1)
     archive.add_evaluation(seed, ok(2.96), 2)
     driver._accept(0)
     assert driver.noise() == pytest.approx(0.0451, abs=1e-4)
-    archive.finish(lucky, ok(2.97), 0)  # better only by noise
-    archive.finish(real, ok(2.60), 0)  # clearly better at once
+    archive.finish(lucky, ok(2.97), 0)  # better only by noise, the best-looking child
+    archive.finish(also, ok(2.99), 0)  # better only by noise too
     archive.finish(worse, ok(3.30), 0)
     driver._confirm(1)
-    assert [archive.candidate(i).evals_needed for i in (lucky, real, worse)] == [3, 1, 1]
+    assert needed(lucky, also, worse) == [3, 1, 1]  # only the best-looking child is re-evaluated
     archive.add_evaluation(lucky, ok(3.04), 1)  # evaluated again, it regresses to the seed's level
     archive.add_evaluation(lucky, ok(3.01), 2)
+    driver._confirm(1)  # as after a resume: the choice is not made twice
+    assert needed(lucky, also, worse) == [3, 1, 1]
     driver._accept(1)
-    assert [archive.candidate(i).accepted for i in (seed, lucky, real, worse)] == [
-        True,
-        False,
-        True,
-        False,
-    ]
+    accepted = [archive.candidate(i).accepted for i in (seed, lucky, also, worse)]
+    assert accepted == [True, False, False, False]
     assert archive.candidate(lucky).score == pytest.approx((2.97 + 3.04 + 3.01) / 3)
+
+    archive.finish(real, ok(2.60), 0)  # clearly better at once: nothing to confirm
+    archive.finish(fluke, ok(2.98), 0)
+    driver._confirm(2)
+    assert needed(real, fluke) == [1, 1]
+    driver._accept(2)
+    assert [archive.candidate(i).accepted for i in (real, fluke)] == [True, False]
 
 
 def test_an_evaluation_already_recorded_is_never_run_again(tmp_path) -> None:  # type: ignore[no-untyped-def]

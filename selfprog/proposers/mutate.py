@@ -9,6 +9,7 @@ the output is SEARCH/REPLACE text, exactly as an LM would write it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import random
 from collections.abc import Mapping
@@ -114,6 +115,42 @@ def _block(lines: list[str], index: int, new: str) -> tuple[str, str]:
     return search, replace
 
 
+def neighbours(value: int | float) -> list[int | float]:
+    """Returns a menu of nearby values of the same type, never the value itself, smallest first."""
+    if isinstance(value, int):
+        if value > 1 and value & (value - 1) == 0:  # a power of two: a size
+            options: list[int | float] = [value // 4, value // 2, value * 2, value * 4]
+        elif value == 0:
+            options = [1, 2]
+        else:
+            options = [round(value * f) for f in (0.5, 0.75, 1.25, 1.5, 2.0)]
+        options = [v for v in options if v > 0 or value <= 0]
+    elif value == 0.0:
+        options = [0.01, 0.05, 0.1]
+    elif 0.5 <= value < 1.0:  # betas and ratios near one move their distance to one
+        options = [float(f"{1.0 - (1.0 - value) * f:.3g}") for f in (3.0, 2.0, 0.5, 0.25)]
+    else:
+        options = [float(f"{value * f:.2g}") for f in (0.1, 0.3, 0.5, 2.0, 3.0, 10.0)]
+    return sorted({v for v in options if v != value})
+
+
+def change(files: Mapping[str, str], changes: list[tuple[Literal, int | float]]) -> Proposal:
+    """Returns the SEARCH/REPLACE proposal that sets each literal to its new value."""
+    blocks, reasons = [], []
+    current = dict(files)  # later blocks are written against the earlier ones' result
+    for lit, new_value in sorted(changes, key=lambda c: (c[0].path, c[0].line)):
+        lines = current[lit.path].split("\n")
+        line = lines[lit.line - 1]
+        old_text = line[lit.col : lit.end_col]
+        new_line = line[: lit.col] + _format(new_value, old_text) + line[lit.end_col :]
+        search, replace = _block(lines, lit.line - 1, new_line)
+        current[lit.path] = current[lit.path].replace(search, replace, 1)
+        blocks.append(f"{lit.path}\n{SEARCH}\n{search}\n{DIVIDER}\n{replace}\n{REPLACE}\n")
+        reasons.append(f"{lit.path}: {lit.name} {old_text} → {_format(new_value, old_text)}")
+    rationale = "; ".join(reasons)
+    return Proposal(text=f"{rationale}\n\n" + "\n".join(blocks), rationale=rationale)
+
+
 class MutateProposer:
     """Proposes random, valid numeric perturbations; seeded and deterministic."""
 
@@ -132,19 +169,5 @@ class MutateProposer:
             return Proposal(text="", error="no numeric literals to perturb")
         chosen = rng.sample(literals, min(len(literals), rng.randint(1, self.max_changes)))
         chosen.sort(key=lambda lit: (lit.path, lit.line))
-        blocks, reasons = [], []
-        current = dict(files)  # later blocks are written against the earlier ones' result
-        for lit in chosen:
-            lines = current[lit.path].split("\n")
-            line = lines[lit.line - 1]
-            old_text = line[lit.col : lit.end_col]
-            new_value = perturb(lit.value, rng)
-            new_line = line[: lit.col] + _format(new_value, old_text) + line[lit.end_col :]
-            search, replace = _block(lines, lit.line - 1, new_line)
-            current[lit.path] = current[lit.path].replace(search, replace, 1)
-            blocks.append(f"{lit.path}\n{SEARCH}\n{search}\n{DIVIDER}\n{replace}\n{REPLACE}\n")
-            reasons.append(f"{lit.path}: {lit.name} {old_text} → {_format(new_value, old_text)}")
-        rationale = "; ".join(reasons)
-        return Proposal(
-            text=f"{rationale}\n\n" + "\n".join(blocks), rationale=rationale, model="mutate"
-        )
+        proposal = change(files, [(lit, perturb(lit.value, rng)) for lit in chosen])
+        return dataclasses.replace(proposal, model="mutate")

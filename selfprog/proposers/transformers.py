@@ -1,14 +1,27 @@
-"""The `transformers` proposer: a local causal LM, by path or model id, placed with accelerate.
+"""The `transformers` proposer: a local causal LM, by path, alias or model id, placed with accelerate.
 
 The prompt goes through the tokenizer's chat template when it has one, and
 the k proposals come from one batched, sampled `generate` call, seeded so
 that a resumed run would draw the same samples.
+
+Two edit modes (`proposer.edit_mode`):
+- `free`: the model writes SEARCH/REPLACE blocks, as an API model does.
+- `constrained`: the model chooses one setting of the parent's source (a
+  number assigned in a module's settings or a class body, as `mutate` finds
+  them) and one of its nearby values, and gives a reason. A grammar compiled
+  by llguidance masks the logits while decoding, so every answer names a real
+  setting and a listed value: a valid edit by construction, while the choice
+  is the model's. Small models write free-form edits badly; `auto` picks
+  `constrained` below a billion parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +29,14 @@ from selfprog.config import ProposerSection
 from selfprog.edits import rationale
 from selfprog.errors import ConfigError
 from selfprog.proposers.base import Proposal, ProposalRequest
+from selfprog.proposers.mutate import Literal, change, neighbours, tunable_literals
 from selfprog.proposers.openai import SYSTEM
 
 log = logging.getLogger(__name__)
+
+SMALL_MODEL = 1_000_000_000  # parameters: below this, `auto` constrains the edits
+CHOOSE_SYSTEM = "You are an expert ML engineer who tunes training programs one setting at a time."
+REASON_CHARS = 160
 
 
 @dataclass
@@ -30,28 +48,47 @@ class TransformersProposer:
     model_name: str
     temperature: float = 0.8
     max_new_tokens: int = 2048
+    edit_mode: str = "free"  # or "constrained"
     name: str = "transformers"
+
+    @property
+    def template(self) -> str:
+        """The prompt template the loop fills for this proposer."""
+        return "choose.md" if self.edit_mode == "constrained" else "propose.md"
 
     @classmethod
     def from_config(cls, section: ProposerSection) -> TransformersProposer:
         if not section.model:
             raise ConfigError(
-                "the transformers proposer needs proposer.model: a local folder or model id"
+                "the transformers proposer needs proposer.model: a local folder, a fetched "
+                "alias (smollm2) or a model id"
             )
-        return cls.load(section.model, section.temperature, section.max_new_tokens)
+        return cls.load(
+            section.model, section.temperature, section.max_new_tokens, section.edit_mode
+        )
 
     @classmethod
     def load(
-        cls, name: str, temperature: float = 0.8, max_new_tokens: int = 2048
+        cls,
+        name: str,
+        temperature: float = 0.8,
+        max_new_tokens: int = 2048,
+        edit_mode: str = "auto",
     ) -> TransformersProposer:
-        """Returns the proposer with the model loaded and placed (no download when name is a folder)."""
+        """Returns the proposer with the model loaded and placed (no download when name is a folder).
+
+        `name` may be an alias of a fetched model (see selfprog.models).
+        """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from selfprog.models import resolve
+
+        path = resolve(name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = AutoTokenizer.from_pretrained(path)
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(name, device_map="auto", dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=dtype)
         except OSError as exc:
             raise ConfigError(
                 f"cannot load the model {name!r}: {str(exc).splitlines()[0]}"
@@ -59,10 +96,17 @@ class TransformersProposer:
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        parameters = model.num_parameters()
+        if edit_mode == "auto":
+            edit_mode = "constrained" if parameters < SMALL_MODEL else "free"
         log.info(
-            "loaded %s (%.1fM parameters) on %s", name, model.num_parameters() / 1e6, model.device
+            "loaded %s (%.1fM parameters) on %s; %s edits",
+            name,
+            parameters / 1e6,
+            model.device,
+            edit_mode,
         )
-        return cls(model, tokenizer, name, temperature, max_new_tokens)
+        return cls(model, tokenizer, name, temperature, max_new_tokens, edit_mode)
 
     def context_length(self) -> int | None:
         """Returns the longest input the model takes, if its config says."""
@@ -74,39 +118,58 @@ class TransformersProposer:
         return None
 
     def _input_text(self, prompt: str) -> str:
+        system = CHOOSE_SYSTEM if self.edit_mode == "constrained" else SYSTEM
         if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
             return str(
                 self.tokenizer.apply_chat_template(
                     messages, add_generation_prompt=True, tokenize=False
                 )
             )
-        return f"{SYSTEM}\n\n{prompt}\n\n"
+        return f"{system}\n\n{prompt}\n\n"
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
-        import torch
+        if self.edit_mode != "constrained":
+            return self._generate(request.prompt, request.seed, k, self.max_new_tokens, None)
+        menu = Menu.of(request.files)
+        if not menu.settings:
+            error = "constrained edits need a number assigned in the program's settings; found none"
+            return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
+        prompt = f"{request.prompt}\n{menu.describe()}"
+        budget = min(self.max_new_tokens, menu.max_tokens)
+        answers = self._generate(prompt, request.seed, k, budget, menu.grammar())
+        return [menu.proposal(request.files, a) if not a.error else a for a in answers]
 
-        inputs = self.tokenizer(self._input_text(request.prompt), return_tensors="pt").to(
-            self.model.device
-        )
+    def _generate(
+        self, prompt: str, seed: int, k: int, max_new_tokens: int, grammar: str | None
+    ) -> list[Proposal]:
+        """Returns k sampled answers to the prompt, constrained to the Lark grammar if given."""
+        import torch
+        from transformers import LogitsProcessorList
+
+        inputs = self.tokenizer(self._input_text(prompt), return_tensors="pt").to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
         context = self.context_length()
-        if context and prompt_length + self.max_new_tokens > context:
+        if context and prompt_length + max_new_tokens > context:
             error = (
-                f"the prompt ({prompt_length} tokens) and {self.max_new_tokens} new tokens exceed "
+                f"the prompt ({prompt_length} tokens) and {max_new_tokens} new tokens exceed "
                 f"the model's context of {context}; lower proposer.prompt_tokens or max_new_tokens"
             )
             return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
-        torch.manual_seed(request.seed)
+        processors = LogitsProcessorList()
+        if grammar is not None:
+            processors.append(GrammarConstraint(self.tokenizer, grammar, k))
+        torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.no_grad():
             output = self.model.generate(
                 **inputs,
                 do_sample=True,
                 temperature=self.temperature,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 num_return_sequences=k,
                 pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=processors,
             )
         latency = time.perf_counter() - start
         proposals = []
@@ -125,3 +188,109 @@ class TransformersProposer:
                 )
             )
         return proposals
+
+
+@dataclass(frozen=True)
+class Menu:
+    """The structured edit space of a parent: its settings and each one's nearby values."""
+
+    settings: list[tuple[Literal, list[int | float], str]]  # (setting, values, its line)
+
+    @classmethod
+    def of(cls, files: Mapping[str, str]) -> Menu:
+        settings = []
+        for path in sorted(files):
+            if not path.endswith(".py"):
+                continue
+            try:
+                found = tunable_literals(path, files[path])
+            except SyntaxError:
+                continue
+            lines = files[path].split("\n")
+            for lit in found:
+                values = neighbours(lit.value)
+                if values:
+                    settings.append((lit, values, lines[lit.line - 1].strip()))
+        return cls(settings)
+
+    @staticmethod
+    def _key(lit: Literal) -> str:
+        return f"{lit.path}: {lit.name} ="
+
+    def describe(self) -> str:
+        """Returns the prompt's list of settings, their current lines and the values to choose from."""
+        rows = [
+            f"- {self._key(lit)} one of {', '.join(map(str, values))}   (now: {line})"
+            for lit, values, line in self.settings
+        ]
+        return (
+            "# Settings you can change\n" + "\n".join(rows) + "\n\n# Answer\n"
+            "One line `file: name = value` with a setting and one of its values from the list, "
+            "then one line `Reason: ` and why you expect it to help."
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        return (
+            24 + REASON_CHARS
+        )  # the longest choice and a reason, one token per character at worst
+
+    def grammar(self) -> str:
+        """Returns the Lark grammar of an answer: one listed setting and value, then a reason."""
+        choices = [
+            f"{json.dumps(self._key(lit) + ' ')} ({' | '.join(json.dumps(str(v)) for v in values)})"
+            for lit, values, _ in self.settings
+        ]
+        return (
+            'start: choice "\\nReason: " REASON "\\n"\n'
+            f"choice: {' | '.join(choices)}\n"
+            f"REASON: /[^\\n]{{1,{REASON_CHARS}}}/\n"
+        )
+
+    def proposal(self, files: Mapping[str, str], answer: Proposal) -> Proposal:
+        """Returns the SEARCH/REPLACE proposal an answer chose, or the answer with an error."""
+        first, _, rest = answer.text.strip().partition("\n")
+        reason = rest.strip().removeprefix("Reason:").strip()
+        for lit, values, _ in self.settings:
+            key = self._key(lit) + " "
+            if first.startswith(key) and first[len(key) :] in {str(v) for v in values}:
+                value = next(v for v in values if str(v) == first[len(key) :])
+                edit = change(files, [(lit, value)])
+                why = f"{edit.rationale}: {reason}" if reason else edit.rationale
+                return dataclasses.replace(
+                    answer, text=f"{why}\n\n{edit.text}", rationale=rationale(why)
+                )
+        return dataclasses.replace(
+            answer, error=f"the answer names no listed setting and value: {first[:80]!r}"
+        )
+
+
+class GrammarConstraint:
+    """A logits processor: each row of the batch may only continue its answer within the grammar."""
+
+    def __init__(self, tokenizer: Any, grammar: str, rows: int):
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+
+        self._torch = llguidance.torch
+        vocabulary = llguidance.hf.from_tokenizer(tokenizer)
+        compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        self.matchers = [llguidance.LLMatcher(vocabulary, compiled) for _ in range(rows)]
+        for matcher in self.matchers:
+            if matcher.is_error():
+                raise ConfigError(f"the edit grammar does not compile: {matcher.get_error()}")
+        self.mask = self._torch.allocate_token_bitmask(rows, vocabulary.vocab_size)
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        else:  # the token each row chose last step
+            for row, matcher in enumerate(self.matchers):
+                if not matcher.is_stopped():
+                    matcher.consume_token(int(input_ids[row, -1]))
+        for row, matcher in enumerate(self.matchers):
+            self._torch.fill_next_token_bitmask(matcher, self.mask, row)
+        self._torch.apply_token_bitmask_inplace(scores, self.mask.to(scores.device))
+        return scores
