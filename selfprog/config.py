@@ -94,7 +94,7 @@ _SECTIONS: dict[str, Any] = {
 _CHOICES = {
     ("run", "on_interrupt"): ("finish", "kill"),
     ("runner", "kind"): ("docker", "local"),
-    ("proposer", "kind"): ("mutate", "openai", "transformers"),
+    ("proposer", "kind"): ("mutate", "openai", "transformers", "self"),
     ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfprog.errors import TargetError
+from selfprog.models import MARKER, resolve
 from selfprog.target import Target
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,12 @@ class Dataset:
     manifest: dict[str, object]
 
     def train_files(self, target: Target) -> tuple[Path, ...]:
-        return tuple(self.root / name for name in target.train_data)
+        """Returns what the training phase sees: the training split and the shared data."""
+        return tuple(self.root / name for name in (*target.train_data, *target.shared_data))
+
+    def shared_files(self, target: Target) -> tuple[Path, ...]:
+        """Returns what the evaluation phase sees besides stdin: the shared data only."""
+        return tuple(self.root / name for name in target.shared_data)
 
     def heldout(self, target: Target) -> bytes:
         return (self.root / target.heldout_data).read_bytes()
@@ -41,11 +47,14 @@ def default_cache() -> Path:
     return Path(base) / "selfprog" / "data"
 
 
-def _cache_key(target: Target, corpus: Path | None) -> str:
+def _cache_key(target: Target, corpus: Path | None, base: str) -> str:
     digest = hashlib.sha256()
     for name in target.fixed:
         digest.update(name.encode() + b"\0" + (target.root / name).read_bytes())
-    digest.update(json.dumps([list(target.prepare), sys.version, str(corpus)]).encode())
+    digest.update(json.dumps([list(target.prepare), sys.version, str(corpus), base]).encode())
+    marker = Path(base) / MARKER if base else None
+    if marker is not None and marker.is_file():  # a fetched model converted again is new data
+        digest.update(marker.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -56,13 +65,16 @@ def prepare_data(target: Target, cache: Path | None = None, corpus: Path | None 
         TargetError: the prepare command failed or left no valid manifest.
     """
     cache = (cache or default_cache()).resolve()  # prepare runs in the target's folder
-    root = cache / target.name / _cache_key(target, corpus)
+    base = str(Path(resolve(target.base_model)).resolve()) if target.base_model else ""
+    root = cache / target.name / _cache_key(target, corpus, base)
     if not (root / target.manifest).is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         log.info("preparing %s data into %s (once)", target.name, root)
         tmp = tempfile.mkdtemp(dir=root.parent, prefix=".building-")
         try:
-            args = [arg.replace("{data_dir}", tmp) for arg in target.prepare]
+            args = [
+                a.replace("{data_dir}", tmp).replace("{base_model}", base) for a in target.prepare
+            ]
             argv = [sys.executable, str(target.root / args[0]), *args[1:]]
             if corpus is not None:
                 argv += ["--corpus", str(corpus)]
@@ -87,5 +99,8 @@ def load_dataset(target: Target, root: Path) -> Dataset:
     for name in (*target.train_data, target.heldout_data):
         if not (root / name).is_file():
             raise TargetError(f"{root}: data file {name} is missing")
+    for name in target.shared_data:
+        if not (root / name).exists():
+            raise TargetError(f"{root}: shared data {name} is missing")
     hidden = tuple(str(p) for p in manifest.get("hidden_folders", []))
     return Dataset(root=root, data_hash=data_hash, hidden=hidden, manifest=manifest)

@@ -44,6 +44,10 @@ from selfprog.target import Target
 
 log = logging.getLogger(__name__)
 
+MODELS = (
+    "models"  # the run folder's models/<candidate>/: what the target keeps of each scored candidate
+)
+
 Event = dict[str, Any]
 
 
@@ -151,6 +155,7 @@ class Driver:
             self.on_event(
                 {"event": "generation", "generation": generation, "parents": [p for p, _ in plan]}
             )
+            self._proposer_weights(generation)
             for parent_id, k in plan:
                 if self.stop.requested or run.archive.has_call(generation, parent_id):
                     continue
@@ -458,6 +463,34 @@ class Driver:
         event = {"event": "finished", "candidate": candidate.id, "evaluation": index}
         self.on_event({**event, "state": result.state.value, "score": result.score})
 
+    def _keep_outputs(self, candidate_id: int, out: Path) -> None:
+        """Moves the output files the target keeps (a fine-tuned model) into models/<id>/."""
+        if not self.run.target.keep:
+            return
+        dest = self.run.root / MODELS / str(candidate_id)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for name in self.run.target.keep:
+            if (out / name).is_file():
+                shutil.move(out / name, dest / name)
+
+    def _proposer_weights(self, generation: int) -> None:
+        """Points a proposer that follows the run (self mode) at the champion's fine-tuned model.
+
+        Generation 1 is proposed by the base model; later ones by the model the
+        champion's program trained, as accepted when the generation begins.
+        """
+        adopt = getattr(self.proposer, "adopt", None)
+        if adopt is None:
+            return
+        head = self._champion() if generation > 1 else None
+        folder = self.run.root / MODELS / str(head.id) if head else None
+        if head is not None and folder is not None and not folder.is_dir():
+            raise SelfprogError(
+                f"candidate {head.id} is the best, but its fine-tuned model is not in {folder}"
+            )
+        adopt(head.id if head else None, folder)
+
     def _score_one(self, candidate: Candidate, files: dict[str, str], index: int) -> Result:
         """Returns one evaluation of a candidate; runs on a worker thread, so never touches the archive."""
         run = self.run
@@ -469,7 +502,7 @@ class Driver:
             for path, text in files.items():
                 (program_dir / path).parent.mkdir(parents=True, exist_ok=True)
                 (program_dir / path).write_text(text)
-            return score_program(
+            result = score_program(
                 run.target,
                 program_dir,
                 self.runner,
@@ -481,6 +514,9 @@ class Driver:
                 budget_steps=steps,
                 labels={**run.labels, "selfprog.candidate": str(candidate.id)},
             )
+            if result.state is State.OK and index == 0:
+                self._keep_outputs(candidate.id, work / "score" / "out")
+            return result
         except Exception:  # the one broad except: the per-candidate boundary
             return Result(
                 State.ERROR,

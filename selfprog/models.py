@@ -184,6 +184,8 @@ def _convert(gguf: Path, out: Path) -> dict[str, object]:
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for path in out.iterdir():  # readable by the sandbox's user, which is not ours
+        path.chmod(0o644)
     digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
     return {
         "architecture": type(model).__name__,

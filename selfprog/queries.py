@@ -124,7 +124,7 @@ def show(run: Run, candidate_id: int) -> dict[str, Any]:
 
 
 def lineage(run: Run, candidate_id: int) -> list[dict[str, Any]]:
-    """Returns the chain from the seed to a candidate, with each step's score change."""
+    """Returns the chain from the seed to a candidate: each step's score change and proposer model."""
     chain: list[Candidate] = []
     current: int | None = candidate_id
     while current is not None:
@@ -134,6 +134,11 @@ def lineage(run: Run, candidate_id: int) -> list[dict[str, Any]]:
     rows, previous = [], None
     for c in reversed(chain):
         change: float | None = None if c.score is None or previous is None else c.score - previous
+        model = run.archive.db.execute(
+            "SELECT calls.model FROM proposals JOIN calls ON proposals.call_id = calls.id "
+            "WHERE proposals.id = ?",
+            (c.proposal_id,),
+        ).fetchone()
         rows.append(
             {
                 "id": c.id,
@@ -141,6 +146,7 @@ def lineage(run: Run, candidate_id: int) -> list[dict[str, Any]]:
                 "state": c.state,
                 "score": c.score,
                 "change": change,
+                "proposed_by": model[0] if model else "",  # self mode: which weights proposed it
                 "rationale": c.rationale,
             }
         )

@@ -216,6 +216,7 @@ def score_program(
         program_dir=stage_program(target, program_dir, work_dir / "program-evaluate"),
         out_dir=out_dir,
         out_writable=False,
+        data_files=data.shared_files(target),
         env={"SELFPROG_SEED": str(seed)},
         stdin=nonce.encode() + b"\n" + data.heldout(target),
         timeout=target.budget.eval_timeout,

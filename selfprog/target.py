@@ -18,14 +18,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TARGET_FILE = "target.toml"
-BUNDLED = ("tinylm",)
+BUNDLED = ("tinylm", "selftune")
 
 # the keys target.toml may hold, per table ("" is the top level)
+OPTIONAL_TABLES = ("model",)
 _SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("name", "description", "files", "commands", "data", "metric", "budget"),
+    "": ("name", "description", "files", "commands", "data", "model", "metric", "budget"),
     "files": ("editable", "fixed"),
     "commands": ("prepare", "train", "evaluate"),
-    "data": ("train", "heldout", "manifest"),
+    "data": ("train", "shared", "heldout", "manifest"),
+    "model": ("base", "keep"),
     "metric": ("name", "direction"),
     "budget": ("seconds", "steps", "timeout", "eval_timeout"),
 }
@@ -59,6 +61,9 @@ class Target:
     metric: str
     direction: str
     budget: Budget
+    shared_data: tuple[str, ...] = ()  # files or folders both phases see (not secret)
+    base_model: str = ""  # a model the program starts from: an alias or a folder ({base_model})
+    keep: tuple[str, ...] = ()  # output files the loop keeps for each scored candidate
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -94,7 +99,7 @@ def _check_keys(raw: Mapping[str, Any], path: Path) -> None:
     for table in _SCHEMA:
         if not table:
             continue
-        value = raw.get(table)
+        value = raw.get(table, {} if table in OPTIONAL_TABLES else None)
         if not isinstance(value, dict):
             raise TargetError(f"{path}: missing table [{table}]")
         for key in value:
@@ -107,6 +112,12 @@ def _strings(raw: Mapping[str, Any], table: str, key: str, path: Path) -> tuple[
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise TargetError(f"{path}: [{table}] {key} must be a non-empty list of strings")
     return tuple(value)
+
+
+def _optional_strings(raw: Mapping[str, Any], table: str, key: str, path: Path) -> tuple[str, ...]:
+    if key not in raw.get(table, {}):
+        return ()
+    return _strings(raw, table, key, path)
 
 
 def _string(raw: Mapping[str, Any], table: str, key: str, path: Path) -> str:
@@ -175,6 +186,9 @@ def load_target(where: str | Path) -> Target:
         metric=_string(raw, "metric", "name", path),
         direction=direction,
         budget=budget,
+        shared_data=_optional_strings(raw, "data", "shared", path),
+        base_model=_string(raw, "model", "base", path) if "base" in raw.get("model", {}) else "",
+        keep=_optional_strings(raw, "model", "keep", path),
     )
 
 

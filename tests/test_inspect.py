@@ -123,6 +123,7 @@ def test_show_diff_and_lineage(run_dir: Path) -> None:
     assert between == detail["diff"] if child["parent"] == 1 else between.startswith("--- a/")
     chain = json.loads(ok("lineage", str(run_dir), str(best["id"]), "--json"))
     assert chain[0]["id"] == 1 and chain[0]["change"] is None and chain[-1]["id"] == best["id"]
+    assert chain[0]["proposed_by"] == "" and {r["proposed_by"] for r in chain[1:]} <= {"mutate"}
     for before, after in itertools.pairwise(chain):
         assert after["change"] == pytest.approx(after["score"] - before["score"])
     failed = ok("show", str(run_dir), "6")

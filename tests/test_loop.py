@@ -265,7 +265,7 @@ def test_random_text_from_a_local_model_ends_invalid_cleanly(
     from selfprog.runners.local import LocalRunner
 
     run = make_run(tmp_path, "run.generations=1", "run.population=3", "proposer.prompt_tokens=400")
-    lm = TransformersProposer.load(str(tiny_model), temperature=1.0, max_new_tokens=16)
+    lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=16, edit_mode="free")
     assert Driver(run, lm, LocalRunner(registry=tmp_path / "pids")).drive() == "finished"
     children = run.archive.candidates("generation = 1")
     assert len(children) == 3 and {c.state for c in children} == {"invalid"}

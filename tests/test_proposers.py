@@ -10,7 +10,7 @@ import pytest
 from selfprog.config import ProposerSection
 from selfprog.edits import apply_edits, parse_edits
 from selfprog.errors import ConfigError
-from selfprog.proposers.base import ProposalRequest
+from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.proposers.mutate import MutateProposer, perturb, tunable_literals
 from selfprog.proposers.openai import OpenAIProposer
 from selfprog.target import Target
@@ -173,3 +173,25 @@ def test_transformers_prompt_beyond_the_context_is_an_error_not_a_crash(tiny_mod
     proposals = lm.propose(ProposalRequest(parent_id=1, files={}, prompt="x " * 400, seed=0), 2)
     assert [p.text for p in proposals] == ["", ""]
     assert all("exceed the model's context of 8192" in p.error for p in proposals)
+
+
+def test_constrained_decoding_makes_even_a_random_model_propose_valid_edits(
+    tiny_model: Path, tinylm
+) -> None:  # type: ignore[no-untyped-def]
+    """The grammar, not the model, guarantees the form: a random model's answers all apply."""
+    from selfprog.proposers.transformers import Menu, TransformersProposer
+
+    lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=512)
+    assert lm.edit_mode == "constrained" and lm.template == "choose.md"  # auto: a tiny model
+    files = {name: (tinylm.root / name).read_text() for name in tinylm.editable}
+    proposals = lm.propose(ProposalRequest(1, files, "Improve the program.", seed=5), 4)
+    settings = {(lit.path, lit.name) for p in files for lit in tunable_literals(p, files[p])}
+    for p in proposals:
+        assert not p.error, p.error
+        after = apply_edits(files, parse_edits(p.text, tinylm.editable), tinylm.editable, [])
+        changed = [name for name in files if after[name] != files[name]]
+        assert len(changed) == 1
+        assert p.rationale.split(":")[0] in {path for path, _ in settings}
+    menu = Menu.of(files)
+    bad = Proposal(text="train.py: learning_rate = 42\nReason: no")  # not a listed value
+    assert "names no listed setting and value" in menu.proposal(files, bad).error

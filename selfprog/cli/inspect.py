@@ -165,7 +165,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     rows = lineage(_open(args.run_dir), check_id(args.id))
     if not (args.json or args.csv):
         rows = [{**r, "rationale": one_line(r["rationale"])} for r in rows]
-    emit(args, rows, ["id", "generation", "state", "score", "change", "rationale"])
+    emit(args, rows, ["id", "generation", "state", "score", "change", "proposed_by", "rationale"])
     return 0
 
 

@@ -27,6 +27,7 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
         "run.max_hours": args.max_hours,
         "run.max_tokens": args.max_tokens,
         "proposer.kind": args.proposer,
+        "proposer.model": args.model,
         "runner.kind": args.runner,
         "budget.seconds": args.budget_seconds,
         "budget.steps": args.budget_steps,
@@ -87,7 +88,7 @@ def _drive(run: Any) -> int:
 
     minimize = run.target.minimize
     with driver_lock(run.root):
-        proposer = make_proposer(settings.proposer)
+        proposer = make_proposer(settings.proposer, run.target.base_model)
         runner = make_runner(
             settings.runner.kind, settings.runner.image or None, run.root / "local"
         )
@@ -189,7 +190,12 @@ def add_verbs(verbs: Any) -> None:
     rn.add_argument("--config", type=Path, help="a TOML config file")
     rn.add_argument("--run-dir", help="the run folder to create")
     rn.add_argument("--target", help="a bundled target name or a target folder")
-    rn.add_argument("--proposer", choices=("mutate", "openai", "transformers"), help="the proposer")
+    rn.add_argument(
+        "--proposer", choices=("mutate", "openai", "transformers", "self"), help="the proposer"
+    )
+    rn.add_argument(
+        "--model", help="the proposer's model: a fetched alias (smollm2), a folder or a name"
+    )
     rn.add_argument("--runner", choices=("docker", "local"), help="the sandbox")
     rn.add_argument("--generations", type=int, help="generations after the seed")
     rn.add_argument("--population", type=int, help="children per generation")

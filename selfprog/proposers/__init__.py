@@ -9,8 +9,11 @@ from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 __all__ = ["Proposal", "ProposalRequest", "Proposer", "make_proposer"]
 
 
-def make_proposer(section: ProposerSection) -> Proposer:
-    """Returns the proposer the config names, ready to propose."""
+def make_proposer(section: ProposerSection, base_model: str = "") -> Proposer:
+    """Returns the proposer the config names, ready to propose.
+
+    base_model is the target's model (`[model] base`), which the `self` proposer starts from.
+    """
     if section.kind == "mutate":
         from selfprog.proposers.mutate import MutateProposer
 
@@ -23,4 +26,8 @@ def make_proposer(section: ProposerSection) -> Proposer:
         from selfprog.proposers.transformers import TransformersProposer
 
         return TransformersProposer.from_config(section)
+    if section.kind == "self":
+        from selfprog.proposers.selfmode import SelfProposer
+
+        return SelfProposer.for_target(section, base_model)
     raise ConfigError(f"unknown proposer '{section.kind}'")

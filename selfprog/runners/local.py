@@ -98,8 +98,11 @@ class LocalRunner:
         for folder in (scratch, data):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-        for source in phase.data_files:
-            shutil.copyfile(source, data / source.name)
+        for source in phase.data_files:  # copies: the program may not change the prepared data
+            if source.is_dir():
+                shutil.copytree(source, data / source.name)
+            else:
+                shutil.copyfile(source, data / source.name)
         env = harness_env(
             limits,
             {
