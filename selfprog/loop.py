@@ -471,8 +471,9 @@ class Driver:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         for name in self.run.target.keep:
-            if (out / name).is_file():
-                shutil.move(out / name, dest / name)
+            kept = out / name
+            if kept.is_file() and not kept.is_symlink():  # a link could point at a host file
+                shutil.move(kept, dest / name)
 
     def _proposer_weights(self, generation: int) -> None:
         """Points a proposer that follows the run (self mode) at the champion's fine-tuned model.

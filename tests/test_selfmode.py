@@ -104,3 +104,28 @@ def test_a_self_mode_run_records_the_chain_of_proposers(smollm2, docker_runner, 
     head = [c for c in candidates[:2] if c.accepted][-1]  # the champion when generation 2 began
     assert second["model"] == f"smollm2+candidate-{head.id}"
     assert candidates[2].parent_id == head.id
+
+
+def test_kept_outputs_are_plain_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A candidate's output named like the kept file but linking to a host file is not kept."""
+    import dataclasses
+
+    from selfprog.config import load_config
+    from selfprog.loop import MODELS, Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from selfprog.rundir import create_run
+    from selfprog.runners.local import LocalRunner
+
+    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
+    run.target = dataclasses.replace(run.target, keep=("delta.safetensors", "extra.bin"))
+    driver = Driver(run, MutateProposer(), LocalRunner(registry=tmp_path / "pids"))
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "host-secret"
+    secret.write_text("not for candidates")
+    (out / "delta.safetensors").symlink_to(secret)
+    (out / "extra.bin").write_bytes(b"weights")
+    driver._keep_outputs(7, out)
+    kept = run.root / MODELS / "7"
+    assert sorted(p.name for p in kept.iterdir()) == ["extra.bin"]
+    assert (kept / "extra.bin").read_bytes() == b"weights"

@@ -145,7 +145,7 @@ class TransformersProposer:
     ) -> list[Proposal]:
         """Returns k sampled answers to the prompt, constrained to the Lark grammar if given."""
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import DynamicCache, LogitsProcessorList
 
         inputs = self.tokenizer(self._input_text(prompt), return_tensors="pt").to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
@@ -162,12 +162,17 @@ class TransformersProposer:
         torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.no_grad():
+            # the prompt is read once and its cache copied for the k samples, rather than k times
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=inputs["input_ids"][:, :-1], past_key_values=cache)
+            cache.batch_repeat_interleave(k)
             output = self.model.generate(
-                **inputs,
+                input_ids=inputs["input_ids"].repeat(k, 1),
+                attention_mask=inputs["attention_mask"].repeat(k, 1),
+                past_key_values=cache,
                 do_sample=True,
                 temperature=self.temperature,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
                 pad_token_id=self.tokenizer.pad_token_id,
                 logits_processor=processors,
             )

@@ -38,7 +38,8 @@ def main():
     start = time.perf_counter()
     base = Path(os.environ["SELFPROG_DATA"]) / "base"
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
     try:
         delta = load_file(Path(os.environ["SELFPROG_OUT"]) / "delta.safetensors")
     except (OSError, SafetensorError) as exc:
@@ -49,12 +50,12 @@ def main():
             fail(f"delta tensor {name} {tuple(tensor.shape)} is not a parameter of the base model")
         if not torch.isfinite(tensor).all():
             fail(f"delta tensor {name} is not finite")
-        own[name].copy_(tensor.to(own[name].dtype))
+        own[name].copy_(tensor.to(own[name].device, own[name].dtype))
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     nats, scored_bytes = 0.0, 0
     for begin in range(0, len(ids) - 1, WINDOW):
-        window = torch.tensor([ids[begin : begin + WINDOW]])
+        window = torch.tensor([ids[begin : begin + WINDOW]], device=device)
         if window.shape[1] < 2:
             break
         logits = model(input_ids=window).logits[0, :-1].float()

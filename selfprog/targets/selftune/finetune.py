@@ -71,7 +71,8 @@ def main():
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(data / "base")
-    model = AutoModelForCausalLM.from_pretrained(data / "base", dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(data / "base", dtype=torch.float32).to(device)
     layers = model.config.num_hidden_layers
     config = LoraConfig(
         r=lora_rank,
@@ -94,7 +95,7 @@ def main():
         lr = learning_rate * (step + 1) / warmup_steps if step < warmup_steps else lr_at(progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(text, tokenizer, rng)
+        batch = sample_batch(text, tokenizer, rng).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
@@ -106,7 +107,7 @@ def main():
     changed = list(model.targeted_module_names)
     merged = model.merge_and_unload()
     delta = {
-        f"{name}.weight": merged.get_submodule(name).weight.detach().contiguous()
+        f"{name}.weight": merged.get_submodule(name).weight.detach().cpu().contiguous()
         for name in changed
     }
     save_file(delta, out / "delta.safetensors")
