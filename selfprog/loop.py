@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfprog.archive import DUPLICATE, PENDING, UNFINISHED, Archive, Candidate
+from selfprog.archive import (
+    DUPLICATE,
+    PENDING,
+    UNFINISHED,
+    Archive,
+    Candidate,
+    program_hash,
+)
 from selfprog.config import Config, parse_size
 from selfprog.data import Dataset
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
@@ -313,7 +320,13 @@ class Driver:
             getattr(self.proposer, "template", "propose.md"),
         )
         seed = derive_seed(run.config.run.seed, generation, parent.id)
-        request = ProposalRequest(parent_id=parent.id, files=files, prompt=prompt, seed=seed)
+        request = ProposalRequest(
+            parent_id=parent.id,
+            files=files,
+            prompt=prompt,
+            seed=seed,
+            known=lambda program: run.archive.find_program(program_hash(program)) is not None,
+        )
         self.on_event({"event": "proposing", "generation": generation, "parent": parent.id, "k": k})
         start = time.perf_counter()
         proposals = self.proposer.propose(request, k)

@@ -195,3 +195,29 @@ def test_constrained_decoding_makes_even_a_random_model_propose_valid_edits(
     menu = Menu.of(files)
     bad = Proposal(text="train.py: learning_rate = 42\nReason: no")  # not a listed value
     assert "names no listed setting and value" in menu.proposal(files, bad).error
+
+
+def test_constrained_answers_of_one_call_differ_and_skip_known_programs(
+    tiny_model: Path, tinylm
+) -> None:  # type: ignore[no-untyped-def]
+    """No two answers of a call make the same edit, and none remakes a program the archive has."""
+    from selfprog.archive import program_hash
+    from selfprog.proposers.mutate import changed_files, tunable_literals
+    from selfprog.proposers.transformers import Menu, TransformersProposer
+
+    lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=512)
+    files = {"train.py": (tinylm.root / "train.py").read_text()}
+    lit = next(x for x in tunable_literals("train.py", files["train.py"]) if x.name == "batch_size")
+    known = {program_hash(changed_files(files, [(lit, v)])) for v in (4, 8, 32)}  # all but 64
+
+    def in_archive(program) -> bool:  # type: ignore[no-untyped-def]
+        return program_hash(program) in known
+
+    menu = Menu.of(files, in_archive)
+    assert [values for x, values, _ in menu.settings if x.name == "batch_size"] == [[64]]
+    proposals = lm.propose(ProposalRequest(1, files, "Improve it.", seed=1, known=in_archive), 6)
+    texts = [p.text.split("\n\n")[1] for p in proposals if not p.error]  # the SEARCH/REPLACE part
+    assert len(texts) == 6 and len(set(texts)) == 6
+    for p in proposals:
+        after = apply_edits(files, parse_edits(p.text, ["train.py"]), ["train.py"], [])
+        assert program_hash(after) not in known

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +15,7 @@ class ProposalRequest:
     files: Mapping[str, str]  # the parent's editable files
     prompt: str  # the full prompt, for proposers that read one
     seed: int  # deterministic proposers draw from this
+    known: Callable[[Mapping[str, str]], bool] | None = None  # is this program in the archive?
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,8 +134,10 @@ def neighbours(value: int | float) -> list[int | float]:
     return sorted({v for v in options if v != value})
 
 
-def change(files: Mapping[str, str], changes: list[tuple[Literal, int | float]]) -> Proposal:
-    """Returns the SEARCH/REPLACE proposal that sets each literal to its new value."""
+def _changed(
+    files: Mapping[str, str], changes: list[tuple[Literal, int | float]]
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """Returns the files with each literal set, the SEARCH/REPLACE blocks, and their reasons."""
     blocks, reasons = [], []
     current = dict(files)  # later blocks are written against the earlier ones' result
     for lit, new_value in sorted(changes, key=lambda c: (c[0].path, c[0].line)):
@@ -147,6 +149,19 @@ def change(files: Mapping[str, str], changes: list[tuple[Literal, int | float]])
         current[lit.path] = current[lit.path].replace(search, replace, 1)
         blocks.append(f"{lit.path}\n{SEARCH}\n{search}\n{DIVIDER}\n{replace}\n{REPLACE}\n")
         reasons.append(f"{lit.path}: {lit.name} {old_text} → {_format(new_value, old_text)}")
+    return current, blocks, reasons
+
+
+def changed_files(
+    files: Mapping[str, str], changes: list[tuple[Literal, int | float]]
+) -> dict[str, str]:
+    """Returns the program with each literal set to its new value."""
+    return _changed(files, changes)[0]
+
+
+def change(files: Mapping[str, str], changes: list[tuple[Literal, int | float]]) -> Proposal:
+    """Returns the SEARCH/REPLACE proposal that sets each literal to its new value."""
+    _, blocks, reasons = _changed(files, changes)
     rationale = "; ".join(reasons)
     return Proposal(text=f"{rationale}\n\n" + "\n".join(blocks), rationale=rationale)
 

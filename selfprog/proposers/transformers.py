@@ -17,11 +17,12 @@ Two edit modes (`proposer.edit_mode`):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,13 @@ from selfprog.config import ProposerSection
 from selfprog.edits import rationale
 from selfprog.errors import ConfigError
 from selfprog.proposers.base import Proposal, ProposalRequest
-from selfprog.proposers.mutate import Literal, change, neighbours, tunable_literals
+from selfprog.proposers.mutate import (
+    Literal,
+    change,
+    changed_files,
+    neighbours,
+    tunable_literals,
+)
 from selfprog.proposers.openai import SYSTEM
 
 log = logging.getLogger(__name__)
@@ -130,23 +137,33 @@ class TransformersProposer:
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
         if self.edit_mode != "constrained":
-            return self._generate(request.prompt, request.seed, k, self.max_new_tokens, None)
-        menu = Menu.of(request.files)
+            return self._generate(request.prompt, request.seed, [None] * k, self.max_new_tokens)
+        menu = Menu.of(request.files, request.known)
         if not menu.settings:
-            error = "constrained edits need a number assigned in the program's settings; found none"
+            error = (
+                "constrained edits need a number assigned in the program's settings, with a "
+                "nearby value not tried yet; found none"
+            )
             return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
         prompt = f"{request.prompt}\n{menu.describe()}"
         budget = min(self.max_new_tokens, menu.max_tokens)
-        answers = self._generate(prompt, request.seed, k, budget, menu.grammar())
+        answers = self._generate(prompt, request.seed, [menu] * k, budget)
         return [menu.proposal(request.files, a) if not a.error else a for a in answers]
 
     def _generate(
-        self, prompt: str, seed: int, k: int, max_new_tokens: int, grammar: str | None
+        self, prompt: str, seed: int, menus: list[Menu | None], max_new_tokens: int
     ) -> list[Proposal]:
-        """Returns k sampled answers to the prompt, constrained to the Lark grammar if given."""
-        import torch
-        from transformers import DynamicCache, LogitsProcessorList
+        """Returns one sampled answer to the prompt per entry of menus.
 
+        With no menu the k answers are sampled together. With menus they are
+        sampled one after another, each constrained to its menu's grammar less
+        the choices the answers before it made, so no two are the same edit.
+        Either way the prompt is read once and its cache copied.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        k = len(menus)
         inputs = self.tokenizer(self._input_text(prompt), return_tensors="pt").to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
         context = self.context_length()
@@ -156,29 +173,25 @@ class TransformersProposer:
                 f"the model's context of {context}; lower proposer.prompt_tokens or max_new_tokens"
             )
             return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
-        processors = LogitsProcessorList()
-        if grammar is not None:
-            processors.append(GrammarConstraint(self.tokenizer, grammar, k))
         torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.no_grad():
-            # the prompt is read once and its cache copied for the k samples, rather than k times
-            cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=inputs["input_ids"][:, :-1], past_key_values=cache)
-            cache.batch_repeat_interleave(k)
-            output = self.model.generate(
-                input_ids=inputs["input_ids"].repeat(k, 1),
-                attention_mask=inputs["attention_mask"].repeat(k, 1),
-                past_key_values=cache,
-                do_sample=True,
-                temperature=self.temperature,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                logits_processor=processors,
-            )
+            prefix = DynamicCache(config=self.model.config)
+            self.model(input_ids=inputs["input_ids"][:, :-1], past_key_values=prefix)
+            rows: list[Any] = []
+            chosen: list[str] = []
+            if menus[0] is None:
+                rows = list(self._sample(inputs, prefix, k, max_new_tokens, None))
+            else:
+                for menu in menus:
+                    assert menu is not None
+                    grammar = menu.without(chosen).grammar()
+                    row = self._sample(inputs, copy.deepcopy(prefix), 1, max_new_tokens, grammar)[0]
+                    rows.append(row)
+                    chosen.append(self.tokenizer.decode(row[prompt_length:]).split("\n")[0])
         latency = time.perf_counter() - start
         proposals = []
-        for i, row in enumerate(output):
+        for i, row in enumerate(rows):
             generated = row[prompt_length:]
             generated = generated[generated != self.tokenizer.pad_token_id]
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
@@ -186,13 +199,34 @@ class TransformersProposer:
                 Proposal(
                     text=text,
                     rationale=rationale(text),
-                    tokens_in=prompt_length if i == 0 else 0,  # one prompt for the whole batch
+                    tokens_in=prompt_length if i == 0 else 0,  # one prompt for the whole call
                     tokens_out=len(generated),
                     latency=latency,
                     model=self.model_name,
                 )
             )
         return proposals
+
+    def _sample(
+        self, inputs: Any, prefix: Any, rows: int, max_new_tokens: int, grammar: str | None
+    ) -> Any:
+        """Returns rows sampled continuations (with the prompt) from the prompt's cache."""
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList()
+        if grammar is not None:
+            processors.append(GrammarConstraint(self.tokenizer, grammar, rows))
+        prefix.batch_repeat_interleave(rows)
+        return self.model.generate(
+            input_ids=inputs["input_ids"].repeat(rows, 1),
+            attention_mask=inputs["attention_mask"].repeat(rows, 1),
+            past_key_values=prefix,
+            do_sample=True,
+            temperature=self.temperature,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=processors,
+        )
 
 
 @dataclass(frozen=True)
@@ -202,7 +236,12 @@ class Menu:
     settings: list[tuple[Literal, list[int | float], str]]  # (setting, values, its line)
 
     @classmethod
-    def of(cls, files: Mapping[str, str]) -> Menu:
+    def of(
+        cls,
+        files: Mapping[str, str],
+        known: Callable[[Mapping[str, str]], bool] | None = None,
+    ) -> Menu:
+        """Returns the menu of a program; with known, values whose program exists are left out."""
         settings = []
         for path in sorted(files):
             if not path.endswith(".py"):
@@ -213,10 +252,24 @@ class Menu:
                 continue
             lines = files[path].split("\n")
             for lit in found:
-                values = neighbours(lit.value)
+                values = [
+                    v
+                    for v in neighbours(lit.value)
+                    if known is None or not known(changed_files(files, [(lit, v)]))
+                ]
                 if values:
                     settings.append((lit, values, lines[lit.line - 1].strip()))
         return cls(settings)
+
+    def without(self, answers: Sequence[str]) -> Menu:
+        """Returns the menu less the choices these answers' first lines made."""
+        taken = set(answers)
+        settings = []
+        for lit, values, line in self.settings:
+            left = [v for v in values if f"{self._key(lit)} {v}" not in taken]
+            if left:
+                settings.append((lit, left, line))
+        return Menu(settings) if settings else self  # all taken: repeats are better than none
 
     @staticmethod
     def _key(lit: Literal) -> str:
