@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -177,7 +178,7 @@ class TransformersProposer:
         start = time.perf_counter()
         with torch.no_grad():
             prefix = DynamicCache(config=self.model.config)
-            self.model(input_ids=inputs["input_ids"][:, :-1], past_key_values=prefix)
+            self.model(input_ids=inputs["input_ids"][:, :-1], **{self._cache_arg: prefix})
             rows: list[Any] = []
             chosen: list[str] = []
             if menus[0] is None:
@@ -207,6 +208,12 @@ class TransformersProposer:
             )
         return proposals
 
+    @property
+    def _cache_arg(self) -> str:
+        """The name a model takes its KV cache by: `cache` in newer transformers, else the old one."""
+        forward = inspect.signature(type(self.model).forward).parameters
+        return "cache" if "cache" in forward else "past_key_values"
+
     def _sample(
         self, inputs: Any, prefix: Any, rows: int, max_new_tokens: int, grammar: str | None
     ) -> Any:
@@ -220,7 +227,7 @@ class TransformersProposer:
         return self.model.generate(
             input_ids=inputs["input_ids"].repeat(rows, 1),
             attention_mask=inputs["attention_mask"].repeat(rows, 1),
-            past_key_values=prefix,
+            **{self._cache_arg: prefix},
             do_sample=True,
             temperature=self.temperature,
             max_new_tokens=max_new_tokens,
