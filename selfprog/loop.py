@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import shutil
 import statistics
@@ -19,7 +18,6 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +25,15 @@ from selfprog.archive import (
     DUPLICATE,
     PENDING,
     UNFINISHED,
-    Archive,
     Candidate,
     program_hash,
 )
-from selfprog.config import Config, parse_size
-from selfprog.data import Dataset
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
 from selfprog.errors import SelfprogError
 from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
-from selfprog.runners.base import Limits, Runner
+from selfprog.rundir import MODELS, Run
+from selfprog.runners.base import Runner
 from selfprog.scoring import Result, State, score_program
 from selfprog.selection import (
     Member,
@@ -47,50 +43,11 @@ from selfprog.selection import (
     needs_confirmation,
     select,
 )
-from selfprog.target import Target
 
 log = logging.getLogger(__name__)
 
-MODELS = (
-    "models"  # the run folder's models/<candidate>/: what the target keeps of each scored candidate
-)
 
 Event = dict[str, Any]
-
-
-@dataclass
-class Run:
-    """An open run: its folder, frozen config, target, data and archive."""
-
-    root: Path
-    run_id: str
-    config: Config
-    target: Target
-    data: Dataset
-    archive: Archive
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {"selfprog.run": self.run_id}
-
-    def limits(self) -> Limits:
-        section = self.config.runner
-        cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.config.run.workers)
-        return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=section.gpus or None)
-
-    def budget(self) -> tuple[float, int]:
-        """Returns the training budget (seconds, steps): the config's if it sets one, else the target's."""
-        section = self.config.budget
-        if section.seconds or section.steps:
-            return section.seconds, section.steps
-        return self.target.budget.seconds, self.target.budget.steps
-
-    def budget_text(self) -> str:
-        seconds, steps = self.budget()
-        parts = [f"{seconds:g} s of training"] * bool(seconds) + [
-            f"{steps} optimizer steps"
-        ] * bool(steps)
-        return " or ".join(parts) + (", whichever ends first" if len(parts) > 1 else "")
 
 
 def derive_seed(*parts: object) -> int:

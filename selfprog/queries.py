@@ -15,7 +15,7 @@ from typing import Any
 
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError, Candidate
 from selfprog.errors import SelfprogError
-from selfprog.loop import Run
+from selfprog.rundir import Run
 from selfprog.scoring import State
 
 FAILED = tuple(state.value for state in State if state is not State.OK)

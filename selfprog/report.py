@@ -9,8 +9,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from selfprog.loop import Run
 from selfprog.queries import FAILED, one_line, top
+from selfprog.rundir import Run
 
 FAILED_COLOUR = "#d62728"
 

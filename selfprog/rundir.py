@@ -1,4 +1,4 @@
-"""Run folders: create one, open one to drive or to read, and the one-driver lock."""
+"""Run folders: an open run, creating one, opening one to drive or to read, and the one-driver lock."""
 
 from __future__ import annotations
 
@@ -16,18 +16,53 @@ from pathlib import Path
 from typing import IO, Any
 
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
-from selfprog.config import Config, freeze, thaw
-from selfprog.data import load_dataset, prepare_data
+from selfprog.config import Config, freeze, parse_size, thaw
+from selfprog.data import Dataset, load_dataset, prepare_data
 from selfprog.errors import SelfprogError
-from selfprog.loop import Run
-from selfprog.target import TARGET_FILE, load_target
+from selfprog.runners.base import Limits
+from selfprog.target import TARGET_FILE, Target, load_target
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "driver.lock"
-TARGET_DIR = (
-    "target"  # the run's own copy of the target, so later edits to it cannot change the run
-)
+# the run's own copy of the target, so later edits to it cannot change the run
+TARGET_DIR = "target"
 DATA_DIR = "data"
+MODELS = "models"  # models/<candidate>/: what the target keeps of each scored candidate
+
+
+@dataclasses.dataclass
+class Run:
+    """An open run: its folder, frozen config, target, data and archive."""
+
+    root: Path
+    run_id: str
+    config: Config
+    target: Target
+    data: Dataset
+    archive: Archive
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"selfprog.run": self.run_id}
+
+    def limits(self) -> Limits:
+        section = self.config.runner
+        cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.config.run.workers)
+        return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=section.gpus or None)
+
+    def budget(self) -> tuple[float, int]:
+        """Returns the training budget (seconds, steps): the config's if it sets one, else the target's."""
+        section = self.config.budget
+        if section.seconds or section.steps:
+            return section.seconds, section.steps
+        return self.target.budget.seconds, self.target.budget.steps
+
+    def budget_text(self) -> str:
+        seconds, steps = self.budget()
+        parts = [f"{seconds:g} s of training"] * bool(seconds) + [
+            f"{steps} optimizer steps"
+        ] * bool(steps)
+        return " or ".join(parts) + (", whichever ends first" if len(parts) > 1 else "")
 
 
 class RunLocked(SelfprogError):

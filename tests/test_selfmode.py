@@ -25,9 +25,9 @@ def test_the_proposer_follows_the_champions_fine_tuned_model(smollm2, tmp_path) 
     from safetensors.torch import save_file
 
     from selfprog.config import load_config
-    from selfprog.loop import MODELS, Driver
+    from selfprog.loop import Driver
     from selfprog.proposers.selfmode import SelfProposer
-    from selfprog.rundir import create_run
+    from selfprog.rundir import MODELS, create_run
     from selfprog.runners.local import LocalRunner
     from selfprog.scoring import Result, State
 
@@ -111,9 +111,9 @@ def test_kept_outputs_are_plain_files_only(tmp_path) -> None:  # type: ignore[no
     import dataclasses
 
     from selfprog.config import load_config
-    from selfprog.loop import MODELS, Driver
+    from selfprog.loop import Driver
     from selfprog.proposers.mutate import MutateProposer
-    from selfprog.rundir import create_run
+    from selfprog.rundir import MODELS, create_run
     from selfprog.runners.local import LocalRunner
 
     run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
