@@ -12,6 +12,7 @@ proposed: `smollm2` or `smollm2+candidate-7`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,17 @@ log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
 
 
+@dataclass
 class SelfProposer(TransformersProposer):
     """A transformers proposer whose weights follow the run's best fine-tuned model."""
 
-    base: str = ""
+    name: str = "self"
+    base: str = ""  # the base model's name, which model_name extends with the adopted candidate
     adopted: int | None = None  # the candidate whose fine-tuned weights are loaded
-    pristine: dict[str, Any]  # the base values of the parameters a delta replaced
+    pristine: dict[str, Any] = field(default_factory=dict)  # base values a delta replaced
+
+    def __post_init__(self) -> None:
+        self.base = self.base or self.model_name
 
     @classmethod
     def for_target(cls, section: ProposerSection, base_model: str) -> SelfProposer:
@@ -38,19 +44,10 @@ class SelfProposer(TransformersProposer):
                 "the self proposer needs a target that fine-tunes a model ([model] base in "
                 "target.toml), such as --target selftune"
             )
-        inner = TransformersProposer.load(
+        proposer = cls.load(
             base_model, section.temperature, section.max_new_tokens, section.edit_mode
         )
-        proposer = cls(
-            inner.model,
-            inner.tokenizer,
-            base_model,
-            inner.temperature,
-            inner.max_new_tokens,
-            inner.edit_mode,
-            name="self",
-        )
-        proposer.base, proposer.pristine = base_model, {}
+        assert isinstance(proposer, SelfProposer)
         return proposer
 
     def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
