@@ -233,6 +233,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _candidate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="the run folder")
+    parser.add_argument("id", help="the candidate id")
+
+
 def _listing(parser: argparse.ArgumentParser) -> None:
     formats = parser.add_mutually_exclusive_group()
     formats.add_argument("--json", action="store_true", help="print as JSON")
@@ -261,8 +266,7 @@ def add_verbs(verbs: Any) -> None:
         help="everything about one candidate",
         description="Everything about one candidate: metrics, every evaluation, timings, tokens, rationale, the diff against its parent, and the reason and log tail when it failed.",
     )
-    sh.add_argument("run_dir", help="the run folder")
-    sh.add_argument("id", help="the candidate id")
+    _candidate(sh)
     sh.add_argument("--json", action="store_true", help="print as JSON")
     sh.set_defaults(func=cmd_show)
 
@@ -271,8 +275,7 @@ def add_verbs(verbs: Any) -> None:
         help="a candidate's source diff",
         description="The source diff of a candidate against its parent, or between two candidates (coloured on a terminal).",
     )
-    df.add_argument("run_dir", help="the run folder")
-    df.add_argument("id", help="the candidate id")
+    _candidate(df)
     df.add_argument("other", nargs="?", help="a second candidate: diff from ID to it")
     df.add_argument("--json", action="store_true", help="print as JSON")
     df.set_defaults(func=cmd_diff)
@@ -282,8 +285,7 @@ def add_verbs(verbs: Any) -> None:
         help="a candidate's ancestors back to the seed",
         description="The chain of ancestors from the seed to a candidate, with each step's score change.",
     )
-    ln.add_argument("run_dir", help="the run folder")
-    ln.add_argument("id", help="the candidate id")
+    _candidate(ln)
     _listing(ln)
     ln.set_defaults(func=cmd_lineage)
 
@@ -292,8 +294,7 @@ def add_verbs(verbs: Any) -> None:
         help="write a candidate's whole program to a folder",
         description="Write a candidate's full program (editable and fixed files, target.toml) to an empty folder, with a README of where it came from; `selfprog eval DIR --target DIR` scores it on its own.",
     )
-    ex.add_argument("run_dir", help="the run folder")
-    ex.add_argument("id", help="the candidate id")
+    _candidate(ex)
     ex.add_argument("dest", help="the folder to write")
     ex.add_argument("--json", action="store_true", help="print as JSON")
     ex.set_defaults(func=cmd_export)
