@@ -23,7 +23,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +138,7 @@ class TransformersProposer:
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
         if self.edit_mode != "constrained":
-            return self._generate(request.prompt, request.seed, [None] * k, self.max_new_tokens)
+            return self._generate(request.prompt, request.seed, k, self.max_new_tokens, None)
         menu = Menu.of(request.files, request.known)
         if not menu.settings:
             error = (
@@ -148,23 +148,22 @@ class TransformersProposer:
             return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
         prompt = f"{request.prompt}\n{menu.describe()}"
         budget = min(self.max_new_tokens, menu.max_tokens)
-        answers = self._generate(prompt, request.seed, [menu] * k, budget)
+        answers = self._generate(prompt, request.seed, k, budget, menu)
         return [menu.proposal(request.files, a) if not a.error else a for a in answers]
 
     def _generate(
-        self, prompt: str, seed: int, menus: list[Menu | None], max_new_tokens: int
+        self, prompt: str, seed: int, k: int, max_new_tokens: int, menu: Menu | None
     ) -> list[Proposal]:
-        """Returns one sampled answer to the prompt per entry of menus.
+        """Returns k sampled answers to the prompt.
 
-        With no menu the k answers are sampled together. With menus they are
-        sampled one after another, each constrained to its menu's grammar less
+        With no menu the k answers are sampled together. With a menu they are
+        sampled one after another, each constrained to the menu's grammar less
         the choices the answers before it made, so no two are the same edit.
         Either way the prompt is read once and its cache copied.
         """
         import torch
         from transformers import DynamicCache
 
-        k = len(menus)
         inputs = self.tokenizer(self._input_text(prompt), return_tensors="pt").to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
         context = self.context_length()
@@ -179,17 +178,15 @@ class TransformersProposer:
         with torch.no_grad():
             prefix = DynamicCache(config=self.model.config)
             self.model(input_ids=inputs["input_ids"][:, :-1], **{self._cache_arg: prefix})
-            rows: list[Any] = []
-            chosen: list[str] = []
-            if menus[0] is None:
+            if menu is None:
                 rows = list(self._sample(inputs, prefix, k, max_new_tokens, None))
             else:
-                for menu in menus:
-                    assert menu is not None
-                    grammar = menu.without(chosen).grammar()
+                rows, left = [], menu
+                for _ in range(k):
+                    grammar = left.grammar()
                     row = self._sample(inputs, copy.deepcopy(prefix), 1, max_new_tokens, grammar)[0]
                     rows.append(row)
-                    chosen.append(self.tokenizer.decode(row[prompt_length:]).split("\n")[0])
+                    left = left.without(self.tokenizer.decode(row[prompt_length:]))
         latency = time.perf_counter() - start
         proposals = []
         for i, row in enumerate(rows):
@@ -268,12 +265,22 @@ class Menu:
                     settings.append((lit, values, lines[lit.line - 1].strip()))
         return cls(settings)
 
-    def without(self, answers: Sequence[str]) -> Menu:
-        """Returns the menu less the choices these answers' first lines made."""
-        taken = set(answers)
+    def choice(self, answer: str) -> tuple[Literal, int | float] | None:
+        """Returns the setting and value an answer's first line chose, if it is on the menu."""
+        first = answer.strip().partition("\n")[0]
+        for lit, values, _ in self.settings:
+            key = self._key(lit) + " "
+            for value in values:
+                if first == key + str(value):
+                    return lit, value
+        return None
+
+    def without(self, answer: str) -> Menu:
+        """Returns the menu less the choice an answer made (the same menu when it was the last)."""
+        chosen = self.choice(answer)
         settings = []
         for lit, values, line in self.settings:
-            left = [v for v in values if f"{self._key(lit)} {v}" not in taken]
+            left = [v for v in values if chosen != (lit, v)]
             if left:
                 settings.append((lit, left, line))
         return Menu(settings) if settings else self  # all taken: repeats are better than none
@@ -296,9 +303,8 @@ class Menu:
 
     @property
     def max_tokens(self) -> int:
-        return (
-            24 + REASON_CHARS
-        )  # the longest choice and a reason, one token per character at worst
+        """The new tokens an answer may need: a choice and a reason, a token a character at worst."""
+        return 24 + REASON_CHARS
 
     def grammar(self) -> str:
         """Returns the Lark grammar of an answer: one listed setting and value, then a reason."""
@@ -315,19 +321,15 @@ class Menu:
     def proposal(self, files: Mapping[str, str], answer: Proposal) -> Proposal:
         """Returns the SEARCH/REPLACE proposal an answer chose, or the answer with an error."""
         first, _, rest = answer.text.strip().partition("\n")
+        chosen = self.choice(first)
+        if chosen is None:
+            return dataclasses.replace(
+                answer, error=f"the answer names no listed setting and value: {first[:80]!r}"
+            )
+        edit = change(files, [chosen])
         reason = rest.strip().removeprefix("Reason:").strip()
-        for lit, values, _ in self.settings:
-            key = self._key(lit) + " "
-            if first.startswith(key) and first[len(key) :] in {str(v) for v in values}:
-                value = next(v for v in values if str(v) == first[len(key) :])
-                edit = change(files, [(lit, value)])
-                why = f"{edit.rationale}: {reason}" if reason else edit.rationale
-                return dataclasses.replace(
-                    answer, text=f"{why}\n\n{edit.text}", rationale=rationale(why)
-                )
-        return dataclasses.replace(
-            answer, error=f"the answer names no listed setting and value: {first[:80]!r}"
-        )
+        why = f"{edit.rationale}: {reason}" if reason else edit.rationale
+        return dataclasses.replace(answer, text=f"{why}\n\n{edit.text}", rationale=rationale(why))
 
 
 class GrammarConstraint:
