@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
+from selfprog.states import FAILED, UNFINISHED, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the node each candidate and evaluation ran on
 ARCHIVE_FILE = "archive.sqlite"
-PENDING, RUNNING, DUPLICATE = "pending", "running", "duplicate"
-UNFINISHED = (PENDING, RUNNING)
+PENDING, RUNNING, DUPLICATE = State.PENDING.value, State.RUNNING.value, State.DUPLICATE.value
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,12 +49,12 @@ CREATE TABLE candidates (
     score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
     diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
     evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
-    created REAL NOT NULL, started REAL, finished REAL
+    created REAL NOT NULL, started REAL, finished REAL, node TEXT
 );
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
     seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL, node TEXT
 );
 CREATE INDEX candidates_by_state ON candidates(state);
 CREATE INDEX candidates_by_program ON candidates(program_hash);
@@ -86,6 +86,7 @@ class Candidate:
     attempts: int
     evals_needed: int
     accepted: bool | None  # better than the best before it, clear of the noise (None: undecided)
+    node: str = ""  # where it was scored (the host, or the cluster node)
 
 
 def _hash(data: bytes) -> str:
@@ -114,6 +115,8 @@ class Archive:
             version = int(self.meta("schema_version") or 0)
         except (sqlite3.DatabaseError, ValueError) as exc:
             raise ArchiveError(f"{path}: not a selfprog archive ({exc})") from None
+        if version == 1 and not readonly:
+            self._migrate_v1()
         if version > SCHEMA_VERSION:
             raise ArchiveError(
                 f"{path}: archive schema {version} is newer than this selfprog's ({SCHEMA_VERSION}); "
@@ -121,6 +124,13 @@ class Archive:
             )
         if version < 1:
             raise ArchiveError(f"{path}: not a selfprog archive (no schema version)")
+
+    def _migrate_v1(self) -> None:
+        """Adds what schema 2 records (the node) to an archive written by schema 1."""
+        with self.transaction() as db:
+            db.execute("ALTER TABLE candidates ADD COLUMN node TEXT")
+            db.execute("ALTER TABLE evaluations ADD COLUMN node TEXT")
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     @classmethod
     def create(cls, path: Path, meta: Mapping[str, str]) -> Archive:
@@ -281,27 +291,33 @@ class Archive:
         ).fetchone()
         return None if row is None else int(row[0])
 
-    def mark_running(self, candidate_id: int) -> None:
+    def mark_running(self, candidate_id: int, node: str = "") -> None:
         with self.transaction() as db:
             db.execute(
-                "UPDATE candidates SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
-                (RUNNING, time.time(), candidate_id),
+                "UPDATE candidates SET state = ?, started = ?, attempts = attempts + 1, node = ? "
+                "WHERE id = ?",
+                (RUNNING, time.time(), node, candidate_id),
             )
+
+    def set_node(self, candidate_id: int, node: str) -> None:
+        """Records where a running candidate was placed (a cluster knows only once it starts)."""
+        with self.transaction() as db:
+            db.execute("UPDATE candidates SET node = ? WHERE id = ?", (node, candidate_id))
 
     def mark_pending(self, candidate_ids: Sequence[int]) -> None:
         with self.transaction() as db:
             db.executemany(
-                "UPDATE candidates SET state = ?, started = NULL WHERE id = ?",
+                "UPDATE candidates SET state = ?, started = NULL, node = NULL WHERE id = ?",
                 [(PENDING, i) for i in candidate_ids],
             )
 
-    def finish(self, candidate_id: int, result: Any, seed: int) -> None:
+    def finish(self, candidate_id: int, result: Any, seed: int, node: str = "") -> None:
         """Records a candidate's final result and its evaluation, at once."""
         metrics = json.dumps(dict(result.metrics))
         with self.transaction() as db:
             db.execute(
                 "UPDATE candidates SET state = ?, score = ?, metrics = ?, reason = ?, log_tail = ?, "
-                "timings = ?, data_hash = ?, finished = ? WHERE id = ?",
+                "timings = ?, data_hash = ?, finished = ?, node = ? WHERE id = ?",
                 (
                     result.state.value,
                     result.score,
@@ -311,15 +327,16 @@ class Archive:
                     json.dumps(dict(result.timings)),
                     result.data_hash,
                     time.time(),
+                    node,
                     candidate_id,
                 ),
             )
-            _insert_evaluation(db, candidate_id, result, seed)
+            _insert_evaluation(db, candidate_id, result, seed, node)
 
-    def add_evaluation(self, candidate_id: int, result: Any, seed: int) -> None:
+    def add_evaluation(self, candidate_id: int, result: Any, seed: int, node: str = "") -> None:
         """Records one more evaluation; the candidate's score becomes the mean of its `ok` ones."""
         with self.transaction() as db:
-            _insert_evaluation(db, candidate_id, result, seed)
+            _insert_evaluation(db, candidate_id, result, seed, node)
             db.execute(
                 "UPDATE candidates SET score = (SELECT AVG(score) FROM evaluations "
                 "WHERE candidate_id = ? AND state = 'ok') WHERE id = ?",
@@ -334,13 +351,6 @@ class Archive:
         )
         return [float(r[0]) for r in rows]
 
-    def evaluation_seeds(self, candidate_id: int) -> list[int]:
-        """Returns the seeds of a candidate's recorded evaluations."""
-        rows = self.db.execute(
-            "SELECT seed FROM evaluations WHERE candidate_id = ?", (candidate_id,)
-        )
-        return [int(r[0]) for r in rows]
-
     def set_evals_needed(self, candidate_id: int, n: int) -> None:
         with self.transaction() as db:
             db.execute("UPDATE candidates SET evals_needed = ? WHERE id = ?", (n, candidate_id))
@@ -351,34 +361,89 @@ class Archive:
                 "UPDATE candidates SET accepted = ? WHERE id = ?", (int(accepted), candidate_id)
             )
 
-    def accepted_ids(self) -> list[int]:
-        rows = self.db.execute("SELECT id FROM candidates WHERE accepted = 1 ORDER BY id")
-        return [int(r[0]) for r in rows]
-
     def children_counts(self) -> dict[int, int]:
         rows = self.db.execute(
             "SELECT parent_id, COUNT(*) FROM candidates WHERE parent_id IS NOT NULL GROUP BY parent_id"
         )
         return {int(p): int(n) for p, n in rows}
 
-    def candidates(self, where: str = "", args: Sequence[Any] = ()) -> list[Candidate]:
+    # -- named questions ------------------------------------------------------
+
+    def _select(self, where: str = "", args: Sequence[Any] = ()) -> list[Candidate]:
         query = "SELECT * FROM candidates" + (f" WHERE {where}" if where else "") + " ORDER BY id"
         return [_candidate(row) for row in self.db.execute(query, args)]
 
+    def candidates(self) -> list[Candidate]:
+        """Returns every candidate, in id order."""
+        return self._select()
+
     def candidate(self, candidate_id: int) -> Candidate:
-        found = self.candidates("id = ?", (candidate_id,))
+        found = self._select("id = ?", (candidate_id,))
         if not found:
             raise ArchiveError(f"no candidate {candidate_id} in this run")
         return found[0]
 
+    def seed(self) -> Candidate | None:
+        """Returns the seed program's candidate (generation 0), if recorded."""
+        found = self._select("generation = 0")
+        return found[0] if found else None
+
+    def in_states(self, *states: str) -> list[Candidate]:
+        """Returns the candidates in any of these states, in id order."""
+        return self._select(f"state IN ({', '.join('?' * len(states))})", states)
+
+    def in_generation(self, generation: int) -> list[Candidate]:
+        return self._select("generation = ?", (generation,))
+
+    def scored(self) -> list[Candidate]:
+        """Returns the candidates that ended `ok`."""
+        return self.in_states(State.OK.value)
+
+    def running(self) -> list[Candidate]:
+        return self.in_states(RUNNING)
+
     def unfinished(self) -> list[Candidate]:
-        return self.candidates("state IN (?, ?)", UNFINISHED)
+        return self.in_states(*UNFINISHED)
+
+    def accepted(self) -> list[Candidate]:
+        """Returns the candidates accepted as better clear of the noise, in id order."""
+        return self._select("accepted = 1")
+
+    def accepted_ids(self) -> list[int]:
+        return [c.id for c in self.accepted()]
+
+    def unjudged_generations(self) -> list[int]:
+        """Returns the generations that have candidates not yet judged, oldest first."""
+        rows = self.db.execute(
+            "SELECT DISTINCT generation FROM candidates WHERE accepted IS NULL ORDER BY generation"
+        )
+        return [int(r[0]) for r in rows]
+
+    def last_planned(self) -> int:
+        """Returns the latest generation whose parents are recorded (0 if none)."""
+        row = self.db.execute("SELECT MAX(generation) FROM generations").fetchone()
+        return int(row[0] or 0)
+
+    def due_evaluations(self, base_seed: int) -> list[tuple[Candidate, int]]:
+        """Returns the evaluations due, in id order: (candidate, evaluation index).
+
+        A candidate's first evaluation decides its state; more are due only
+        once it ended `ok`. An index already recorded (seed = base_seed +
+        index) is never due again.
+        """
+        due = [(c, 0) for c in self.unfinished()]
+        for c in self._select("state = 'ok' AND evals_needed > 1"):
+            rows = self.db.execute("SELECT seed FROM evaluations WHERE candidate_id = ?", (c.id,))
+            recorded = {int(r[0]) - base_seed for r in rows}
+            due += [(c, i) for i in range(1, c.evals_needed) if i not in recorded]
+        return sorted(due, key=lambda job: (job[0].id, job[1]))
 
     def recent_failures(self, n: int) -> list[Candidate]:
         """Returns the n latest candidates that ended in a failure state, latest first."""
         rows = self.db.execute(
-            "SELECT * FROM candidates WHERE state NOT IN ('ok', ?, ?, ?) ORDER BY id DESC LIMIT ?",
-            (PENDING, RUNNING, DUPLICATE, n),
+            f"SELECT * FROM candidates WHERE state IN ({', '.join('?' * len(FAILED))}) "
+            "ORDER BY id DESC LIMIT ?",
+            (*FAILED, n),
         )
         return [_candidate(row) for row in rows]
 
@@ -397,10 +462,12 @@ class Archive:
         return [_candidate(row) for row in rows]
 
 
-def _insert_evaluation(db: sqlite3.Connection, candidate_id: int, result: Any, seed: int) -> None:
+def _insert_evaluation(
+    db: sqlite3.Connection, candidate_id: int, result: Any, seed: int, node: str
+) -> None:
     db.execute(
-        "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created, "
+        "node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             candidate_id,
             seed,
@@ -409,6 +476,7 @@ def _insert_evaluation(db: sqlite3.Connection, candidate_id: int, result: Any, s
             json.dumps(dict(result.metrics)),
             result.data_hash,
             time.time(),
+            node,
         ),
     )
 
@@ -432,4 +500,5 @@ def _candidate(row: sqlite3.Row) -> Candidate:
         attempts=row["attempts"],
         evals_needed=row["evals_needed"],
         accepted=None if row["accepted"] is None else bool(row["accepted"]),
+        node=(row["node"] or "") if "node" in row.keys() else "",  # noqa: SIM118 (a Row's `in` looks at values); schema 1, read-only
     )

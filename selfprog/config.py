@@ -26,11 +26,12 @@ class RunSection:
     seed: int = 0
     generations: int = 4
     population: int = 4
-    workers: int = 1
+    workers: int = 0  # 0: one on this machine; on a Ray cluster, as many as fit
     max_candidates: int = 0
     max_hours: float = 0.0
     max_tokens: int = 0
     on_interrupt: str = "finish"
+    synchronous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class RunnerSection:
     memory: str = "4g"
     cpus: float = 0.0
     gpus: str = ""
+    address: str = "auto"  # ray: the cluster
+    sandbox: str = "docker"  # ray: the sandbox on each node
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +96,15 @@ _SECTIONS: dict[str, Any] = {
 }
 _CHOICES = {
     ("run", "on_interrupt"): ("finish", "kill"),
-    ("runner", "kind"): ("docker", "local"),
+    ("runner", "kind"): ("docker", "local", "ray"),
+    ("runner", "sandbox"): ("docker", "local"),
     ("proposer", "kind"): ("mutate", "openai", "transformers", "self"),
     ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }
 _NON_NEGATIVE = {
     "seed",
+    "workers",
     "z",
     "max_candidates",
     "max_hours",

@@ -19,3 +19,7 @@ class ProgramError(SelfprogError):
 
 class RunnerError(SelfprogError):
     """The sandbox cannot run at all (no engine, no image); not a candidate's failure."""
+
+
+class Outage(SelfprogError):
+    """Something the run depends on is gone (a cluster); the run stops cleanly and resume continues."""

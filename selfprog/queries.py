@@ -16,9 +16,6 @@ from typing import Any
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError, Candidate
 from selfprog.errors import SelfprogError
 from selfprog.rundir import Run
-from selfprog.scoring import State
-
-FAILED = tuple(state.value for state in State if state is not State.OK)
 
 
 def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:

@@ -9,15 +9,16 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from selfprog.queries import FAILED, one_line, top
+from selfprog.queries import one_line, top
 from selfprog.rundir import Run
+from selfprog.states import FAILED
 
 FAILED_COLOUR = "#d62728"
 
 
 def improvements(run: Run) -> list[tuple[int, float]]:
     """Returns (candidate, mean score) for each candidate accepted as better, clear of the noise."""
-    return [(c.id, c.score) for c in run.archive.candidates("accepted = 1") if c.score is not None]
+    return [(c.id, c.score) for c in run.archive.accepted() if c.score is not None]
 
 
 def progress_plot(run: Run) -> bytes:
@@ -166,10 +167,10 @@ def report_html(run: Run, best_n: int = 10) -> str:
 
     archive = run.archive
     counts = archive.counts()
-    seed = archive.candidates("generation = 0")
+    seed = archive.seed()
     best = top(run, best_n, ("ok",))
     champion = archive.best(run.target.minimize, 1, accepted=True)  # the best clear of the noise
-    seed_score = seed[0].score if seed else None
+    seed_score = seed.score if seed else None
     best_score = champion[0].score if champion else None
     change = None
     if seed_score and best_score is not None:
@@ -177,7 +178,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
     diffs = [
         (row, diff_html(archive.candidate(row["id"]).diff))
         for row in best
-        if row["id"] != (seed[0].id if seed else None)
+        if row["id"] != (seed.id if seed else None)
     ]
     template = Environment(autoescape=True).from_string(
         (resources.files("selfprog") / "templates" / "report.html").read_text()

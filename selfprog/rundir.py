@@ -45,9 +45,14 @@ class Run:
     def labels(self) -> dict[str, str]:
         return {"selfprog.run": self.run_id}
 
+    @property
+    def workers(self) -> int:
+        """Returns the candidates scored at once on this machine (0 in the config: one)."""
+        return self.config.run.workers or 1
+
     def limits(self) -> Limits:
         section = self.config.runner
-        cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.config.run.workers)
+        cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.workers)
         return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=section.gpus or None)
 
     def budget(self) -> tuple[float, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import enum
 import json
 import logging
 import math
@@ -19,24 +18,12 @@ from typing import Any
 from selfprog.data import Dataset
 from selfprog.errors import ProgramError
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
+from selfprog.states import State
 from selfprog.target import Target
 
 log = logging.getLogger(__name__)
 
 RESULT_MARKER = "SELFPROG_RESULT"
-
-
-class State(str, enum.Enum):
-    """How a candidate ended."""
-
-    OK = "ok"
-    INVALID = "invalid"  # edits did not apply, or the program does not parse
-    REJECTED = "rejected"  # a fixed file was touched
-    TRAIN_FAILED = "train_failed"
-    TIMEOUT = "timeout"
-    OOM = "oom"
-    EVAL_FAILED = "eval_failed"
-    ERROR = "error"  # the harness itself failed on this candidate (traceback in the log tail)
 
 
 @dataclass(frozen=True, slots=True)

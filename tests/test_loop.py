@@ -32,6 +32,8 @@ RUN_FLAGS = [
     "selection.noise_seeds=2",
     "--set",
     "selection.confirm_seeds=2",
+    "--set",
+    "run.synchronous=true",  # so that an interrupted run must match an uninterrupted one exactly
 ]
 
 
@@ -227,6 +229,7 @@ def make_run(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
 def test_lm_proposals_flow_into_candidates_and_failures_do_not_stop_the_run(tmp_path: Path) -> None:
     from selfprog.loop import Driver
     from selfprog.runners.local import LocalRunner
+    from selfprog.scheduler import make_scheduler
     from tests.fakes import FakeOpenAI, Reply, chat
     from tests.test_proposers import EDIT, proposer
 
@@ -238,7 +241,8 @@ def test_lm_proposals_flow_into_candidates_and_failures_do_not_stop_the_run(tmp_
         chat("I think the model is fine as it is.", prompt_tokens=310, completion_tokens=9),
     ]
     with FakeOpenAI(script).running() as fake:
-        ended = Driver(run, proposer(fake.url), LocalRunner(registry=tmp_path / "pids")).drive()
+        scheduler = make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
+        ended = Driver(run, proposer(fake.url), scheduler).drive()
     assert ended == "finished"
     rows = [(c.generation, c.state, c.reason) for c in run.archive.candidates()]
     assert rows[0][:2] == (0, "ok") and rows[1][:2] == (1, "ok")
@@ -263,11 +267,13 @@ def test_random_text_from_a_local_model_ends_invalid_cleanly(
     from selfprog.loop import Driver
     from selfprog.proposers.transformers import TransformersProposer
     from selfprog.runners.local import LocalRunner
+    from selfprog.scheduler import make_scheduler
 
     run = make_run(tmp_path, "run.generations=1", "run.population=3", "proposer.prompt_tokens=400")
     lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=16, edit_mode="free")
-    assert Driver(run, lm, LocalRunner(registry=tmp_path / "pids")).drive() == "finished"
-    children = run.archive.candidates("generation = 1")
+    scheduler = make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
+    assert Driver(run, lm, scheduler).drive() == "finished"
+    children = run.archive.in_generation(1)
     assert len(children) == 3 and {c.state for c in children} == {"invalid"}
     calls = run.archive.db.execute("SELECT k, tokens_in, tokens_out FROM calls").fetchall()
     assert len(calls) == 1 and calls[0][0] == 3 and calls[0][1] > 0 and 0 < calls[0][2] <= 48
@@ -300,3 +306,100 @@ def test_a_relative_run_folder_works(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "selfprog status runs/r" in done.stdout
+
+
+class SlowMutate:
+    """The mutate proposer behind a fixed latency, as a language model would answer."""
+
+    name = "slow-mutate"
+    template = "propose.md"
+
+    def __init__(self, latency: float):
+        from selfprog.proposers.mutate import MutateProposer
+
+        self.latency = latency
+        self.inner = MutateProposer()
+
+    def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
+        pass
+
+    def propose(self, request, k):  # type: ignore[no-untyped-def]
+        time.sleep(self.latency)
+        return self.inner.propose(request, k)
+
+
+def scoring_intervals(events: list[tuple[float, dict]]) -> list[tuple[float, float]]:  # type: ignore[type-arg]
+    """Returns when each evaluation was in a sandbox, from the driver's events."""
+    intervals, started = [], {}
+    for at, event in events:
+        key = (event.get("candidate"), event.get("evaluation"))
+        if event["event"] == "started":
+            started[key] = at
+        elif event["event"] == "finished":
+            intervals.append((started.pop(key), at))
+    return intervals
+
+
+def check_complete(run_dir: Path, generations: int, population: int) -> Archive:
+    """Asserts a finished run lost and repeated nothing; returns its archive."""
+    archive = Archive(run_dir / ARCHIVE_FILE, readonly=True)
+    candidates = archive.candidates()
+    assert len(candidates) == 1 + generations * population
+    assert all(c.state not in ("pending", "running") and c.accepted is not None for c in candidates)
+    pairs = archive.db.execute("SELECT generation, parent_id FROM calls").fetchall()
+    assert len(pairs) == len(set(map(tuple, pairs)))  # no call asked twice
+    counts = dict(
+        archive.db.execute(
+            "SELECT candidate_id, COUNT(*) FROM evaluations GROUP BY candidate_id"
+        ).fetchall()
+    )
+    for c in candidates:  # every evaluation once: none lost, none scored twice
+        expected = (
+            c.evals_needed if c.state == "ok" else (0 if c.state in ("invalid", "duplicate") else 1)
+        )
+        assert counts.get(c.id, 0) == expected, (c.id, c.state)
+    assert sorted({c.generation for c in candidates}) == list(range(generations + 1))
+    return archive
+
+
+def test_steady_state_proposes_while_candidates_are_scored(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.runners.local import LocalRunner
+    from selfprog.scheduler import make_scheduler
+
+    run = make_run(
+        tmp_path,
+        "run.generations=3",
+        "run.population=2",
+        "run.workers=2",
+        "selection.noise_seeds=2",
+        "budget.steps=30",
+    )
+    events: list[tuple[float, dict]] = []  # type: ignore[type-arg]
+    proposer = SlowMutate(latency=1.0)
+    scheduler = make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
+
+    def record(event: dict) -> None:  # type: ignore[type-arg]
+        events.append((time.monotonic(), event))
+
+    assert Driver(run, proposer, scheduler, on_event=record).drive() == "finished"
+    check_complete(run.root, 3, 2)
+    scoring = scoring_intervals(events)
+    calls = [at for at, e in events if e["event"] == "proposing"]
+    # the proposer was asked while a candidate of the generation before was still in a sandbox
+    overlapping = [c for c in calls if any(start < c < end for start, end in scoring)]
+    assert len(overlapping) >= 2, (calls, scoring)
+
+
+@pytest.mark.slow
+def test_steady_state_run_killed_and_resumed_loses_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "steady"
+    flags = ["--runner", "local", *RUN_FLAGS[: RUN_FLAGS.index("run.synchronous=true") - 1]]
+    driver = start("run", "--run-dir", str(run_dir), *flags)
+    wait_for(run_dir, done=4, running=1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert states(run_dir).get("running", 0) >= 1
+    code, out = finish(start("resume", str(run_dir)))
+    assert code == 0, out
+    check_complete(run_dir, 3, 2)

@@ -121,17 +121,17 @@ def test_only_an_ambiguous_child_is_evaluated_again() -> None:
 
 
 def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Driver._confirm and _accept on an archive with scripted evaluations (no training)."""
+    """Judge.confirm and accept on an archive with scripted evaluations (no training)."""
     from selfprog.config import load_config
-    from selfprog.loop import Driver
-    from selfprog.proposers.mutate import MutateProposer
+    from selfprog.judge import Judge
+    from selfprog.population import Population
     from selfprog.rundir import create_run
-    from selfprog.runners.local import LocalRunner
     from selfprog.scoring import Result, State
 
     run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
     archive = run.archive
-    driver = Driver(run, MutateProposer(), LocalRunner(registry=tmp_path / "pids"))
+    population = Population(run)
+    judge = Judge(run, population, lambda event: None)
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
         lucky = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
@@ -149,47 +149,43 @@ def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  #
     archive.finish(seed, ok(3.00), 0)
     archive.add_evaluation(seed, ok(3.05), 1)
     archive.add_evaluation(seed, ok(2.96), 2)
-    driver._accept(0)
-    assert driver.noise() == pytest.approx(0.0451, abs=1e-4)
+    judge.accept(0)
+    assert population.noise() == pytest.approx(0.0451, abs=1e-4)
     archive.finish(lucky, ok(2.97), 0)  # better only by noise, the best-looking child
     archive.finish(also, ok(2.99), 0)  # better only by noise too
     archive.finish(worse, ok(3.30), 0)
-    driver._confirm(1)
+    judge.confirm(1)
     assert needed(lucky, also, worse) == [3, 1, 1]  # only the best-looking child is re-evaluated
     archive.add_evaluation(lucky, ok(3.04), 1)  # evaluated again, it regresses to the seed's level
     archive.add_evaluation(lucky, ok(3.01), 2)
-    driver._confirm(1)  # as after a resume: the choice is not made twice
+    judge.confirm(1)  # as after a resume: the choice is not made twice
     assert needed(lucky, also, worse) == [3, 1, 1]
-    driver._accept(1)
+    judge.accept(1)
     accepted = [archive.candidate(i).accepted for i in (seed, lucky, also, worse)]
     assert accepted == [True, False, False, False]
     assert archive.candidate(lucky).score == pytest.approx((2.97 + 3.04 + 3.01) / 3)
 
     archive.finish(real, ok(2.60), 0)  # clearly better at once: nothing to confirm
     archive.finish(fluke, ok(2.98), 0)
-    driver._confirm(2)
+    judge.confirm(2)
     assert needed(real, fluke) == [1, 1]
-    driver._accept(2)
+    judge.accept(2)
     assert [archive.candidate(i).accepted for i in (real, fluke)] == [True, False]
 
 
 def test_an_evaluation_already_recorded_is_never_run_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A repeat recorded before a crash, while the first evaluation was still running."""
     from selfprog.config import load_config
-    from selfprog.loop import Driver
-    from selfprog.proposers.mutate import MutateProposer
     from selfprog.rundir import create_run
-    from selfprog.runners.local import LocalRunner
     from selfprog.scoring import Result, State
 
     run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local", "run.seed=7"]))
     archive = run.archive
-    driver = Driver(run, MutateProposer(), LocalRunner(registry=tmp_path / "pids"))
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="running", evals_needed=3)
     archive.add_evaluation(seed, Result(State.OK, score=3.0), 7 + 2)  # index 2 made it
-    assert [(c.id, i) for c, i in driver._jobs()] == [
-        (seed, 0)
-    ]  # first the one that decides the state
+    due = archive.due_evaluations(7)
+    assert [(c.id, i) for c, i in due] == [(seed, 0)]  # first the one that decides the state
     archive.finish(seed, Result(State.OK, score=3.1), 7 + 0)
-    assert [(c.id, i) for c, i in driver._jobs()] == [(seed, 1)]  # index 2 is not run twice
+    due = archive.due_evaluations(7)
+    assert [(c.id, i) for c, i in due] == [(seed, 1)]  # index 2 is not run twice

@@ -24,17 +24,17 @@ def test_the_proposer_follows_the_champions_fine_tuned_model(smollm2, tmp_path) 
     import torch
     from safetensors.torch import save_file
 
+    from selfprog.breeder import Breeder
     from selfprog.config import load_config
-    from selfprog.loop import Driver
+    from selfprog.population import Population
     from selfprog.proposers.selfmode import SelfProposer
     from selfprog.rundir import MODELS, create_run
-    from selfprog.runners.local import LocalRunner
     from selfprog.scoring import Result, State
 
     settings = load_config(None, ["run.target=selftune", "proposer.kind=self"])
     run = create_run(tmp_path / "run", settings)
     proposer = SelfProposer.for_target(settings.proposer, run.target.base_model)
-    driver = Driver(run, proposer, LocalRunner(registry=tmp_path / "pids"))
+    breeder = Breeder(run, proposer, Population(run), lambda event: None, lambda: "")
     archive = run.archive
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending")
@@ -49,12 +49,12 @@ def test_the_proposer_follows_the_champions_fine_tuned_model(smollm2, tmp_path) 
     (run.root / MODELS / str(child)).mkdir(parents=True)
     save_file({name: base * 1.5}, run.root / MODELS / str(child) / "delta.safetensors")
 
-    driver._proposer_weights(1)  # generation 1: the base model proposes
+    proposer.adopt(*breeder.weights_for(1))  # generation 1: the base model proposes
     assert proposer.model_name == "smollm2" and torch.equal(weight, base)
-    driver._proposer_weights(2)  # generation 2: the champion's fine-tuned model
+    proposer.adopt(*breeder.weights_for(2))  # generation 2: the champion's fine-tuned model
     assert proposer.model_name == f"smollm2+candidate-{child}"
     assert torch.allclose(weight, base * 1.5)
-    driver._proposer_weights(1)  # and back, exactly
+    proposer.adopt(*breeder.weights_for(1))  # and back, exactly
     assert torch.equal(weight, base)
 
 
@@ -83,6 +83,8 @@ def test_a_self_mode_run_records_the_chain_of_proposers(smollm2, docker_runner, 
             "selection.confirm_seeds=1",
             "--set",
             "selection.z=0.0",
+            "--set",
+            "run.synchronous=true",  # each generation proposed by the champion of the one before
         ]
     )
     assert code == 0
@@ -108,24 +110,12 @@ def test_a_self_mode_run_records_the_chain_of_proposers(smollm2, docker_runner, 
 
 def test_kept_outputs_are_plain_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A candidate's output named like the kept file but linking to a host file is not kept."""
-    import dataclasses
+    from selfprog.scheduler import read_kept
 
-    from selfprog.config import load_config
-    from selfprog.loop import Driver
-    from selfprog.proposers.mutate import MutateProposer
-    from selfprog.rundir import MODELS, create_run
-    from selfprog.runners.local import LocalRunner
-
-    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
-    run.target = dataclasses.replace(run.target, keep=("delta.safetensors", "extra.bin"))
-    driver = Driver(run, MutateProposer(), LocalRunner(registry=tmp_path / "pids"))
     out = tmp_path / "out"
     out.mkdir()
     secret = tmp_path / "host-secret"
     secret.write_text("not for candidates")
     (out / "delta.safetensors").symlink_to(secret)
     (out / "extra.bin").write_bytes(b"weights")
-    driver._keep_outputs(7, out)
-    kept = run.root / MODELS / "7"
-    assert sorted(p.name for p in kept.iterdir()) == ["extra.bin"]
-    assert (kept / "extra.bin").read_bytes() == b"weights"
+    assert read_kept(("delta.safetensors", "extra.bin"), out) == {"extra.bin": b"weights"}

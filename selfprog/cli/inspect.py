@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
-from selfprog.scoring import State
-
-STATES = (*(state.value for state in State), "duplicate", "pending", "running")
+from selfprog.states import ALL as STATES
 
 
 def _open(run_dir: str) -> Any:

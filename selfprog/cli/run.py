@@ -70,7 +70,7 @@ def _drive(run: Any) -> int:
     from selfprog.progress import Reporter
     from selfprog.proposers import make_proposer
     from selfprog.rundir import driver_lock
-    from selfprog.runners import make_runner
+    from selfprog.scheduler import make_scheduler
 
     settings = run.config
     stop = StopRequest()
@@ -88,14 +88,12 @@ def _drive(run: Any) -> int:
 
     minimize = run.target.minimize
     with driver_lock(run.root):
-        proposer = make_proposer(settings.proposer, run.target.base_model)
-        runner = make_runner(
-            settings.runner.kind, settings.runner.image or None, run.root / "local"
-        )
+        scheduler = make_scheduler(run)  # a cluster that cannot serve the run fails here, first
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            proposer = make_proposer(settings.proposer, run.target.base_model)
             with Reporter(run.archive, run.target.metric, minimize) as reporter:
-                driver = Driver(run, proposer, runner, stop, reporter)
+                driver = Driver(run, proposer, scheduler, stop, reporter)
                 try:
                     ended = driver.drive()
                 except KeyboardInterrupt:
@@ -103,7 +101,10 @@ def _drive(run: Any) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            scheduler.close()
     print(summary(run.archive, run.target.metric, minimize, run.root, ended))
+    if ended.startswith("stopped:"):  # an outage: the run stopped itself, resume continues
+        return 2
     return 0 if ended == "finished" or ended.startswith("reached") else 130
 
 
@@ -111,10 +112,10 @@ def summary(archive: Any, metric: str, minimize: bool, root: Path, ended: str) -
     """Returns the lines printed when a run stops: why, the best candidate, what next."""
     counts = archive.counts()
     best = archive.best(minimize, 1, accepted=True)
-    seed = archive.candidates("generation = 0")
+    seed = archive.seed()
     lines = [f"run {ended}: {sum(counts.values())} candidates ({_counts_text(counts)})"]
     if best:
-        start = seed[0].score if seed and seed[0].score is not None else float("nan")
+        start = seed.score if seed and seed.score is not None else float("nan")
         lines.append(
             f"best: candidate {best[0].id}, {metric} {best[0].score:.4f} (seed {start:.4f}): {best[0].rationale}"
         )
@@ -135,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     archive = run.archive
     minimize = run.target.minimize
     best = archive.best(minimize, 1, accepted=True)
-    seed = archive.candidates("generation = 0")
+    seed = archive.seed()
     holder = lock_holder(run.root)
     report: dict[str, Any] = {
         "run": str(run.root),
@@ -144,11 +145,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         "counts": archive.counts(),
         "generation": max((c.generation for c in archive.candidates()), default=0),
         "generations": run.config.run.generations,
-        "seed_score": seed[0].score if seed else None,
+        "seed_score": seed.score if seed else None,
         "best": {"candidate": best[0].id, "score": best[0].score, "rationale": best[0].rationale}
         if best
         else None,
-        "running": [c.id for c in archive.candidates("state = 'running'")],
+        "running": [{"candidate": c.id, "node": c.node} for c in archive.running()],
         "tokens": archive.tokens_used(),
         "active_seconds": float(archive.meta("active_seconds") or 0),
     }
@@ -165,9 +166,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             f"best        {run.target.metric} {best[0].score:.4f}, candidate {best[0].id}: {best[0].rationale}"
         )
-    if seed and seed[0].score is not None:
-        lines.append(f"seed        {run.target.metric} {seed[0].score:.4f}")
-    lines.append(f"running     {', '.join(map(str, report['running'])) or '-'}")
+    if seed and seed.score is not None:
+        lines.append(f"seed        {run.target.metric} {seed.score:.4f}")
+    running = [
+        f"{r['candidate']}" + (f" on {r['node']}" if r["node"] else "") for r in report["running"]
+    ]
+    lines.append(f"running     {', '.join(running) or '-'}")
     lines.append(f"tokens      {report['tokens']}")
     lines.append(f"active      {report['active_seconds'] / 60:.1f} min")
     print("\n".join(lines))
@@ -196,7 +200,11 @@ def add_verbs(verbs: Any) -> None:
     rn.add_argument(
         "--model", help="the proposer's model: a fetched alias (smollm2), a folder or a name"
     )
-    rn.add_argument("--runner", choices=("docker", "local"), help="the sandbox")
+    rn.add_argument(
+        "--runner",
+        choices=("docker", "local", "ray"),
+        help="the sandbox: docker, local, or ray (docker sandboxes on a Ray cluster's nodes)",
+    )
     rn.add_argument("--generations", type=int, help="generations after the seed")
     rn.add_argument("--population", type=int, help="children per generation")
     rn.add_argument("--workers", type=int, help="candidates scored at once")

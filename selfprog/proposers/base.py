@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -36,6 +37,18 @@ class Proposer(Protocol):
 
     name: str
 
+    @property
+    def template(self) -> str:
+        """The prompt template the loop fills for this proposer (in selfprog/prompts/)."""
+        ...
+
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
         """Returns k proposals; failures are proposals with an error, not exceptions."""
+        ...
+
+    def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
+        """Takes up the weights the run's champion trained, kept in folder (None: the base).
+
+        Only a proposer that follows the run (self mode) acts on it; the others ignore it.
+        """
         ...

@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from selfprog.edits import DIVIDER, REPLACE, SEARCH
 from selfprog.proposers.base import Proposal, ProposalRequest
@@ -170,9 +171,13 @@ class MutateProposer:
     """Proposes random, valid numeric perturbations; seeded and deterministic."""
 
     name = "mutate"
+    template = "propose.md"  # unused: mutate reads no prompt
 
     def __init__(self, max_changes: int = 2):
         self.max_changes = max_changes
+
+    def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
+        pass
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
         rng = random.Random(request.seed)

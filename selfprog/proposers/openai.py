@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -81,6 +82,10 @@ class OpenAIProposer:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     name: str = "openai"
+    template: str = "propose.md"
+
+    def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
+        pass  # a served model does not follow the run
 
     @classmethod
     def from_config(cls, section: ProposerSection) -> OpenAIProposer:

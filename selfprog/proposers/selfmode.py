@@ -58,6 +58,10 @@ class SelfProposer(TransformersProposer):
         """
         if candidate_id == self.adopted:
             return
+        if candidate_id is not None and (folder is None or not folder.is_dir()):
+            raise SelfprogError(
+                f"candidate {candidate_id} is the best, but its fine-tuned model is not in {folder}"
+            )
         import torch
         from safetensors.torch import load_file
 

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from selfprog.config import ProposerSection
@@ -63,6 +64,9 @@ class TransformersProposer:
     def template(self) -> str:
         """The prompt template the loop fills for this proposer."""
         return "choose.md" if self.edit_mode == "constrained" else "propose.md"
+
+    def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
+        pass  # a fixed model; self mode's proposer follows the run
 
     @classmethod
     def from_config(cls, section: ProposerSection) -> TransformersProposer:

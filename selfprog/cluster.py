@@ -1,0 +1,363 @@
+"""Scoring on a Ray cluster: each evaluation is a Ray task that runs selfprog's sandbox on its node.
+
+Nothing is shared but Ray itself. The run's target and prepared data go into
+the object store once; a node fetches them the first time one of its tasks
+needs them and caches them by hash, so no shared file system is needed. The
+sandbox image is built on a node the first time it is needed there. Kept
+outputs come back with the task's result, and the driver stays the only
+writer of the archive.
+
+A task whose node dies is retried elsewhere by Ray (system failures only: a
+candidate's own failure is a result, never an exception); only the outcome
+that comes back is recorded, so a retried candidate is recorded once. A
+retry first removes the sandbox an earlier attempt may have left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from selfprog.data import load_dataset
+from selfprog.errors import ConfigError, Outage, SelfprogError
+from selfprog.rundir import Run
+from selfprog.runners.base import Limits, Runner
+from selfprog.scheduler import Event, Job, Outcome, Placed, Scoring, job_labels, score_job
+from selfprog.scoring import Result
+from selfprog.states import State
+from selfprog.target import load_target
+
+log = logging.getLogger(__name__)
+
+RETRIES = 3  # how often Ray reruns a task whose node or worker died
+CLEANUP_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """What a node needs to score a run's jobs, besides the files (which travel by reference)."""
+
+    key: str  # the hash of the files: a node caches them under it
+    target_name: str
+    limits: Limits
+    budget_seconds: float
+    budget_steps: int
+    labels: Mapping[str, str]
+    sandbox: str  # "docker" or "local"
+    image: str
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Returns every file under folder by relative path (links followed: data may link a model)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            out[str(path.relative_to(folder))] = path.read_bytes()
+    return out
+
+
+def _pack(run: Run) -> tuple[str, dict[str, dict[str, bytes]]]:
+    files = {"target": _files(run.target.root), "data": _files(run.data.root)}
+    digest = hashlib.sha256()
+    for part, contents in sorted(files.items()):
+        for name, data in sorted(contents.items()):
+            digest.update(f"{part}/{name}\0".encode() + hashlib.sha256(data).digest())
+    return digest.hexdigest()[:16], files
+
+
+# -- on the node ------------------------------------------------------------------
+
+
+def node_cache(node_id: str) -> Path:
+    """Returns this node's cache folder (per node, so nodes sharing a disk stay apart)."""
+    return Path(tempfile.gettempdir()) / f"selfprog-node-{node_id[:12]}"
+
+
+@contextlib.contextmanager
+def _node_lock(cache: Path) -> Iterator[None]:
+    """Serialises the tasks of one node while they unpack files or build the image."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / "lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _unpack(cache: Path, bundle: Bundle, box: list[Any]) -> Path:
+    """Returns the node's copy of the run's files, fetching them the first time."""
+    import ray
+
+    root = cache / "runs" / bundle.key
+    if not (root / ".ready").exists():
+        files = ray.get(box[0])  # only now: a node that has them never fetches them again
+        shutil.rmtree(root, ignore_errors=True)
+        for part, contents in files.items():
+            for name, data in contents.items():
+                path = root / part / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+        (root / ".ready").touch()
+    return root
+
+
+_RUNNERS: dict[tuple[str, str], Runner] = {}
+
+
+def _runner(cache: Path, sandbox: str, image: str) -> Runner:
+    """Returns this worker's runner; the first on a node builds the sandbox image there."""
+    from selfprog.runners import make_runner
+
+    key = (sandbox, image)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = make_runner(sandbox, image or None, cache / "local")
+    return _RUNNERS[key]
+
+
+def _node_name() -> tuple[str, str]:
+    import ray
+
+    context = ray.get_runtime_context()
+    node_id = context.get_node_id()
+    return node_id, f"{ray.util.get_node_ip_address()}/{node_id[:8]}"
+
+
+def score_on_node(bundle: Bundle, box: list[Any], job: Job, placements: Any) -> Outcome:
+    """Scores one job on the node Ray chose (the body of the Ray task)."""
+    node_id, node = _node_name()
+    with contextlib.suppress(Exception):  # where it runs is news, not a condition of running
+        placements.put_nowait((job.key, node))
+    cache = node_cache(node_id)
+    with _node_lock(cache):
+        root = _unpack(cache, bundle, box)
+        runner = _runner(cache, bundle.sandbox, bundle.image)
+    target = load_target(root / "target")
+    data = load_dataset(target, root / "data")
+    scoring = Scoring(
+        target, data, bundle.limits, bundle.budget_seconds, bundle.budget_steps, bundle.labels
+    )
+    runner.stop_all(job_labels(scoring, job))  # what an attempt on a node that died left here
+    (cache / "work").mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache / "work", prefix=f"{job.candidate_id}-{job.index}-"))
+    return score_job(scoring, job, runner, work, node)
+
+
+def clean_node(bundle: Bundle, labels: Mapping[str, str]) -> int:
+    """Removes this node's sandboxes carrying the labels (the body of a cleanup task)."""
+    node_id, _ = _node_name()
+    cache = node_cache(node_id)
+    with _node_lock(cache):
+        runner = _runner(cache, bundle.sandbox, bundle.image)
+    return runner.stop_all(labels)
+
+
+# -- on the driver ----------------------------------------------------------------
+
+
+def _request(limits: Limits) -> dict[str, float]:
+    """Returns the Ray resources one candidate asks for."""
+    request = {"CPU": limits.cpus, "memory": float(limits.memory_bytes)}
+    if limits.gpus:
+        request["GPU"] = float(limits.gpus)
+    return request
+
+
+def capacity(nodes: list[dict[str, Any]], request: Mapping[str, float]) -> int:
+    """Returns how many candidates the alive nodes can run at once under this request."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        offered = node.get("Resources", {})
+        total += int(min(offered.get(k, 0.0) // v for k, v in request.items() if v > 0))
+    return total
+
+
+class RayScheduler:
+    """Scores jobs as Ray tasks on a cluster's nodes, `slots` at once."""
+
+    def __init__(self, bundle: Bundle, box: list[Any], slots: int, address: str):
+        import ray
+        from ray.util.queue import Queue
+
+        self.ray = ray
+        self.bundle = bundle
+        self.box = box
+        self.slots = slots
+        self.address = address
+        self.placements = Queue()
+        limits = bundle.limits
+        self._task = ray.remote(score_on_node).options(
+            num_cpus=limits.cpus,
+            num_gpus=float(limits.gpus or 0),
+            memory=limits.memory_bytes,
+            max_retries=RETRIES,
+            retry_exceptions=False,
+        )
+        self._clean = ray.remote(clean_node).options(num_cpus=0, max_retries=0)
+        self._running: dict[Any, Job] = {}
+        self._cancelled: set[Any] = set()
+
+    @classmethod
+    def connect(cls, run: Run) -> RayScheduler:
+        """Returns a scheduler on the run's cluster, checked to fit a candidate.
+
+        Raises:
+            SelfprogError: Ray is missing, the cluster is unreachable or of another
+                Ray version, or no node fits one candidate's request.
+        """
+        try:
+            import ray
+        except ImportError:
+            raise SelfprogError(
+                "--runner ray needs Ray on this machine and every node: pip install 'selfprog[ray]'"
+            ) from None
+        section = run.config.runner
+        if section.gpus == "all":
+            raise ConfigError("with --runner ray, runner.gpus is a count per candidate, not 'all'")
+        limits = replace(run.limits(), cpus=section.cpus or 1.0)
+        address = section.address
+        try:
+            ray.init(
+                address=address,
+                namespace="selfprog",
+                log_to_driver=False,
+                include_dashboard=False,
+                configure_logging=False,
+            )
+        except ConnectionError as exc:
+            raise SelfprogError(
+                f"cannot reach a Ray cluster at {address}: {_first_line(exc)}; start one "
+                "(`ray start --head`) or set runner.address"
+            ) from None
+        except (RuntimeError, ValueError) as exc:  # a version mismatch, a bad address
+            raise SelfprogError(
+                f"cannot join the Ray cluster at {address}: {_first_line(exc)}"
+            ) from None
+        request = _request(limits)
+        room = capacity(ray.nodes(), request)
+        if room == 0:
+            offered = "; ".join(
+                f"{n['NodeManagerAddress']}: {_resources(n.get('Resources', {}))}"
+                for n in ray.nodes()
+                if n.get("Alive")
+            )
+            ray.shutdown()
+            raise SelfprogError(
+                f"no node of the Ray cluster at {address} fits one candidate "
+                f"({_resources(request)}); nodes offer {offered or 'nothing'}"
+            )
+        slots = run.config.run.workers or room
+        log.info(
+            "ray cluster at %s: %d node(s), room for %d candidate(s) at once; %d slot(s)",
+            address,
+            sum(1 for n in ray.nodes() if n.get("Alive")),
+            room,
+            slots,
+        )
+        key, files = _pack(run)
+        bundle = Bundle(
+            key=key,
+            target_name=run.target.name,
+            limits=limits,
+            budget_seconds=run.budget()[0],
+            budget_steps=run.budget()[1],
+            labels=dict(run.labels),
+            sandbox=section.sandbox,
+            image=section.image,
+        )
+        return cls(bundle, [ray.put(files)], slots, address)
+
+    def submit(self, job: Job) -> None:
+        ref = self._task.remote(self.bundle, self.box, job, self.placements)
+        self._running[ref] = job
+
+    def wait(self, timeout: float) -> list[Event]:
+        ray = self.ray
+        events: list[Event] = []
+        try:
+            keys = {job.key: job for job in self._running.values()}
+            for key, node in self.placements.get_nowait_batch(self.placements.qsize()):
+                if tuple(key) in keys:
+                    events.append(Placed(keys[tuple(key)], node))
+            if not self._running:
+                return events
+            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        except Exception as exc:  # the cluster itself went away
+            raise Outage(f"lost the Ray cluster at {self.address}: {_first_line(exc)}") from None
+        for ref in ready:
+            job = self._running.pop(ref)
+            events.append(self._outcome(ref, job))
+        return events
+
+    def _outcome(self, ref: Any, job: Job) -> Outcome:
+        ray = self.ray
+        try:
+            outcome: Outcome = ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            return Outcome(job, Result(State.ERROR, reason="cancelled"), cancelled=True)
+        except ray.exceptions.RayError as exc:
+            # score_job never raises for a candidate: this is the cluster failing it RETRIES times
+            raise Outage(
+                f"the Ray cluster could not score candidate {job.candidate_id} "
+                f"(after {RETRIES} retries): {_first_line(exc)}"
+            ) from None
+        if ref in self._cancelled:
+            return replace(outcome, cancelled=True)
+        return outcome
+
+    def cancel(self) -> None:
+        for ref in self._running:
+            self._cancelled.add(ref)
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref)
+        self.stop_all(self.bundle.labels)
+
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        ray = self.ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        except Exception as exc:  # no cluster to ask: its nodes are cleaned on resume
+            log.warning("could not list the cluster's nodes to clean up: %s", _first_line(exc))
+            return 0
+        refs = [
+            self._clean.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(self.bundle, dict(labels))
+            for node in nodes
+        ]
+        removed = 0
+        for ref in refs:
+            try:
+                removed += int(ray.get(ref, timeout=CLEANUP_SECONDS))
+            except Exception as exc:  # a node that cannot clean up now is cleaned on resume
+                log.warning("could not clean up a node: %s", _first_line(exc))
+        return removed
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _resources(resources: Mapping[str, float]) -> str:
+    shown = []
+    for name in ("CPU", "GPU", "memory"):
+        if name in resources:
+            value = resources[name]
+            shown.append(
+                f"{value / 2**30:.1f} GiB memory" if name == "memory" else f"{value:g} {name}"
+            )
+    return ", ".join(shown) or "no CPU"

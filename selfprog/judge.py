@@ -1,0 +1,80 @@
+"""Confirmation and acceptance: which children are better than the champion, clear of the noise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from selfprog.population import Population
+from selfprog.rundir import Run
+from selfprog.selection import clearly_better, goodness, needs_confirmation
+from selfprog.states import State
+
+Event = dict[str, Any]
+
+
+class Judge:
+    """Decides generations in order, each once its evaluations are all recorded."""
+
+    def __init__(self, run: Run, population: Population, on_event: Callable[[Event], None]):
+        self.run = run
+        self.archive = run.archive
+        self.population = population
+        self.on_event = on_event
+
+    def settle(self, closed_through: int) -> None:
+        """Judges, oldest first, every generation up to closed_through whose work is done.
+
+        A generation is closed when no more children will be proposed for it.
+        Judging stops at the first generation still being scored, so each is
+        judged against the champion of the generations before it.
+        """
+        busy = {c.generation for c, _ in self.archive.due_evaluations(self.run.config.run.seed)}
+        for generation in self.archive.unjudged_generations():
+            if generation > closed_through or generation in busy:
+                return
+            if self.confirm(generation):
+                return  # its best-looking child is evaluated again first
+            self.accept(generation)
+
+    def confirm(self, generation: int) -> bool:
+        """Asks for more evaluations of the generation's best-looking child, if it needs them.
+
+        Only that child is re-evaluated, and only when it looks better than the
+        best but not yet clearly so: confirming every lucky-looking child spends
+        evaluations on neutral edits that noise made look better (bench/noise.py).
+        Returns whether evaluations were asked for. Asking again gives the same
+        answer (the champion changes only when a generation is accepted).
+        """
+        section = self.run.config.selection
+        children = [c for c in self.archive.in_generation(generation) if c.state == State.OK]
+        if generation == 0 or any(c.evals_needed > 1 for c in children):
+            return False  # the seed's repeats measure the noise; or chosen already
+        best, noise = self.population.champion(), self.population.noise()
+        minimize = self.population.minimize
+        members = {m.id: m for m in self.population.members()}
+        scored = [members[c.id] for c in children if c.accepted is None and c.id in members]
+        if not scored:
+            return False
+        pick = max(scored, key=lambda m: goodness(m.mean, minimize))
+        if best is None or needs_confirmation(pick, best, noise, section.z, minimize):
+            self.archive.set_evals_needed(pick.id, section.confirm_seeds)
+            return section.confirm_seeds > len(pick.scores)
+        return False
+
+    def accept(self, generation: int) -> None:
+        """Decides, in id order, which candidates of the generation beat the best clear of the noise."""
+        z, minimize = self.run.config.selection.z, self.population.minimize
+        members = {m.id: m for m in self.population.members()}
+        best, noise = self.population.champion(), self.population.noise()
+        for c in self.archive.in_generation(generation):
+            if c.accepted is not None:
+                continue
+            member = members.get(c.id)
+            better = member is not None and (
+                best is None or clearly_better(member, best, noise, z, minimize)
+            )
+            self.archive.set_accepted(c.id, better)
+            if better and member is not None:
+                best = member
+                self.on_event({"event": "accepted", "candidate": c.id, "score": member.mean})

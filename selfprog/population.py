@@ -1,0 +1,75 @@
+"""The archive as selection sees it: scored members, the noise floor, the champion, parents."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import statistics
+
+from selfprog.errors import SelfprogError
+from selfprog.rundir import Run
+from selfprog.selection import Member, champion, select
+
+DESCRIPTORS = ("params", "context")  # the map-elites grid, from the metrics the target reports
+
+
+def derive_seed(*parts: object) -> int:
+    """Returns a stable 32-bit seed from the parts (Python's hash() changes between processes)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class Population:
+    """Answers selection's questions about a run from its archive as it stands."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.archive = run.archive
+        self.minimize = run.target.minimize
+
+    def members(self) -> list[Member]:
+        """Returns every candidate that ended `ok`, with its scores and children so far."""
+        children = self.archive.children_counts()
+        members = []
+        for c in self.archive.scored():
+            scores = tuple(self.archive.scores(c.id))
+            if scores:
+                descriptors = {k: float(c.metrics[k]) for k in DESCRIPTORS if k in c.metrics}
+                members.append(Member(c.id, scores, children.get(c.id, 0), descriptors))
+        return members
+
+    def noise(self) -> float:
+        """Returns the noise floor: the spread of the seed's scores over its evaluation seeds."""
+        seed = self.archive.seed()
+        scores = self.archive.scores(seed.id) if seed else []
+        return statistics.stdev(scores) if len(scores) > 1 else 0.0
+
+    def champion(self) -> Member | None:
+        """Returns the best candidate accepted clear of the noise, if any."""
+        return champion(self.members(), self.archive.accepted_ids())
+
+    def select(self, generation: int) -> list[tuple[int, int]]:
+        """Returns the (parent, children) pairs for a generation, drawn by the run's policy.
+
+        Raises:
+            SelfprogError: no candidate has scored `ok`, so there is no parent.
+        """
+        config = self.run.config
+        members = self.members()
+        if not members:
+            seed = self.archive.seed()
+            ended = f"{seed.state} ({seed.reason})" if seed else "unrecorded"
+            raise SelfprogError(
+                f"no candidate has scored `ok`, so none can be a parent: the seed ended "
+                f"{ended}; try `selfprog eval` on the target"
+            )
+        rng = random.Random(derive_seed(config.run.seed, "select", generation))
+        return select(
+            config.selection.policy,
+            members,
+            config.run.population,
+            rng,
+            self.minimize,
+            self.archive.accepted_ids(),
+            DESCRIPTORS,
+        )

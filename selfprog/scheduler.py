@@ -1,0 +1,222 @@
+"""Scheduling evaluations: slots that score jobs somewhere, and report placements and outcomes.
+
+The driver hands a scheduler jobs (one evaluation of one candidate) and
+collects what happened; it never learns how. `ThreadScheduler` scores on
+this machine, `workers` at once, each job on a thread of its own; the Ray
+scheduler (selfprog/cluster.py) scores on the nodes of a cluster. Both run
+`score_job`, so a candidate is staged, trained and scored the same way
+wherever it lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from selfprog.data import Dataset
+from selfprog.rundir import Run
+from selfprog.runners import make_runner
+from selfprog.runners.base import Limits, Runner
+from selfprog.scoring import Result, score_program
+from selfprog.states import State
+from selfprog.target import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One evaluation of one candidate: index 0 decides its state, later ones repeat it."""
+
+    candidate_id: int
+    index: int
+    files: Mapping[str, str]
+    seed: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.candidate_id, self.index
+
+
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """What every job of a run shares: the target, its data, the limits and the budget."""
+
+    target: Target
+    data: Dataset
+    limits: Limits
+    budget_seconds: float
+    budget_steps: int
+    labels: Mapping[str, str]  # the run's; each job adds its candidate and evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A job started on a node."""
+
+    job: Job
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A job ended: its result, where it ran, and the output files the target keeps."""
+
+    job: Job
+    result: Result
+    node: str = ""
+    kept: Mapping[str, bytes] = field(default_factory=dict)
+    cancelled: bool = False  # stopped by us: the result is not the candidate's, it runs again
+
+
+Event = Placed | Outcome
+
+
+class Scheduler(Protocol):
+    """Slots that score jobs."""
+
+    slots: int
+
+    def submit(self, job: Job) -> None:
+        """Starts a job in a free slot (the driver never submits more than `slots`)."""
+        ...
+
+    def wait(self, timeout: float) -> list[Event]:
+        """Returns the placements and outcomes since the last call, waiting up to timeout for one."""
+        ...
+
+    def cancel(self) -> None:
+        """Kills every job in flight; each comes back as a cancelled outcome."""
+        ...
+
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        """Removes every sandbox with these labels (a crashed driver's too); returns how many."""
+        ...
+
+    def close(self) -> None:
+        """Lets go of the slots (and the cluster); what still runs is the caller's to cancel first."""
+        ...
+
+
+def job_labels(scoring: Scoring, job: Job) -> dict[str, str]:
+    return {
+        **scoring.labels,
+        "selfprog.candidate": str(job.candidate_id),
+        "selfprog.evaluation": str(job.index),
+    }
+
+
+def score_job(scoring: Scoring, job: Job, runner: Runner, work: Path, node: str) -> Outcome:
+    """Returns the outcome of one job: the program written out, trained and scored in work.
+
+    This is the per-candidate boundary: whatever goes wrong in the harness is
+    recorded on the candidate as `error` with its traceback, never raised.
+    """
+    try:
+        program_dir = work / "candidate"
+        shutil.rmtree(work, ignore_errors=True)
+        for path, text in job.files.items():
+            (program_dir / path).parent.mkdir(parents=True, exist_ok=True)
+            (program_dir / path).write_text(text)
+        result = score_program(
+            scoring.target,
+            program_dir,
+            runner,
+            scoring.data,
+            work / "score",
+            limits=scoring.limits,
+            seed=job.seed,
+            budget_seconds=scoring.budget_seconds,
+            budget_steps=scoring.budget_steps,
+            labels=job_labels(scoring, job),
+        )
+        kept: dict[str, bytes] = {}
+        if result.state is State.OK and job.index == 0:
+            kept = read_kept(scoring.target.keep, work / "score" / "out")
+        return Outcome(job, result, node, kept)
+    except Exception:  # the one broad except: the per-candidate boundary
+        result = Result(
+            State.ERROR,
+            reason="the harness failed on this candidate",
+            log_tail=traceback.format_exc()[-4000:],
+        )
+        return Outcome(job, result, node)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def read_kept(names: tuple[str, ...], out: Path) -> dict[str, bytes]:
+    """Returns the output files the target keeps (a fine-tuned model), plain files only."""
+    kept = {}
+    for name in names:
+        path = out / name
+        if path.is_file() and not path.is_symlink():  # a link could point at a host file
+            kept[name] = path.read_bytes()
+    return kept
+
+
+class ThreadScheduler:
+    """Scores jobs on this machine, `slots` at once, with the run's runner."""
+
+    def __init__(self, runner: Runner, scoring: Scoring, slots: int, work_root: Path):
+        self.runner = runner
+        self.scoring = scoring
+        self.slots = slots
+        self.work_root = work_root
+        self.node = socket.gethostname()
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="slot")
+        self._running: dict[Future[Outcome], Job] = {}
+        self._placed: list[Event] = []
+        self._cancelled: set[Future[Outcome]] = set()
+
+    def submit(self, job: Job) -> None:
+        work = self.work_root / f"{job.candidate_id}-{job.index}"
+        future = self._pool.submit(score_job, self.scoring, job, self.runner, work, self.node)
+        self._running[future] = job
+        self._placed.append(Placed(job, self.node))
+
+    def wait(self, timeout: float) -> list[Event]:
+        events, self._placed = self._placed, []
+        if self._running:
+            done, _ = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = self._running.pop(future)
+                outcome = future.result()
+                if future in self._cancelled:
+                    outcome = Outcome(job, outcome.result, outcome.node, cancelled=True)
+                events.append(outcome)
+        return events
+
+    def cancel(self) -> None:
+        # what had already ended stands; only what was still running was killed by us
+        self._cancelled |= {f for f in self._running if not f.done()}
+        self.runner.stop_all(self.scoring.labels)
+
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        return self.runner.stop_all(labels)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_scheduler(run: Run, runner: Runner | None = None) -> Scheduler:
+    """Returns the scheduler the run's config asks for (or one over this runner), ready.
+
+    Raises:
+        SelfprogError: the runner or cluster cannot serve the run (one line).
+    """
+    section = run.config.runner
+    if section.kind == "ray" and runner is None:
+        from selfprog.cluster import RayScheduler
+
+        return RayScheduler.connect(run)
+    runner = runner or make_runner(section.kind, section.image or None, run.root / "local")
+    scoring = Scoring(run.target, run.data, run.limits(), *run.budget(), labels=dict(run.labels))
+    return ThreadScheduler(runner, scoring, run.workers, run.root / "work")
