@@ -19,7 +19,9 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -185,13 +187,20 @@ class RayScheduler:
     def __init__(self, bundle: Bundle, box: list[Any], slots: int, address: str):
         import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.ray = ray
         self.bundle = bundle
         self.box = box
         self.slots = slots
         self.address = address
-        self.placements = Queue()
+        # where tasks report their node; on the head, which the cluster cannot lose and live
+        head = next(
+            (n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n.get("Resources", {})),
+            None,
+        )
+        pin = NodeAffinitySchedulingStrategy(head, soft=True) if head else None
+        self.placements = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": pin})
         limits = bundle.limits
         self._task = ray.remote(score_on_node).options(
             num_cpus=limits.cpus,
@@ -200,7 +209,7 @@ class RayScheduler:
             max_retries=RETRIES,
             retry_exceptions=False,
         )
-        self._clean = ray.remote(clean_node).options(num_cpus=0, max_retries=0)
+        self._clean = ray.remote(clean_node)
         self._running: dict[Any, Job] = {}
         self._cancelled: set[Any] = set()
 
@@ -223,6 +232,7 @@ class RayScheduler:
             raise ConfigError("with --runner ray, runner.gpus is a count per candidate, not 'all'")
         limits = replace(run.limits(), cpus=section.cpus or 1.0)
         address = section.address
+        _check_reachable(address)  # ray.init waits minutes on an address where nothing listens
         try:
             ray.init(
                 address=address,
@@ -280,14 +290,10 @@ class RayScheduler:
 
     def wait(self, timeout: float) -> list[Event]:
         ray = self.ray
-        events: list[Event] = []
+        events: list[Event] = self._placed()
+        if not self._running:
+            return events
         try:
-            keys = {job.key: job for job in self._running.values()}
-            for key, node in self.placements.get_nowait_batch(self.placements.qsize()):
-                if tuple(key) in keys:
-                    events.append(Placed(keys[tuple(key)], node))
-            if not self._running:
-                return events
             ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
         except Exception as exc:  # the cluster itself went away
             raise Outage(f"lost the Ray cluster at {self.address}: {_first_line(exc)}") from None
@@ -295,6 +301,16 @@ class RayScheduler:
             job = self._running.pop(ref)
             events.append(self._outcome(ref, job))
         return events
+
+    def _placed(self) -> list[Event]:
+        """Returns the placements tasks reported (news: a failure to read them is only logged)."""
+        keys = {job.key: job for job in self._running.values()}
+        try:
+            reported = self.placements.get_nowait_batch(self.placements.qsize())
+        except Exception as exc:
+            log.warning("cannot read where candidates run: %s", _first_line(exc))
+            return []
+        return [Placed(keys[tuple(key)], node) for key, node in reported if tuple(key) in keys]
 
     def _outcome(self, ref: Any, job: Job) -> Outcome:
         ray = self.ray
@@ -330,7 +346,9 @@ class RayScheduler:
             return 0
         refs = [
             self._clean.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                num_cpus=0,
+                max_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(self.bundle, dict(labels))
             for node in nodes
         ]
@@ -345,6 +363,27 @@ class RayScheduler:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Raises a one-line error unless something listens at the cluster's address."""
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if not target and current.is_file():
+            target = current.read_text().strip()
+        if not target:
+            return  # Ray says itself, at once, that no cluster runs here
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise SelfprogError(
+            f"cannot reach a Ray cluster at {address}"
+            + (f" ({target})" if target != address else "")
+            + f": {exc}; start one (`ray start --head`) or set runner.address"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -92,7 +92,9 @@ class Driver:
         if not self.archive.candidates():
             self.breeder.add_seed()
         try:
-            return self._loop()
+            ended = self._loop()
+            self.scheduler.stop_all(self.run.labels)  # what a dead node left and no retry reached
+            return ended
         except Outage as exc:  # not the candidates' fault: nothing is recorded against them
             log.error("%s", exc)
             return f"stopped: {exc}"
@@ -127,11 +129,8 @@ class Driver:
     def _may_breed(self) -> bool:
         if self.breeder.open_generation():
             return True  # a generation's calls follow one another
-        unjudged = self.archive.unjudged_generations()
         if self.synchronous:  # the next generation only once this one is judged
-            return not self._due() and not unjudged
-        if 0 in unjudged:
-            return False  # parents come from scored candidates: the seed first
+            return not self._due() and not self.archive.unjudged_generations()
 
         waiting = [key for key in self._due() if key not in self.in_flight]
         return len(waiting) < self.scheduler.slots  # keep a child ready for the next free slot

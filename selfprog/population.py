@@ -9,6 +9,7 @@ import statistics
 from selfprog.errors import SelfprogError
 from selfprog.rundir import Run
 from selfprog.selection import Member, champion, select
+from selfprog.states import UNFINISHED
 
 DESCRIPTORS = ("params", "context")  # the map-elites grid, from the metrics the target reports
 
@@ -56,8 +57,11 @@ class Population:
         """
         config = self.run.config
         members = self.members()
+        seed = self.archive.seed()
+        if not members and seed is not None and seed.state in UNFINISHED:
+            # steady state: the first children are bred while the seed is scored; it is their parent
+            return [(seed.id, config.run.population)]
         if not members:
-            seed = self.archive.seed()
             ended = f"{seed.state} ({seed.reason})" if seed else "unrecorded"
             raise SelfprogError(
                 f"no candidate has scored `ok`, so none can be a parent: the seed ended "
