@@ -112,7 +112,8 @@ def drive(args: argparse.Namespace, folder: Path, mode: str, latency: float) -> 
     calls = run.archive.db.execute("SELECT COUNT(*), SUM(latency) FROM calls").fetchone()
     print(
         f"{mode:>6}: {wall:6.1f} s wall, {evaluations} evaluations, {calls[0]} proposer calls "
-        f"({calls[1]:.1f} s), slots busy {busy:.1f} s of {WORKERS * wall:.1f} s: idle {idle:.1%}",
+        f"({calls[1]:.1f} s), slots busy {busy:.1f} s of {WORKERS * wall:.1f} s: idle {idle:.1%}; "
+        f"{evaluations / wall * 3600:.0f} evaluations/hour",
         flush=True,
     )
     return idle

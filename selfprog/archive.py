@@ -126,10 +126,16 @@ class Archive:
             raise ArchiveError(f"{path}: not a selfprog archive (no schema version)")
 
     def _migrate_v1(self) -> None:
-        """Adds what schema 2 records (the node) to an archive written by schema 1."""
+        """Adds what schema 2 records (the node) to an archive written by schema 1.
+
+        Each step is checked before it is taken (sqlite commits ALTER TABLE at
+        once), so a migration a crash cut short is finished by the next open.
+        """
+        for table in ("candidates", "evaluations"):
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if "node" not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN node TEXT")
         with self.transaction() as db:
-            db.execute("ALTER TABLE candidates ADD COLUMN node TEXT")
-            db.execute("ALTER TABLE evaluations ADD COLUMN node TEXT")
             db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     @classmethod

@@ -85,8 +85,8 @@ class Breeder:
             )
 
     def open_generation(self) -> int:
-        """Returns the generation with calls still to make (0 when none is open)."""
-        if self.generation and self._remaining(self.generation):
+        """Returns the generation with calls still to make (0 when none is, or none will be made)."""
+        if self.generation and not self.exhausted and self._remaining(self.generation):
             return self.generation
         return 0
 
@@ -118,6 +118,8 @@ class Breeder:
                 if reason:
                     self.exhausted = reason
                     return None
+                if not self.population.can_select():
+                    return None  # asked again once more has been scored
                 plan = self.population.select(self.generation)
                 self.archive.record_generation(self.generation, plan)
                 self.on_event(

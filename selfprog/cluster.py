@@ -40,7 +40,8 @@ from selfprog.target import load_target
 log = logging.getLogger(__name__)
 
 RETRIES = 3  # how often Ray reruns a task whose node or worker died
-CLEANUP_SECONDS = 60.0
+CLEANUP_SECONDS = 120.0  # at start, a node may build the sandbox image first
+CANCEL_SECONDS = 10.0  # a stop at once waits no longer
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +67,30 @@ def _files(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def _pack(run: Run) -> tuple[str, dict[str, dict[str, bytes]]]:
-    files = {"target": _files(run.target.root), "data": _files(run.data.root)}
+def _key(files: Mapping[str, Mapping[str, bytes]]) -> str:
+    """Returns the hash of a run's files, by part, name and content."""
     digest = hashlib.sha256()
     for part, contents in sorted(files.items()):
         for name, data in sorted(contents.items()):
             digest.update(f"{part}/{name}\0".encode() + hashlib.sha256(data).digest())
-    return digest.hexdigest()[:16], files
+    return digest.hexdigest()[:16]
+
+
+def _pack(run: Run) -> tuple[str, dict[str, dict[str, bytes]]]:
+    files = {"target": _files(run.target.root), "data": _files(run.data.root)}
+    return _key(files), files
 
 
 # -- on the node ------------------------------------------------------------------
 
 
 def node_cache(node_id: str) -> Path:
-    """Returns this node's cache folder (per node, so nodes sharing a disk stay apart)."""
-    return Path(tempfile.gettempdir()) / f"selfprog-node-{node_id[:12]}"
+    """Returns this node's cache folder: this user's alone, and per node (nodes may share a disk)."""
+    mine = Path(tempfile.gettempdir()) / f"selfprog-{os.getuid()}"
+    mine.mkdir(mode=0o700, exist_ok=True)
+    if mine.stat().st_uid != os.getuid() or mine.stat().st_mode & 0o077:
+        raise SelfprogError(f"{mine} is not this user's private folder; remove it")
+    return mine / f"node-{node_id[:12]}"
 
 
 @contextlib.contextmanager
@@ -97,8 +107,14 @@ def _unpack(cache: Path, bundle: Bundle, box: list[Any]) -> Path:
     import ray
 
     root = cache / "runs" / bundle.key
-    if not (root / ".ready").exists():
+    ready = (root / ".ready").exists()
+    if ready:  # checked each time: with the local sandbox, candidates run as this user
+        on_disk = {part: _files(root / part) for part in ("target", "data")}
+        ready = _key(on_disk) == bundle.key
+    if not ready:
         files = ray.get(box[0])  # only now: a node that has them never fetches them again
+        if _key(files) != bundle.key:
+            raise SelfprogError("the run's files arrived damaged on this node")
         shutil.rmtree(root, ignore_errors=True)
         for part, contents in files.items():
             for name, data in contents.items():
@@ -141,8 +157,13 @@ def score_on_node(bundle: Bundle, box: list[Any], job: Job, placements: Any) -> 
         runner = _runner(cache, bundle.sandbox, bundle.image)
     target = load_target(root / "target")
     data = load_dataset(target, root / "data")
+    limits = bundle.limits
+    if limits.gpus:  # the GPUs Ray gave this task, not the first ones of the node
+        import ray
+
+        limits = replace(limits, gpus="device=" + ",".join(map(str, ray.get_gpu_ids())))
     scoring = Scoring(
-        target, data, bundle.limits, bundle.budget_seconds, bundle.budget_steps, bundle.labels
+        target, data, limits, bundle.budget_seconds, bundle.budget_steps, bundle.labels
     )
     runner.stop_all(job_labels(scoring, job))  # what an attempt on a node that died left here
     (cache / "work").mkdir(exist_ok=True)
@@ -196,7 +217,11 @@ class RayScheduler:
         self.address = address
         # where tasks report their node; on the head, which the cluster cannot lose and live
         head = next(
-            (n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n.get("Resources", {})),
+            (
+                n["NodeID"]
+                for n in ray.nodes()
+                if "node:__internal_head__" in n.get("Resources", {})
+            ),
             None,
         )
         pin = NodeAffinitySchedulingStrategy(head, soft=True) if head else None
@@ -282,7 +307,13 @@ class RayScheduler:
             sandbox=section.sandbox,
             image=section.image,
         )
-        return cls(bundle, [ray.put(files)], slots, address)
+        scheduler = cls(bundle, [ray.put(files)], slots, address)
+        try:
+            scheduler.probe()
+        except SelfprogError:
+            scheduler.close()
+            raise
+        return scheduler
 
     def submit(self, job: Job) -> None:
         ref = self._task.remote(self.bundle, self.box, job, self.placements)
@@ -318,33 +349,84 @@ class RayScheduler:
             outcome: Outcome = ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             return Outcome(job, Result(State.ERROR, reason="cancelled"), cancelled=True)
-        except ray.exceptions.RayError as exc:
-            # score_job never raises for a candidate: this is the cluster failing it RETRIES times
+        except ray.exceptions.RayTaskError as exc:
+            # score_job never raises for a candidate: the node failed (no Docker, a full disk)
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             raise Outage(
-                f"the Ray cluster could not score candidate {job.candidate_id} "
-                f"(after {RETRIES} retries): {_first_line(exc)}"
+                f"a node could not score candidate {job.candidate_id}: "
+                f"{type(cause).__name__}: {_first_line(cause)}"
+            ) from None
+        except ray.exceptions.RayError as exc:  # its worker or node died, RETRIES times over
+            raise Outage(
+                f"the Ray cluster lost candidate {job.candidate_id} {RETRIES + 1} times: "
+                f"{_first_line(exc)}"
             ) from None
         if ref in self._cancelled:
             return replace(outcome, cancelled=True)
         return outcome
 
     def cancel(self) -> None:
-        for ref in self._running:
+        refs = list(self._running)
+        with contextlib.suppress(Exception):  # what has already ended stands
+            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in refs:
             self._cancelled.add(ref)
             with contextlib.suppress(Exception):
-                self.ray.cancel(ref)
-        self.stop_all(self.bundle.labels)
+                self.ray.cancel(ref)  # inside the task: the sandbox is removed on the way out
+        self.stop_all(self.bundle.labels, timeout=CANCEL_SECONDS)
 
-    def stop_all(self, labels: Mapping[str, str]) -> int:
+    def stop_all(self, labels: Mapping[str, str], timeout: float = CLEANUP_SECONDS) -> int:
+        refs = self._on_every_node(labels)
+        if not refs:
+            return 0
+        ray = self.ray
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        removed = 0
+        for ref in ready:
+            try:
+                removed += int(ray.get(ref))
+            except Exception as exc:  # a node that cannot clean up now is cleaned on resume
+                log.warning("could not clean up a node: %s", _first_line(exc))
+        if late:
+            log.warning(
+                "%d node(s) did not clean up within %.0f s; resume cleans them", len(late), timeout
+            )
+        return removed
+
+    def probe(self) -> None:
+        """Checks that every node can run the sandbox (building its image there if needed).
+
+        Raises:
+            SelfprogError: a node cannot (no Docker engine, no image), in one line.
+        """
+        refs = self._on_every_node(self.bundle.labels)
+        ready, late = self.ray.wait(refs, num_returns=len(refs), timeout=CLEANUP_SECONDS)
+        for ref in ready:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                raise SelfprogError(
+                    f"a node of the Ray cluster at {self.address} cannot run the "
+                    f"{self.bundle.sandbox} sandbox: {_first_line(cause)}"
+                ) from None
+        if late:
+            raise SelfprogError(
+                f"{len(late)} node(s) of the Ray cluster at {self.address} did not answer "
+                f"within {CLEANUP_SECONDS:.0f} s"
+            )
+
+    def _on_every_node(self, labels: Mapping[str, str]) -> list[Any]:
+        """Returns a cleanup task started on each alive node (none if the cluster cannot say)."""
         ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         try:
             nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
         except Exception as exc:  # no cluster to ask: its nodes are cleaned on resume
-            log.warning("could not list the cluster's nodes to clean up: %s", _first_line(exc))
-            return 0
-        refs = [
+            log.warning("could not list the cluster's nodes: %s", _first_line(exc))
+            return []
+        return [
             self._clean.options(
                 num_cpus=0,
                 max_retries=0,
@@ -352,13 +434,6 @@ class RayScheduler:
             ).remote(self.bundle, dict(labels))
             for node in nodes
         ]
-        removed = 0
-        for ref in refs:
-            try:
-                removed += int(ray.get(ref, timeout=CLEANUP_SECONDS))
-            except Exception as exc:  # a node that cannot clean up now is cleaned on resume
-                log.warning("could not clean up a node: %s", _first_line(exc))
-        return removed
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -104,6 +104,7 @@ class Driver:
                 self.archive.mark_pending([c for c, i in self.in_flight if i == 0])
 
     def _loop(self) -> str:
+        stalled = 0
         while True:
             self.judge.settle(self.breeder.closed_through())
             if not self.stop.requested:
@@ -119,9 +120,14 @@ class Driver:
                     self.judge.settle(self.breeder.closed_through())  # all of it is closed now
                     if not self._due():
                         return self.breeder.exhausted
-                    continue
-                if not self._due():  # nothing runs, nothing may start: a bug, never a hang
-                    raise SelfprogError("the loop has nothing to do but the run has not ended")
+                stalled += 1  # what settling just made due starts on the next round
+                if stalled > 1:  # nothing runs and nothing may start: a bug, never a silent spin
+                    raise SelfprogError(
+                        f"the loop stalled with evaluations due ({self._due()[:4]}) and none "
+                        "allowed to start; please report this"
+                    )
+                continue
+            stalled = 0
             self._wait()
 
     # -- breeding -------------------------------------------------------------
@@ -189,15 +195,15 @@ class Driver:
             if self.call is not None:
                 wait_for([self.call], timeout=POLL)
             events = []
-        if self.call is not None and self.call.done():
-            call, self.call = self.call.result(), None  # a proposer's crash stops the run here
-            self.breeder.record(call)
-        for event in events:
+        for event in events:  # first: a proposer's crash below must not lose these
             if isinstance(event, Placed):
                 if event.job.index == 0:
                     self.archive.set_node(event.job.candidate_id, event.node)
             else:
                 self._record(event)
+        if self.call is not None and self.call.done():
+            call, self.call = self.call.result(), None  # a proposer's crash stops the run here
+            self.breeder.record(call)
 
     def _record(self, outcome: Outcome) -> None:
         job = outcome.job

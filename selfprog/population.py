@@ -49,6 +49,19 @@ class Population:
         """Returns the best candidate accepted clear of the noise, if any."""
         return champion(self.members(), self.archive.accepted_ids())
 
+    def can_select(self) -> bool:
+        """Returns whether parents can be drawn now, or an unscored seed is the only choice.
+
+        With no scored candidate and work still being scored, the answer is to
+        wait: what is being scored may yet become a parent.
+        """
+        if self.members():
+            return True
+        seed = self.archive.seed()
+        if seed is not None and seed.state in UNFINISHED:
+            return True  # the seed is every first child's parent, scored or not
+        return not self.archive.due_evaluations(self.run.config.run.seed)  # else: say why not
+
     def select(self, generation: int) -> list[tuple[int, int]]:
         """Returns the (parent, children) pairs for a generation, drawn by the run's policy.
 

@@ -93,3 +93,39 @@ class FakeOpenAI:
         finally:
             self.server.shutdown()
             self.server.server_close()
+
+
+class FakeScheduler:
+    """Scores every job at once with a scripted function; can fail like a lost cluster."""
+
+    def __init__(self, score: Any, slots: int = 1, outage_after: int | None = None):
+        self.score = score  # job -> Result
+        self.slots = slots
+        self.outage_after = outage_after  # raise Outage once this many jobs have ended
+        self.queue: list[Any] = []
+        self.ended = 0
+        self.cancelled = 0
+
+    def submit(self, job: Any) -> None:
+        self.queue.append(job)
+
+    def wait(self, timeout: float) -> list[Any]:
+        from selfprog.errors import Outage
+        from selfprog.scheduler import Outcome
+
+        if self.outage_after is not None and self.ended >= self.outage_after:
+            raise Outage("lost the fake cluster")
+        if not self.queue:
+            return []
+        job = self.queue.pop(0)
+        self.ended += 1
+        return [Outcome(job, self.score(job), "fake-node")]
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+    def stop_all(self, labels: Any) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -53,3 +53,22 @@ def test_foreign_newer_and_missing_archives(tmp_path: Path) -> None:
     archive.set_meta("schema_version", "99")
     with pytest.raises(ArchiveError, match="schema 99 is newer"):
         Archive(tmp_path / "new.sqlite")
+
+
+def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path) -> None:
+    from selfprog.archive import _SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA.replace(", node TEXT", ""))  # schema 1 had no node columns
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO candidates (generation, state, created) VALUES (0, 'ok', 0)")
+    db.execute("ALTER TABLE candidates ADD COLUMN node TEXT")  # a migration cut short here
+    db.commit()
+    db.close()
+    assert Archive(path, readonly=True).candidate(1).node == ""  # readers read it as it is
+    archive = Archive(path)
+    archive.finish(1, Result(State.OK, score=1.0), 0, node="n1")
+    assert archive.meta("schema_version") == "2" and archive.candidate(1).node == "n1"
+    archive.close()
+    assert Archive(path).candidate(1).node == "n1"

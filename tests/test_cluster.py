@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,9 +52,18 @@ def cluster(docker_runner: Any) -> Iterator[Any]:
     """A head with no CPU (it schedules, never scores) and two worker nodes of 1 CPU each."""
     if sys.platform != "linux":
         pytest.skip("the cluster test starts Ray processes on Linux only")
+    with socket.socket() as probe:  # a free port for the Ray Client server (ray:// addresses)
+        probe.bind(("127.0.0.1", 0))
+        client_port = probe.getsockname()[1]
     made = ray_cluster_utils.Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "ray_client_server_port": client_port,
+        },
     )
+    made.client_address = f"ray://127.0.0.1:{client_port}"
     for _ in range(2):
         made.add_node(num_cpus=1)
     made.wait_for_nodes()
@@ -165,6 +175,27 @@ def test_a_cluster_that_cannot_serve_the_run_is_refused_before_any_candidate(
         archive = Archive(run_dir / ARCHIVE_FILE, readonly=True)
         assert archive.candidates() == []
         archive.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_run_through_ray_client(cluster: Any, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    small = ["--generations", "1", "--population", "1", "--set", "selection.noise_seeds=1"]
+    code, out = finish(
+        start(
+            "run",
+            "--run-dir",
+            str(run_dir),
+            *FLAGS,
+            *small,
+            "--set",
+            f"runner.address={cluster.client_address}",
+        )
+    )
+    assert code == 0, out
+    check_complete(run_dir, 1, 1)
+    assert nodes_of(run_dir) and "" not in nodes_of(run_dir)
 
 
 def test_capacity_counts_whole_candidates_on_alive_nodes() -> None:

@@ -80,6 +80,22 @@ def test_daemon_errors_are_retried(tmp_path: Path) -> None:
     assert api.calls == ["create", "create", "create", "start", "remove"]
 
 
+def test_gpus_are_requested_by_count_or_by_the_ids_a_scheduler_assigned(tmp_path: Path) -> None:
+    import dataclasses
+
+    runner = DockerRunner(client=FakeClient(FakeApi([])))
+    phase = script_phase(tmp_path, "print(1)")
+
+    def requests_for(gpus: str | None) -> list[Any]:
+        limits = dataclasses.replace(SMALL, gpus=gpus)
+        return runner._container_config(phase, limits, {})["host_config"]["device_requests"]
+
+    assert requests_for(None) is None
+    assert requests_for("all")[0]["Count"] == -1 and requests_for("2")[0]["Count"] == 2
+    pinned = requests_for("device=1,3")[0]  # two candidates on one node never share a GPU
+    assert pinned["DeviceIDs"] == ["1", "3"] and not pinned.get("Count")
+
+
 def test_client_errors_and_candidate_failures_are_not_retried(tmp_path: Path) -> None:
     api = FakeApi([_api_error(400)])
     runner = DockerRunner(client=FakeClient(api))

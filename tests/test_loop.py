@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfprog.archive import ARCHIVE_FILE, Archive
+from selfprog.errors import SelfprogError
 from selfprog.loop import derive_seed
 from selfprog.rundir import driver_lock
 
@@ -319,11 +320,13 @@ class SlowMutate:
 
         self.latency = latency
         self.inner = MutateProposer()
+        self.calls = 0
 
     def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
         pass
 
     def propose(self, request, k):  # type: ignore[no-untyped-def]
+        self.calls += 1
         time.sleep(self.latency)
         return self.inner.propose(request, k)
 
@@ -383,7 +386,8 @@ def test_steady_state_proposes_while_candidates_are_scored(tmp_path: Path) -> No
         events.append((time.monotonic(), event))
 
     assert Driver(run, proposer, scheduler, on_event=record).drive() == "finished"
-    check_complete(run.root, 3, 2)
+    archive = check_complete(run.root, 3, 2)
+    assert proposer.calls == archive.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
     scoring = scoring_intervals(events)
     calls = [at for at, e in events if e["event"] == "proposing"]
     # the proposer was asked while a candidate of the generation before was still in a sandbox
@@ -403,3 +407,97 @@ def test_steady_state_run_killed_and_resumed_loses_nothing(tmp_path: Path) -> No
     code, out = finish(start("resume", str(run_dir)))
     assert code == 0, out
     check_complete(run_dir, 3, 2)
+
+
+def ok_unless(failing: set[int]):  # type: ignore[no-untyped-def]
+    """Returns a fake scorer: candidates in failing end train_failed, the rest score by id."""
+    from selfprog.scoring import Result
+    from selfprog.states import State
+
+    def score(job):  # type: ignore[no-untyped-def]
+        if job.candidate_id in failing:
+            return Result(State.TRAIN_FAILED, reason="scripted")
+        return Result(State.OK, score=3.0 - 0.01 * job.candidate_id + 0.001 * job.index)
+
+    return score
+
+
+def drive_within(driver, seconds: float = 60):  # type: ignore[no-untyped-def]
+    """Returns what drive() returned, failing the test if it runs past seconds (a hang)."""
+    import threading
+
+    box: list[object] = []
+
+    def drive() -> None:
+        try:
+            box.append(driver.drive())
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the loop hangs"
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+@pytest.mark.parametrize("synchronous", ["true", "false"])
+def test_max_candidates_in_the_middle_of_a_generation_ends_the_run(
+    tmp_path: Path, synchronous: str
+) -> None:
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(
+        tmp_path,
+        "run.generations=3",
+        "run.population=2",
+        "selection.noise_seeds=1",
+        "run.max_candidates=4",
+        f"run.synchronous={synchronous}",
+    )
+    driver = Driver(run, MutateProposer(), FakeScheduler(ok_unless(set())))
+    assert drive_within(driver) == "reached max_candidates (4)"
+    candidates = run.archive.candidates()
+    assert len(candidates) == 4
+    assert all(c.state not in ("pending", "running") and c.accepted is not None for c in candidates)
+
+
+def test_a_failed_seed_does_not_strand_its_first_children(tmp_path: Path) -> None:
+    """Steady state breeds from the seed while it is scored; its children are scored all the same."""
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.generations=2", "run.population=2", "selection.noise_seeds=1")
+    driver = Driver(run, MutateProposer(), FakeScheduler(ok_unless({1}), slots=2))
+    assert drive_within(driver) == "finished"
+    states_by_id = {c.id: c.state for c in run.archive.candidates()}
+    assert states_by_id[1] == "train_failed" and "pending" not in states_by_id.values()
+    assert run.archive.in_generation(2)  # a scored child of the failed seed became a parent
+
+    every = make_run(tmp_path / "all", "run.generations=2", "run.population=2")
+    driver = Driver(every, MutateProposer(), FakeScheduler(ok_unless(set(range(1, 9))), slots=2))
+    with pytest.raises(SelfprogError, match="no candidate has scored `ok`"):
+        drive_within(driver)
+    assert not every.archive.unfinished()  # all were scored before the run said so
+
+
+def test_an_outage_stops_the_run_cleanly_and_resume_continues(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.generations=2", "run.population=2", "selection.noise_seeds=1")
+    lost = FakeScheduler(ok_unless(set()), slots=2, outage_after=2)
+    ended = drive_within(Driver(run, MutateProposer(), lost))
+    assert ended == "stopped: lost the fake cluster"
+    assert lost.cancelled == 1 and not run.archive.running()  # in flight: pending again
+    assert all(c.state in ("ok", "pending") for c in run.archive.candidates())
+    assert (
+        drive_within(Driver(run, MutateProposer(), FakeScheduler(ok_unless(set())))) == "finished"
+    )
+    check_complete(run.root, 2, 2)

@@ -22,7 +22,7 @@ class Limits:
     output_bytes: int = 512 * MiB  # the output folder, in total
     scratch_bytes: int = 256 * MiB  # the writable /tmp
     log_bytes: int = 16 * 1024  # the log tail kept per phase
-    gpus: str | None = None  # None: no GPU; "all" or a count such as "1"
+    gpus: str | None = None  # None: no GPU; "all", a count such as "1", or "device=0,2"
 
     @property
     def threads(self) -> int:

@@ -132,7 +132,10 @@ class DockerRunner:
             },
         )
         gpus = None
-        if limits.gpus is not None:
+        if limits.gpus is not None and limits.gpus.startswith("device="):  # these GPUs exactly
+            ids = limits.gpus.removeprefix("device=").split(",")
+            gpus = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+        elif limits.gpus is not None:
             count = -1 if limits.gpus == "all" else int(limits.gpus)
             gpus = [DeviceRequest(count=count, capabilities=[["gpu"]])]
         return {
@@ -245,6 +248,11 @@ def remove_leftovers(client: Any, labels: Mapping[str, str]) -> int:
     selector = [LABEL] + [f"{k}={v}" for k, v in labels.items()]
     containers = client.api.containers(all=True, filters={"label": selector})
     for container in containers:
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             client.api.remove_container(container["Id"], force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: another cleaner is removing it already
+                raise
     return len(containers)
