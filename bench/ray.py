@@ -6,13 +6,16 @@ candidates in Docker sandboxes of 1 CPU. The same `selfprog run --runner ray`
 (mutate proposer, a step budget, one generation) is timed on each, one after
 the other. The last line reads `speedup=X` (candidates/hour on 2 nodes over 1).
 
-    python bench/ray.py              # 8 children, 150 steps each
+    python bench/ray.py              # 9 children (10 candidates: whole rounds on 2 nodes), 150 steps
     python bench/ray.py --quick      # 4 children, 60 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,8 +74,13 @@ def per_hour(nodes: int, children: int, steps: int, folder: Path) -> float:
         raise SystemExit(f"selfprog run failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     candidates = children + 1
     rate = candidates / wall * 3600
+    archive = sqlite3.connect(folder / f"nodes-{nodes}" / "archive.sqlite")
+    timings = [json.loads(t) for (t,) in archive.execute("SELECT timings FROM candidates")]
+    archive.close()
+    mean = statistics.mean(t["total"] for t in timings if "total" in t)
     print(
-        f"{nodes} node(s): {candidates} candidates in {wall:.1f} s = {rate:.0f} candidates/hour",
+        f"{nodes} node(s): {candidates} candidates in {wall:.1f} s = {rate:.0f} candidates/hour "
+        f"(a candidate took {mean:.1f} s on average)",
         flush=True,
     )
     return rate
@@ -80,7 +88,7 @@ def per_hour(nodes: int, children: int, steps: int, folder: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--children", type=int, default=8)
+    parser.add_argument("--children", type=int, default=9)
     parser.add_argument("--steps", type=int, default=150, help="training steps per candidate")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
