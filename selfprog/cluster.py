@@ -272,9 +272,8 @@ class RayScheduler:
                 "(`ray start --head`) or set runner.address"
             ) from None
         except (RuntimeError, ValueError) as exc:  # a version mismatch, a bad address
-            raise SelfprogError(
-                f"cannot join the Ray cluster at {address}: {_first_line(exc)}"
-            ) from None
+            said = " ".join(str(exc).split())[:300]  # a version mismatch spans lines
+            raise SelfprogError(f"cannot join the Ray cluster at {address}: {said}") from None
         request = _request(limits)
         room = capacity(ray.nodes(), request)
         if room == 0:
