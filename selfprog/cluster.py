@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
 from selfprog.data import load_dataset
 from selfprog.errors import ConfigError, Outage, SelfprogError
 from selfprog.rundir import Run
@@ -108,7 +110,7 @@ def _unpack(cache: Path, bundle: Bundle, box: list[Any]) -> Path:
 
     root = cache / "runs" / bundle.key
     ready = (root / ".ready").exists()
-    if ready:  # checked each time: with the local sandbox, candidates run as this user
+    if ready and bundle.sandbox == "local":  # its candidates run as this user: check each time
         on_disk = {part: _files(root / part) for part in ("target", "data")}
         ready = _key(on_disk) == bundle.key
     if not ready:
@@ -258,8 +260,16 @@ class RayScheduler:
         limits = replace(run.limits(), cpus=section.cpus or 1.0)
         address = section.address
         _check_reachable(address)  # ray.init waits minutes on an address where nothing listens
+        # a Ray Client server starts a process per driver and may time out on a busy head: retried
+        join = Retrying(
+            retry=retry_if_exception_type(ConnectionError),
+            stop=stop_after_attempt(3 if address.startswith("ray://") else 1),
+            wait=wait_exponential(multiplier=2),
+            reraise=True,
+        )
         try:
-            ray.init(
+            join(
+                ray.init,
                 address=address,
                 namespace="selfprog",
                 log_to_driver=False,
@@ -367,7 +377,8 @@ class RayScheduler:
     def cancel(self) -> None:
         refs = list(self._running)
         with contextlib.suppress(Exception):  # what has already ended stands
-            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+            # fetch_local=False: a result still on its node has ended all the same
+            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         for ref in refs:
             self._cancelled.add(ref)
             with contextlib.suppress(Exception):
@@ -398,7 +409,7 @@ class RayScheduler:
         Raises:
             SelfprogError: a node cannot (no Docker engine, no image), in one line.
         """
-        refs = self._on_every_node(self.bundle.labels)
+        refs = self._on_every_node(self.bundle.labels, scoring_only=True)
         ready, late = self.ray.wait(refs, num_returns=len(refs), timeout=CLEANUP_SECONDS)
         for ref in ready:
             try:
@@ -415,13 +426,22 @@ class RayScheduler:
                 f"within {CLEANUP_SECONDS:.0f} s"
             )
 
-    def _on_every_node(self, labels: Mapping[str, str]) -> list[Any]:
-        """Returns a cleanup task started on each alive node (none if the cluster cannot say)."""
+    def _on_every_node(self, labels: Mapping[str, str], scoring_only: bool = False) -> list[Any]:
+        """Returns a cleanup task started on each alive node (none if the cluster cannot say).
+
+        scoring_only: only on the nodes that fit a candidate (a head that scores
+        nothing need not run the sandbox).
+        """
         ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        request = _request(self.bundle.limits)
         try:
-            nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+            nodes = [
+                n["NodeID"]
+                for n in ray.nodes()
+                if n.get("Alive") and (not scoring_only or capacity([n], request) > 0)
+            ]
         except Exception as exc:  # no cluster to ask: its nodes are cleaned on resume
             log.warning("could not list the cluster's nodes: %s", _first_line(exc))
             return []

@@ -58,8 +58,8 @@ class Population:
         if self.members():
             return True
         seed = self.archive.seed()
-        if seed is not None and seed.state in UNFINISHED:
-            return True  # the seed is every first child's parent, scored or not
+        if seed is not None and seed.state in UNFINISHED and self.archive.last_planned() == 0:
+            return True  # the seed is the first generation's parent, scored or not
         return not self.archive.due_evaluations(self.run.config.run.seed)  # else: say why not
 
     def select(self, generation: int) -> list[tuple[int, int]]:
@@ -71,7 +71,8 @@ class Population:
         config = self.run.config
         members = self.members()
         seed = self.archive.seed()
-        if not members and seed is not None and seed.state in UNFINISHED:
+        first = self.archive.last_planned() == 0
+        if not members and first and seed is not None and seed.state in UNFINISHED:
             # steady state: the first children are bred while the seed is scored; it is their parent
             return [(seed.id, config.run.population)]
         if not members:

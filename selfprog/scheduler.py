@@ -184,6 +184,9 @@ class ThreadScheduler:
 
     def wait(self, timeout: float) -> list[Event]:
         events, self._placed = self._placed, []
+        if any(f in self._cancelled for f in self._running):
+            # a cancelled job between phases may start one more sandbox: kill it too
+            self.runner.stop_all(self.scoring.labels)
         if self._running:
             done, _ = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:

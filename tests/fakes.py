@@ -98,9 +98,18 @@ class FakeOpenAI:
 class FakeScheduler:
     """Scores every job at once with a scripted function; can fail like a lost cluster."""
 
-    def __init__(self, score: Any, slots: int = 1, outage_after: int | None = None):
+    def __init__(
+        self,
+        score: Any,
+        slots: int = 1,
+        outage_after: int | None = None,
+        hold: frozenset[int] = frozenset(),
+        hold_for: int = 0,
+    ):
         self.score = score  # job -> Result
         self.slots = slots
+        self.hold = hold  # candidates whose jobs end only after hold_for other jobs ended
+        self.hold_for = hold_for
         self.outage_after = outage_after  # raise Outage once this many jobs have ended
         self.queue: list[Any] = []
         self.ended = 0
@@ -117,7 +126,12 @@ class FakeScheduler:
             raise Outage("lost the fake cluster")
         if not self.queue:
             return []
-        job = self.queue.pop(0)
+        free = [j for j in self.queue if j.candidate_id not in self.hold]
+        if not free and self.ended < self.hold_for:
+            time.sleep(0.01)
+            return []  # a slow candidate: still running
+        job = (free or self.queue)[0]
+        self.queue.remove(job)
         self.ended += 1
         return [Outcome(job, self.score(job), "fake-node")]
 

@@ -479,6 +479,23 @@ def test_a_failed_seed_does_not_strand_its_first_children(tmp_path: Path) -> Non
     assert states_by_id[1] == "train_failed" and "pending" not in states_by_id.values()
     assert run.archive.in_generation(2)  # a scored child of the failed seed became a parent
 
+    # a slow seed is the parent of the first generation only: later ones wait for scores
+    slow = make_run(
+        tmp_path / "slow", "run.generations=3", "run.population=2", "selection.noise_seeds=1"
+    )
+    held = FakeScheduler(ok_unless(set()), slots=4, hold=frozenset({1}), hold_for=4)
+    assert drive_within(Driver(slow, MutateProposer(), held)) == "finished"
+    plans = slow.archive.db.execute(
+        "SELECT generation, parents, created FROM generations WHERE generation > 1"
+    ).fetchall()
+    assert plans
+    for generation, parents, created in plans:  # each drawn from candidates already scored
+        for parent, _ in json.loads(parents):
+            row = slow.archive.db.execute(
+                "SELECT finished FROM candidates WHERE id = ?", (parent,)
+            ).fetchone()
+            assert row[0] is not None and row[0] <= created, (generation, parent)
+
     every = make_run(tmp_path / "all", "run.generations=2", "run.population=2")
     driver = Driver(every, MutateProposer(), FakeScheduler(ok_unless(set(range(1, 9))), slots=2))
     with pytest.raises(SelfprogError, match="no candidate has scored `ok`"):

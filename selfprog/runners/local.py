@@ -48,6 +48,8 @@ def harness_env(limits: Limits, extra: Mapping[str, str]) -> dict[str, str]:
     }
     if limits.gpus is None:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    elif limits.gpus.startswith("device="):  # the GPUs a scheduler assigned, and no others
+        env["CUDA_VISIBLE_DEVICES"] = limits.gpus.removeprefix("device=")
     env.update(extra)
     return env
 
