@@ -90,4 +90,5 @@ class Population:
             self.minimize,
             self.archive.accepted_ids(),
             DESCRIPTORS,
+            config.selection.sharpness,
         )

@@ -94,6 +94,14 @@ def champion(members: Sequence[Member], accepted: Sequence[int]) -> Member | Non
 # parent selection
 
 
+def _sigmoid(x: float) -> float:
+    """Returns 1 / (1 + e^-x) without overflow, however far x is from 0."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)  # underflows to 0 for a member far worse than the median: never drawn
+    return e / (1.0 + e)
+
+
 def archive_probabilities(
     members: Sequence[Member], minimize: bool, sharpness: float = 10.0
 ) -> dict[int, float]:
@@ -113,7 +121,7 @@ def archive_probabilities(
         spread = max(values) - min(values)
     spread = spread or 1.0
     weights = {
-        m.id: 1.0 / (1.0 + math.exp(-sharpness * (v - median) / spread)) / (1 + m.children)
+        m.id: _sigmoid(sharpness * (v - median) / spread) / (1 + m.children)
         for m, v in zip(members, values, strict=True)
     }
     total = sum(weights.values())
@@ -145,6 +153,7 @@ def select(
     minimize: bool,
     accepted: Sequence[int] = (),
     descriptor_keys: Sequence[str] = ("params", "throughput"),
+    sharpness: float = 10.0,
 ) -> list[tuple[int, int]]:
     """Returns (parent, children) pairs for the next generation, parents in id order.
 
@@ -157,7 +166,7 @@ def select(
         head = champion(members, accepted) or members[0]
         return [(head.id, population)]
     if policy == "archive":
-        chances = archive_probabilities(members, minimize)
+        chances = archive_probabilities(members, minimize, sharpness)
         ids = sorted(chances)
         draws = rng.choices(ids, weights=[chances[i] for i in ids], k=population)
     elif policy == "map-elites":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -189,3 +190,23 @@ def test_an_evaluation_already_recorded_is_never_run_again(tmp_path) -> None:  #
     archive.finish(seed, Result(State.OK, score=3.1), 7 + 0)
     due = archive.due_evaluations(7)
     assert [(c.id, i) for c, i in due] == [(seed, 1)]  # index 2 is not run twice
+
+
+def test_one_diverged_member_does_not_crash_the_archive_policy() -> None:
+    """Seven near-equal scores and one child that diverged to 8.0 overflowed math.exp."""
+    members = [Member(i, (3.0 + 0.001 * i,)) for i in range(1, 8)] + [Member(8, (8.0,))]
+    chances = archive_probabilities(members, minimize=True)
+    assert math.isclose(sum(chances.values()), 1.0)
+    assert chances[8] < 1e-6 and chances[1] > chances[4] > chances[7] > 0  # still by score
+    draws = select("archive", members, 4, random.Random(0), True)
+    assert 8 not in dict(draws)
+
+
+def test_sharpness_sets_how_steeply_chances_rise_with_score() -> None:
+    members = [Member(1, (3.0,)), Member(2, (3.1,)), Member(3, (3.2,)), Member(4, (3.3,))]
+    flat = archive_probabilities(members, minimize=True, sharpness=0.1)
+    steep = archive_probabilities(members, minimize=True, sharpness=50.0)
+    assert max(flat.values()) - min(flat.values()) < 0.02
+    assert steep[1] > 0.45 and steep[4] < 1e-6
+    picks = select("archive", members, 20, random.Random(1), True, sharpness=50.0)
+    assert {parent for parent, _ in picks} <= {1, 2}
