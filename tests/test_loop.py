@@ -518,3 +518,15 @@ def test_an_outage_stops_the_run_cleanly_and_resume_continues(tmp_path: Path) ->
         drive_within(Driver(run, MutateProposer(), FakeScheduler(ok_unless(set())))) == "finished"
     )
     check_complete(run.root, 2, 2)
+
+
+def test_a_closed_terminal_sighup_stops_the_run_like_sigterm(tmp_path: Path) -> None:
+    run_dir = tmp_path / "hup"
+    flags = ["--runner", "local", "--generations", "2", "--population", "2", "--budget-steps", "20"]
+    driver = start("run", "--run-dir", str(run_dir), *flags)
+    wait_for(run_dir, done=0, running=1)
+    driver.send_signal(signal.SIGHUP)
+    code, out = finish(driver, timeout=300)
+    assert code == 130, out  # stopped gracefully, not killed by the signal (-1)
+    assert f"resume with: selfprog resume {run_dir}" in out
+    assert "running" not in states(run_dir)

@@ -76,7 +76,8 @@ def _drive(run: Any) -> int:
     stop = StopRequest()
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.request("interrupted" if signum == signal.SIGINT else "terminated")
+        names: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}
+        stop.request(names.get(signum, "terminated"))
         if stop.count == 1:
             how = "killing" if settings.run.on_interrupt == "kill" else "finishing"
             print(
@@ -89,7 +90,9 @@ def _drive(run: Any) -> int:
     minimize = run.target.minimize
     with driver_lock(run.root):
         scheduler = make_scheduler(run)  # a cluster that cannot serve the run fails here, first
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP (a closed SSH session) stops the run like SIGTERM, never kills it uncleaned
+        stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, on_signal) for s in stopping}
         try:
             proposer = make_proposer(settings.proposer, run.target.base_model)
             with Reporter(run.archive, run.target.metric, minimize) as reporter:
