@@ -18,47 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
+from selfprog.schema import SCHEMA, SCHEMA_VERSION, migrate_v1
 from selfprog.states import FAILED, UNFINISHED, State
 
-SCHEMA_VERSION = 2  # 2: the node each candidate and evaluation ran on
 ARCHIVE_FILE = "archive.sqlite"
 PENDING, RUNNING, DUPLICATE = State.PENDING.value, State.RUNNING.value, State.DUPLICATE.value
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE blobs (hash TEXT PRIMARY KEY, content BLOB NOT NULL);
-CREATE TABLE programs (hash TEXT PRIMARY KEY, files TEXT NOT NULL);
-CREATE TABLE generations (
-    generation INTEGER PRIMARY KEY, parents TEXT NOT NULL, created REAL NOT NULL
-);
-CREATE TABLE calls (
-    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER NOT NULL,
-    proposer TEXT NOT NULL, model TEXT, k INTEGER NOT NULL, prompt_chars INTEGER,
-    tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
-    latency REAL, created REAL NOT NULL,
-    UNIQUE (generation, parent_id)
-);
-CREATE TABLE proposals (
-    id INTEGER PRIMARY KEY, call_id INTEGER NOT NULL REFERENCES calls(id), slot INTEGER NOT NULL,
-    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT,
-    UNIQUE (call_id, slot)
-);
-CREATE TABLE candidates (
-    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER REFERENCES candidates(id),
-    proposal_id INTEGER UNIQUE REFERENCES proposals(id), program_hash TEXT, state TEXT NOT NULL,
-    score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
-    diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
-    evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
-    created REAL NOT NULL, started REAL, finished REAL, node TEXT
-);
-CREATE TABLE evaluations (
-    id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
-    created REAL NOT NULL, node TEXT
-);
-CREATE INDEX candidates_by_state ON candidates(state);
-CREATE INDEX candidates_by_program ON candidates(program_hash);
-"""
 
 
 class ArchiveError(SelfprogError):
@@ -116,7 +80,7 @@ class Archive:
         except (sqlite3.DatabaseError, ValueError) as exc:
             raise ArchiveError(f"{path}: not a selfprog archive ({exc})") from None
         if version == 1 and not readonly:
-            self._migrate_v1()
+            migrate_v1(self.db)
         if version > SCHEMA_VERSION:
             raise ArchiveError(
                 f"{path}: archive schema {version} is newer than this selfprog's ({SCHEMA_VERSION}); "
@@ -124,19 +88,6 @@ class Archive:
             )
         if version < 1:
             raise ArchiveError(f"{path}: not a selfprog archive (no schema version)")
-
-    def _migrate_v1(self) -> None:
-        """Adds what schema 2 records (the node) to an archive written by schema 1.
-
-        Each step is checked before it is taken (sqlite commits ALTER TABLE at
-        once), so a migration a crash cut short is finished by the next open.
-        """
-        for table in ("candidates", "evaluations"):
-            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            if "node" not in columns:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN node TEXT")
-        with self.transaction() as db:
-            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     @classmethod
     def create(cls, path: Path, meta: Mapping[str, str]) -> Archive:
@@ -146,7 +97,7 @@ class Archive:
         db = sqlite3.connect(path)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
             rows = {"schema_version": str(SCHEMA_VERSION), "created": str(time.time()), **meta}
             db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
             db.commit()

@@ -56,7 +56,7 @@ def test_foreign_newer_and_missing_archives(tmp_path: Path) -> None:
 
 
 def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path) -> None:
-    from selfprog.archive import _SCHEMA
+    from selfprog.schema import SCHEMA as _SCHEMA
 
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)

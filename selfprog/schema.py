@@ -1,0 +1,57 @@
+"""The archive's SQLite schema, its version, and the migration from older versions."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2  # 2: the node each candidate and evaluation ran on
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE blobs (hash TEXT PRIMARY KEY, content BLOB NOT NULL);
+CREATE TABLE programs (hash TEXT PRIMARY KEY, files TEXT NOT NULL);
+CREATE TABLE generations (
+    generation INTEGER PRIMARY KEY, parents TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE calls (
+    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER NOT NULL,
+    proposer TEXT NOT NULL, model TEXT, k INTEGER NOT NULL, prompt_chars INTEGER,
+    tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+    latency REAL, created REAL NOT NULL,
+    UNIQUE (generation, parent_id)
+);
+CREATE TABLE proposals (
+    id INTEGER PRIMARY KEY, call_id INTEGER NOT NULL REFERENCES calls(id), slot INTEGER NOT NULL,
+    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT,
+    UNIQUE (call_id, slot)
+);
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER REFERENCES candidates(id),
+    proposal_id INTEGER UNIQUE REFERENCES proposals(id), program_hash TEXT, state TEXT NOT NULL,
+    score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
+    diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+    evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
+    created REAL NOT NULL, started REAL, finished REAL, node TEXT
+);
+CREATE TABLE evaluations (
+    id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
+    created REAL NOT NULL, node TEXT
+);
+CREATE INDEX candidates_by_state ON candidates(state);
+CREATE INDEX candidates_by_program ON candidates(program_hash);
+"""
+
+
+def migrate_v1(db: sqlite3.Connection) -> None:
+    """Adds what schema 2 records (the node) to an archive written by schema 1.
+
+    Each step is checked before it is taken (sqlite commits ALTER TABLE at
+    once), so a migration a crash cut short is finished by the next open.
+    """
+    for table in ("candidates", "evaluations"):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "node" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN node TEXT")
+    with db:
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
