@@ -163,7 +163,9 @@ def score_on_node(bundle: Bundle, box: list[Any], job: Job, placements: Any) -> 
     if limits.gpus:  # the GPUs Ray gave this task, not the first ones of the node
         import ray
 
-        limits = replace(limits, gpus="device=" + ",".join(map(str, ray.get_gpu_ids())))
+        ids = ray.get_gpu_ids()
+        if ids:
+            limits = replace(limits, gpus="device=" + ",".join(map(str, ids)))
     scoring = Scoring(
         target, data, limits, bundle.budget_seconds, bundle.budget_steps, bundle.labels
     )

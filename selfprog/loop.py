@@ -16,6 +16,7 @@ again, and candidates left pending or running are scored again.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -227,7 +228,8 @@ class Driver:
         if not kept:
             return
         dest = self.run.root / MODELS / str(candidate_id)
-        dest.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)  # nothing of an earlier attempt stays beside it
+        dest.mkdir(parents=True)
         for name, data in kept.items():
             if name in self.run.target.keep:  # the names are the target's, never the node's
                 (dest / name).write_bytes(data)
