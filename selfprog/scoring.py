@@ -208,6 +208,7 @@ def score_program(
         stdin=nonce.encode() + b"\n" + data.heldout(target),
         timeout=target.budget.eval_timeout,
         hidden=data.hidden,
+        trusted=True,
     )
     log.debug("evaluating %s", program_dir)
     evaluated = runner.run(evaluate, limits, {**labels, "selfprog.phase": "evaluate"})

@@ -43,6 +43,12 @@ class Phase:
     stdin: bytes | None = None
     timeout: float = 300.0
     hidden: tuple[str, ...] = ()  # host folders to hide from the phase where it could see them
+    trusted: bool = False  # the target's own code: run isolated, nothing of its folder importable
+
+    def command(self, python: str) -> list[str]:
+        """Returns the command line: trusted code runs with `python -I` (no script folder on
+        sys.path), so a candidate's file named like a module the scorer imports is not imported."""
+        return [python, *(["-I"] if self.trusted else []), *self.argv]
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,7 +140,7 @@ class DockerRunner:
             gpus = [DeviceRequest(count=count, capabilities=[["gpu"]])]
         return {
             "image": self.image.tag,
-            "command": [self.image.python, *phase.argv],
+            "command": phase.command(self.image.python),
             "working_dir": "/program",
             "user": _sandbox_user(),
             "environment": env,

@@ -125,7 +125,7 @@ class LocalRunner:
         stdout, log_tail = TailBuffer(limits.log_bytes), TailBuffer(limits.log_bytes)
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [self.python, *phase.argv],
+            phase.command(self.python),
             cwd=phase.program_dir,
             env=env,
             stdin=subprocess.PIPE if phase.stdin is not None else subprocess.DEVNULL,

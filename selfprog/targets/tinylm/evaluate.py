@@ -1,24 +1,53 @@
 """tinylm's evaluator: bits per byte of the trained model on the held-out split.
 
-Fixed file: the proposer never edits it. It runs as two processes so that the
-candidate's code (model.py, imported to rebuild the model) never holds the
-score or the held-out text as a whole:
+Fixed file: the proposer never edits it. The candidate's code (model.py, which
+rebuilds the model) must run to be scored, so the evaluator is built so that
+running it cannot earn a better score than a causal model could:
 
-- the scorer (`python evaluate.py`) reads a nonce line and then the held-out
-  bytes from stdin, makes itself undumpable (so a process of the same user
-  cannot read its memory or its file descriptors), and starts
-- the model server (`python evaluate.py --serve`), which imports model.py,
-  loads the weights from SELFPROG_OUT, and answers batches of bytes with
-  logits over a pipe. It never sees the scorer's stdout or the nonce.
+- The scorer (`python evaluate.py`, run by the harness with a safe import
+  path, so nothing of the program folder is imported into it) reads a nonce
+  line and the held-out bytes from stdin, makes itself undumpable (a process
+  of the same user can read neither its memory nor its descriptors), computes
+  every loss itself and prints the one line the harness trusts:
+  `SELFPROG_RESULT <nonce> <json>`.
+- Candidate code runs only in model servers (`python evaluate.py --serve`),
+  which answer batches of bytes with logits over a pipe.
 
-The scorer computes the loss itself, checks that the model is causal (position
-t may not depend on bytes after t), and prints the one line the harness
-trusts: `SELFPROG_RESULT <nonce> <json>`.
+Why a model cannot look ahead and get away with it:
+
+1. Windows are `context` bytes read with a stride of `context + 1`: the byte a
+   window's last position must predict is never an input of any window, so
+   no window (and no memory of windows) holds another window's targets.
+2. Two passes, each in a fresh server process: the real pass (the windows as
+   they are, all scored) and the probe pass, in which every window is cut at a
+   random position c and the bytes after c are random. A causal model gives
+   the same logits at positions 0..c in both; a model whose logit at c reads a
+   later byte sees a different byte in each pass. Every window is checked,
+   at a cut drawn from the scorer's own randomness (os.urandom, never the
+   environment), and the passes run in a random order with the windows in a
+   different random order each, so a model that uses its batch-mates or its
+   history gives different logits too.
+3. Between the passes the scorer kills every process the first server left
+   and empties every place it could have left state for the second (the
+   writable folders, shared memory, message queues, System V IPC). In the
+   Docker sandbox the scorer is the container's first process, so this
+   covers everything the sandbox can run. Under the local runner (no
+   isolation at all) it kills the server's process group and empties its
+   scratch folder only.
+
+A model that reads ahead at a fraction f of positions is caught unless no
+window's cut lands on one of them: with n windows (about 1,000 at the seed's
+context of 128, 128 at a context of 1,024) it passes with a probability near
+(1 - f)^n, and gains at most what its honest model lacked at those positions.
 """
 
+import contextlib
+import ctypes
 import json
 import math
 import os
+import random
+import signal
 import struct
 import subprocess
 import sys
@@ -30,6 +59,9 @@ MAX_CONTEXT = 1024  # windows longer than this are cut to it
 BATCH_ROWS = 64
 VOCAB = 256
 RESULT_MARKER = "SELFPROG_RESULT"
+TOLERANCE = 1e-3  # how far a causal model's logits may drift between the two passes
+# where a model server could leave state for the next one, inside the sandbox
+SANDBOX_STATE = ("/tmp", "/dev/shm", "/dev/mqueue")
 
 
 def _out_dir() -> Path:
@@ -78,8 +110,6 @@ def serve() -> None:
 
 def _undumpable() -> None:
     """Stops processes of the same user from reading this one's memory and descriptors."""
-    import ctypes
-
     pr_set_dumpable = 4
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
@@ -99,7 +129,7 @@ def _count_parameters(torch) -> int:
 
 
 class ModelServer:
-    """The scorer's handle on the model server process."""
+    """The scorer's handle on one model server process (and its process group)."""
 
     def __init__(self):
         self.proc = subprocess.Popen(
@@ -107,11 +137,13 @@ class ModelServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=sys.stderr,
+            start_new_session=True,
         )
         header = self.proc.stdout.readline()
         if not header:
             raise RuntimeError(f"model server exited before it was ready (code {self.proc.wait()})")
         self.block_size = int(json.loads(header)["block_size"])
+        self.closed = False
 
     def logits(self, torch, batch):
         rows, cols = batch.shape
@@ -126,80 +158,158 @@ class ModelServer:
         return logits
 
     def close(self):
+        """Stops the server and everything it started, and erases what it could have left."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.proc.stdin.write(struct.pack("<II", 0, 0))
             self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        if os.getpid() == 1:  # the sandbox's first process: everything else is the candidate's
+            _stop_every_other_process()
+            for folder in SANDBOX_STATE:
+                _empty(Path(folder))
+            _remove_sysv_ipc()
+        else:  # the local runner: no isolation to speak of, but no leftovers of this server
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            if os.environ.get("TMPDIR"):
+                _empty(Path(os.environ["TMPDIR"]))
 
 
-def _causal_logits(torch, server, batch, generator):
-    """Returns the batch's logits, raising unless each row's logits ignore later bytes.
+def _stop_every_other_process() -> None:
+    """Kills and reaps every process but this one (which must be the sandbox's first)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+        while True:  # orphans are ours to reap
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+        if not others:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not stop the model server's processes: {others[:5]}")
+        time.sleep(0.05)
 
-    A probe first gives every row the tail of another row after a random cut;
-    the real batch follows, so the server cannot tell the probe from real input.
-    """
-    rows, cols = batch.shape
-    cuts = torch.randint(0, cols - 1, (rows,), generator=generator).tolist()
-    probe = batch.clone()
+
+def _empty(folder: Path) -> None:
+    """Removes everything inside folder, however the server locked it down."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            os.chmod(entry.path, 0o700)
+            _empty(Path(entry.path))
+            os.rmdir(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def _remove_sysv_ipc() -> None:
+    """Removes every System V shared memory segment, semaphore set and message queue."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ipc_rmid = 0
+    removers = {
+        "shm": lambda i: libc.shmctl(i, ipc_rmid, None),
+        "sem": lambda i: libc.semctl(i, 0, ipc_rmid),
+        "msg": lambda i: libc.msgctl(i, ipc_rmid, None),
+    }
+    for kind, remove in removers.items():
+        try:
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            if remove(int(line.split()[1])) != 0:
+                raise OSError(ctypes.get_errno(), f"could not remove System V {kind} object")
+
+
+def _windows(torch, data, context: int):
+    """Returns the windows [n, context] at a stride of context + 1, and their targets."""
+    starts = range(0, len(data) - context, context + 1)
+    x = torch.stack([data[s : s + context] for s in starts])
+    y = torch.stack([data[s + 1 : s + context + 1] for s in starts]).long()
+    return x, y
+
+
+def _probe(torch, x, rng: random.Random):
+    """Returns the probe windows and their cuts: each window's bytes after its cut are random."""
+    rows, cols = x.shape
+    cuts = [rng.randrange(0, cols - 1) for _ in range(rows)]
+    noise = torch.frombuffer(bytearray(os.urandom(rows * cols)), dtype=torch.uint8).view(rows, cols)
+    probe = x.clone()
     for r, c in enumerate(cuts):
-        probe[r, c + 1 :] = batch[(r + 1) % rows, c + 1 :]
-    probe_logits = server.logits(torch, probe)
-    logits = server.logits(torch, batch)
+        probe[r, c + 1 :] = noise[r, c + 1 :]
+        if probe[r, c + 1] == x[r, c + 1]:  # the byte right after the cut always differs
+            probe[r, c + 1] = (int(x[r, c + 1]) + 1 + rng.randrange(255)) % 256
+    return probe, cuts
+
+
+def _pass(torch, server: ModelServer, windows, rng: random.Random):
+    """Returns the logits of every window, fed to the server in a random order, then closes it."""
+    order = list(range(len(windows)))
+    rng.shuffle(order)
+    logits = torch.empty(*windows.shape, VOCAB)
+    try:
+        for i in range(0, len(order), BATCH_ROWS):
+            rows = order[i : i + BATCH_ROWS]
+            logits[rows] = server.logits(torch, windows[rows].contiguous())
+    finally:
+        server.close()
+    return logits
+
+
+def score(heldout: bytes) -> dict:
+    import torch
+
+    rng = random.SystemRandom()  # the scorer's own randomness: nothing the candidate can read
+    data = torch.frombuffer(bytearray(heldout[:EVAL_BYTES]), dtype=torch.uint8)
+    params = _count_parameters(torch)
+    first = ModelServer()
+    try:
+        if first.block_size < 2:
+            raise RuntimeError(f"block_size {first.block_size} is too small to score")
+        context = min(first.block_size, MAX_CONTEXT)
+        x, y = _windows(torch, data, context)
+        if len(x) < 2:
+            raise RuntimeError(f"held-out split too small: {len(data)} bytes")
+        probe, cuts = _probe(torch, x, rng)
+        real_first = rng.random() < 0.5
+        first_logits = _pass(torch, first, x if real_first else probe, rng)
+    finally:
+        first.close()
+    second = ModelServer()  # fresh: nothing of the first survives
+    if second.block_size != first.block_size:
+        second.close()
+        raise RuntimeError("the model's block_size changed between two loads")
+    second_logits = _pass(torch, second, probe if real_first else x, rng)
+    logits, probed = (first_logits, second_logits) if real_first else (second_logits, first_logits)
     for r, c in enumerate(cuts):
-        if not torch.allclose(logits[r, : c + 1], probe_logits[r, : c + 1], rtol=1e-3, atol=1e-3):
+        if not torch.allclose(
+            logits[r, : c + 1], probed[r, : c + 1], rtol=TOLERANCE, atol=TOLERANCE
+        ):
             raise RuntimeError(
                 f"the model is not causal: its logits at byte {c} of a window change "
                 "when only later bytes change"
             )
-    return logits
-
-
-def score(heldout: bytes, seed: int) -> dict:
-    import torch
-
-    data = torch.frombuffer(bytearray(heldout[:EVAL_BYTES]), dtype=torch.uint8)
-    if len(data) < 2 * BATCH_ROWS:
-        raise RuntimeError(f"held-out split too small: {len(data)} bytes")
-    params = _count_parameters(torch)
-    server = ModelServer()
-    try:
-        context = min(server.block_size, MAX_CONTEXT)
-        if context < 2:
-            raise RuntimeError(f"block_size {server.block_size} is too small to score")
-        # non-overlapping windows: every byte after the first is predicted exactly once
-        starts = list(range(0, len(data) - 1, context))
-        full = [s for s in starts if s + context < len(data)]
-        windows = [full[i : i + BATCH_ROWS] for i in range(0, len(full), BATCH_ROWS)]
-        windows += [[s] for s in starts if s + context >= len(data)]  # the short last one
-        generator = torch.Generator().manual_seed(seed)
-        probe_index = int(torch.randint(0, max(1, len(windows) - 1), (1,), generator=generator))
-        total_nats, total_bytes = 0.0, 0
-        for index, batch_starts in enumerate(windows):
-            width = min(context, len(data) - 1 - batch_starts[0])
-            x = torch.stack([data[s : s + width] for s in batch_starts])
-            y = torch.stack([data[s + 1 : s + width + 1] for s in batch_starts]).long()
-            if index == probe_index:
-                logits = _causal_logits(torch, server, x, generator)
-            else:
-                logits = server.logits(torch, x)
-            total_nats += float(
-                torch.nn.functional.cross_entropy(
-                    logits.view(-1, VOCAB), y.view(-1), reduction="sum"
-                )
-            )
-            total_bytes += y.numel()
-    finally:
-        server.close()
+    nats = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1), reduction="sum")
     return {
-        "val_bpb": total_nats / total_bytes / math.log(2),
+        "val_bpb": float(nats) / y.numel() / math.log(2),
         "params": params,
-        "eval_bytes": total_bytes,
+        "eval_bytes": y.numel(),
         "context": context,
+        "windows": len(x),
     }
 
 
@@ -208,10 +318,9 @@ def main() -> None:
     stdin = sys.stdin.buffer
     nonce = stdin.readline().decode().strip()
     heldout = stdin.read()
-    seed = int(os.environ.get("SELFPROG_SEED", "0"))
     start = time.perf_counter()
     try:
-        result = score(heldout, seed)
+        result = score(heldout)
         result["eval_seconds"] = time.perf_counter() - start
     except Exception as exc:  # any failure is reported to the harness as the result
         result = {"error": f"{type(exc).__name__}: {exc}"}
