@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
+import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from selfprog.data import Dataset
-from selfprog.runners.base import Limits
+from selfprog.runners.base import Limits, Runner
 from selfprog.target import Target
 from tests.conftest import SMALL, script_phase
 
@@ -148,49 +151,113 @@ def test_sandbox_is_locked_down(docker_runner, tmp_path: Path) -> None:
     }
 
 
+# reads every file of the container but /proc, /sys and /dev; prints where each probe was found
+_SEARCH_EVERYWHERE = """
+import json, os, stat, sys, time
+probes = {k: [bytes.fromhex(p) for p in v] for k, v in PROBES.items()}
+found = {k: [] for k in probes}
+deadline, scanned, too_big, complete = time.monotonic() + 45, 0, 0, True
+for folder, dirs, files in os.walk("/"):
+    if folder == "/":
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev")]
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode):  # a link's target is read where it lies
+                continue
+            if info.st_size > 64 * 2**20:  # libraries such as libtorch: no source text
+                too_big += 1
+                continue
+            with open(path, "rb") as f:
+                blob = f.read()
+        except OSError:
+            continue
+        scanned += 1
+        for k, wanted in probes.items():
+            if any(p in blob for p in wanted):
+                found[k].append(path)
+    if time.monotonic() > deadline:
+        complete = False
+        break
+hidden = {h: len(os.listdir(h)) if os.path.isdir(h) else None for h in sys.argv[1:]}
+print(json.dumps({"complete": complete, "scanned": scanned, "too_big": too_big,
+    "found": {k: v[:3] for k, v in found.items()}, "hidden": hidden}))
+"""
+
+
+def _search_everywhere(
+    runner: Runner, tinylm: Target, dataset: Dataset, tmp_path: Path
+) -> dict[str, Any]:
+    """Returns what a training phase finds when it reads every file it can: probes of each split."""
+    heldout = (dataset.root / tinylm.heldout_data).read_bytes()
+    train = (dataset.root / tinylm.train_data[0]).read_bytes()
+    step = (len(heldout) - 200) // 8
+    probes = {
+        "heldout": [heldout[i : i + 200] for i in range(1000, len(heldout) - 200, step)],
+        "train": [train[500_000:500_200]],
+    }
+    assert not [p for p in probes["heldout"] if p in train], "a probe must be held-out text only"
+    hexed = {k: [p.hex() for p in v] for k, v in probes.items()}
+    phase = script_phase(
+        tmp_path,
+        f"PROBES = {hexed!r}\n{_SEARCH_EVERYWHERE}",  # as hex: the script holds no probe itself
+        argv=("script.py", *dataset.hidden),
+        data_files=tuple(dataset.train_files(tinylm)),
+        hidden=dataset.hidden,
+        timeout=120.0,
+    )
+    outcome = runner.run(phase, SMALL, LABELS)
+    assert outcome.exit_code == 0, outcome.log_tail
+    report: dict[str, Any] = json.loads(outcome.stdout_tail.strip().splitlines()[-1])
+    assert report["complete"], f"the search ran out of time after {report['scanned']} files"
+    assert report["found"]["train"], "the search must find training text (else it proves nothing)"
+    return report
+
+
 @pytest.mark.docker
 def test_training_cannot_find_the_heldout_split(
     docker_runner, tinylm: Target, dataset: Dataset, tmp_path: Path
 ) -> None:
-    heldout = (dataset.root / tinylm.heldout_data).read_bytes()
-    train = (dataset.root / tinylm.train_data[0]).read_bytes()
-    probes = {"heldout": heldout[50_000:50_200], "train": train[500_000:500_200]}
-    (tmp_path / "probes.json").write_text(
-        json.dumps({k: v.decode("latin-1") for k, v in probes.items()})
-    )
-    stdlib = os.path.dirname(os.__file__)
-    # search every readable file where code lives: the data, the program, the scratch and the stdlib
-    source = (
-        "import json, os, sys\n"
-        "raw = json.loads(open('/program/probes.json').read())\n"
-        "probes = {k: v.encode('latin-1') for k, v in raw.items()}\n"
-        "found = {k: [] for k in probes}\n"
-        f"roots = ['/data', '/program', '/tmp', '/out', '/etc', {stdlib!r}]\n"
-        "for root in roots:\n"
-        "    for folder, dirs, files in os.walk(root):\n"
-        "        dirs[:] = [d for d in dirs if d != 'site-packages']\n"
-        "        for name in files:\n"
-        "            try:\n"
-        "                blob = open(os.path.join(folder, name), 'rb').read()\n"
-        "            except OSError:\n"
-        "                continue\n"
-        "            for k, p in probes.items():\n"
-        "                if p in blob:\n"
-        "                    found[k].append(os.path.join(folder, name))\n"
-        "hidden = {h: os.listdir(h) if os.path.isdir(h) else None for h in sys.argv[1:]}\n"
-        "print(json.dumps({'found': found, 'hidden': hidden}))\n"
-    )
-    phase = script_phase(
-        tmp_path,
-        source,
-        argv=("script.py", *dataset.hidden),
-        data_files=tuple(dataset.train_files(tinylm)),
-        hidden=dataset.hidden,
-    )
-    (phase.program_dir / "probes.json").write_text((tmp_path / "probes.json").read_text())
-    outcome = docker_runner.run(phase, SMALL, LABELS)
-    assert outcome.exit_code == 0, outcome.log_tail
-    report = json.loads(outcome.stdout_tail.strip().splitlines()[-1])
-    assert report["found"]["train"], "the search must find training text (else it proves nothing)"
+    report = _search_everywhere(docker_runner, tinylm, dataset, tmp_path)
     assert report["found"]["heldout"] == []
-    assert dataset.hidden and all(v == [] for v in report["hidden"].values())
+    assert dataset.hidden and all(v == 0 for v in report["hidden"].values())
+
+
+@pytest.mark.docker
+def test_an_image_with_its_own_python_hides_its_copy_of_the_heldout_split(
+    docker_runner, tinylm: Target, dataset: Dataset, tmp_path: Path
+) -> None:
+    # python:3.11-slim cannot be pulled here (no registry): the offline image with a copy of
+    # the held-out folders where that image keeps its stdlib stands in for sandbox/Dockerfile's
+    import docker
+
+    from selfprog.runners.docker import DockerRunner
+
+    client = docker_runner.client
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for folder in dataset.hidden:
+            tar.add(folder, arcname=f"usr/local/lib/python3.11/{Path(folder).name}")
+    stdlib_labels = {"own-python-test": "/usr/local/lib/python3.11", "no-label-test": ""}
+    base = client.containers.create(docker_runner.image.tag, command=["/none"])
+    try:
+        base.put_archive("/", archive.getvalue())
+        for tag, stdlib in stdlib_labels.items():
+            base.commit("selfprog-sandbox", tag, changes=[f"LABEL selfprog.stdlib={stdlib}"])
+            (tmp_path / tag).mkdir()
+        reports = {
+            tag: _search_everywhere(
+                DockerRunner(f"selfprog-sandbox:{tag}", client), tinylm, dataset, tmp_path / tag
+            )
+            for tag in stdlib_labels
+        }
+    finally:
+        base.remove()
+        for tag in stdlib_labels:
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                client.images.remove(f"selfprog-sandbox:{tag}")
+    assert reports["own-python-test"]["found"]["heldout"] == []
+    # the attack the label defends against: without it, the image's own copy is found
+    found = reports["no-label-test"]["found"]["heldout"]
+    assert found and found[0].startswith("/usr/local/lib/python3.11/")

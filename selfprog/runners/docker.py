@@ -16,7 +16,6 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -26,7 +25,13 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 from selfprog.errors import RunnerError
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, folder_size
-from selfprog.runners.image import OFFLINE_IMAGE, SandboxImage, build_offline, describe
+from selfprog.runners.image import (
+    OFFLINE_IMAGE,
+    SandboxImage,
+    build_offline,
+    describe,
+    masked_paths,
+)
 from selfprog.runners.local import harness_env
 
 log = logging.getLogger(__name__)
@@ -89,10 +94,6 @@ def _sandbox_user() -> str:
     return f"{uid}:{os.getgid()}" if uid != 0 else "65534:65534"
 
 
-def _inside(path: str, roots: tuple[str, ...]) -> bool:
-    return any(Path(path).is_relative_to(root) for root in roots)
-
-
 class DockerRunner:
     """Runs each phase of a candidate in a fresh, locked-down container."""
 
@@ -117,8 +118,8 @@ class DockerRunner:
         ]
         mounts += [Mount(m, m, type="bind", read_only=True) for m in self.image.mounts]
         tmpfs = {"/tmp": f"rw,nosuid,nodev,size={limits.scratch_bytes},mode=1777"}
-        # held-out text that lies inside a mounted folder is covered by an empty tmpfs
-        tmpfs |= {h: HIDDEN_TMPFS for h in phase.hidden if _inside(h, self.image.mounts)}
+        # held-out folders, mounted from the host or in the image's own Python: an empty tmpfs
+        tmpfs |= {m: HIDDEN_TMPFS for m in masked_paths(self.image, phase.hidden)}
         env = harness_env(
             limits,
             {

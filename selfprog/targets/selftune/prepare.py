@@ -6,8 +6,9 @@ as `python prepare.py OUT_DIR --base MODEL_DIR [--corpus DIR]`, and writes
 file system allows) and `manifest.json` (with their hashes).
 
 By default the text is the Python standard library of the running
-interpreter. The held-out split is whole packages (idlelib and turtledemo)
-that nothing imports, so the sandbox can hide their folders. With
+interpreter. The held-out split is whole packages that machine-learning code
+never imports (idlelib, turtledemo, tkinter, xmlrpc, ...: every one of them
+this Python has), so the sandbox can hide their folders. With
 --corpus DIR the files of DIR are split by a hash of their path.
 """
 
@@ -23,7 +24,20 @@ TRAIN_MAX_BYTES = 2_000_000  # far more than a CPU fine-tunes on in minutes
 HELDOUT_MAX_BYTES = 65_536
 MIN_TRAIN_BYTES = 200_000
 MIN_HELDOUT_BYTES = 32_768
-HELDOUT_PACKAGES = ("idlelib", "turtledemo")
+# the same packages as tinylm's held-out split; distribution Pythons lack the first ones
+HELDOUT_PACKAGES = (
+    "idlelib",
+    "turtledemo",
+    "tkinter",
+    "xmlrpc",
+    "wsgiref",
+    "curses",
+    "dbm",
+    "venv",
+    "ensurepip",
+    "msilib",
+    "lib2to3",
+)
 SKIPPED = ("site-packages", "dist-packages", "test", "tests", "__pycache__")
 MODEL_FILES = (
     "config.json",

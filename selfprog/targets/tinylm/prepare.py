@@ -6,10 +6,11 @@ Fixed file: the proposer never edits it. It runs twice over:
 - inside the sandbox, imported by train.py for `load_train()` and `get_batch()`.
 
 By default the corpus is the Python standard library that ships with the
-running interpreter. The held-out split is whole packages (idlelib and
-turtledemo) that training and evaluation never import, so the sandbox can hide
-their folders from the candidate. With --corpus DIR the files of DIR are split
-by a hash of their path instead (DIR is never mounted into the sandbox).
+running interpreter. The held-out split is whole stdlib packages that training
+and evaluation never import (HELDOUT_PACKAGES, those this Python has), so the
+sandbox can hide their folders from the candidate. With --corpus DIR the files
+of DIR are split by a hash of their path instead (DIR is never mounted into the
+sandbox).
 """
 
 import hashlib
@@ -27,7 +28,23 @@ TRAIN_MAX_BYTES = 4_000_000  # more than a CPU sees in minutes of training
 HELDOUT_MAX_BYTES = 262_144
 MIN_TRAIN_BYTES = 1_000_000
 MIN_HELDOUT_BYTES = 100_000
-HELDOUT_PACKAGES = ("idlelib", "turtledemo")  # never imported by training or evaluation
+# Never imported by torch, accelerate, numpy, transformers or safetensors. In this order
+# they fill heldout.bin; every one present is held out and hidden. Distribution
+# Pythons ship without idlelib, turtledemo and tkinter; 3.13 drops lib2to3 and msilib.
+# lib2to3 comes last: forks of it (black's blib2to3) may lie in site-packages.
+HELDOUT_PACKAGES = (
+    "idlelib",
+    "turtledemo",
+    "tkinter",
+    "xmlrpc",
+    "wsgiref",
+    "curses",
+    "dbm",
+    "venv",
+    "ensurepip",
+    "msilib",
+    "lib2to3",
+)
 SKIPPED_PACKAGES = ("site-packages", "dist-packages", "test", "tests", "__pycache__")
 FILE_SEPARATOR = b"\n\n"
 
@@ -79,10 +96,10 @@ def split_folder(corpus: Path) -> tuple[list[Path], list[Path], list[str]]:
     return train, heldout, []
 
 
-def build(out_dir: Path, corpus: Path | None = None) -> dict:
+def build(out_dir: Path, corpus: Path | None = None, stdlib: Path | None = None) -> dict:
     """Writes train.bin, heldout.bin and manifest.json into out_dir; returns the manifest."""
     if corpus is None:
-        source = Path(sysconfig.get_paths()["stdlib"])
+        source = stdlib or Path(sysconfig.get_paths()["stdlib"])
         train_files, heldout_files, hidden = split_stdlib(source)
     else:
         source = corpus
@@ -90,9 +107,13 @@ def build(out_dir: Path, corpus: Path | None = None) -> dict:
     train = _read_capped(train_files, TRAIN_MAX_BYTES)
     heldout = _read_capped(heldout_files, HELDOUT_MAX_BYTES)
     if len(train) < MIN_TRAIN_BYTES or len(heldout) < MIN_HELDOUT_BYTES:
+        found = ""
+        if corpus is None:
+            names = ", ".join(Path(h).name for h in hidden) or "none"
+            found = f" (held-out packages found: {names}, of {', '.join(HELDOUT_PACKAGES)})"
         raise SystemExit(
             f"corpus too small in {source}: {len(train)} train bytes (need {MIN_TRAIN_BYTES}), "
-            f"{len(heldout)} held-out bytes (need {MIN_HELDOUT_BYTES}); pass --corpus DIR"
+            f"{len(heldout)} held-out bytes (need {MIN_HELDOUT_BYTES}){found}; pass --corpus DIR"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRAIN_FILE).write_bytes(train)
