@@ -31,6 +31,7 @@ from selfprog.population import Population, derive_seed
 from selfprog.proposers.base import Proposer
 from selfprog.rundir import MODELS, Run
 from selfprog.scheduler import Job, Outcome, Placed, Scheduler
+from selfprog.states import State
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ __all__ = ["Driver", "StopRequest", "derive_seed"]
 
 Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
+STEP_MARGIN = 3.0  # a step budget's time ceiling, as a multiple of the seed's training time
 
 
 class StopRequest:
@@ -166,6 +168,18 @@ class Driver:
         """Returns the evaluations due, running or not: (candidate, index), in id order."""
         return [(c.id, i) for c, i in self.archive.due_evaluations(self.run.config.run.seed)]
 
+    def _step_limit(self) -> float:
+        """Returns the training ceiling of a step budget: the seed's training time, with a margin.
+
+        Steps cannot be counted from outside the sandbox; time can. 0 until the
+        seed has trained (the seed itself is held to the target's timeout).
+        """
+        seconds, steps = self.run.budget()
+        seed = self.archive.seed()
+        if seconds > 0 or steps == 0 or seed is None or seed.state != State.OK.value:
+            return 0.0
+        return STEP_MARGIN * seed.timings.get("train", 0.0)
+
     def _start_evaluations(self) -> None:
         if self.synchronous and self.breeder.open_generation():
             return  # a generation is scored once it is bred whole
@@ -177,7 +191,11 @@ class Driver:
                 continue
             phash = self.archive.candidate(candidate_id).program_hash or ""
             job = Job(
-                candidate_id, index, self.archive.program(phash), self.run.config.run.seed + index
+                candidate_id,
+                index,
+                self.archive.program(phash),
+                self.run.config.run.seed + index,
+                self._step_limit(),
             )
             if job.index == 0:
                 self.archive.mark_running(job.candidate_id)

@@ -39,6 +39,7 @@ class Job:
     index: int
     files: Mapping[str, str]
     seed: int
+    step_limit: float = 0.0  # a step budget's wall-clock ceiling, from the seed's time (0 = none)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -135,6 +136,7 @@ def score_job(scoring: Scoring, job: Job, runner: Runner, work: Path, node: str)
             seed=job.seed,
             budget_seconds=scoring.budget_seconds,
             budget_steps=scoring.budget_steps,
+            step_limit=job.step_limit,
             labels=job_labels(scoring, job),
         )
         kept: dict[str, bytes] = {}

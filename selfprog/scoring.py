@@ -19,7 +19,7 @@ from selfprog.data import Dataset
 from selfprog.errors import ProgramError
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
 from selfprog.states import State
-from selfprog.target import Target
+from selfprog.target import Budget, Target
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,17 @@ def stage_program(target: Target, program_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def _train_failure(outcome: PhaseOutcome, limits: Limits) -> Result | None:
+def _train_failure(
+    outcome: PhaseOutcome, limits: Limits, budget: Budget, seconds: float, limit: float
+) -> Result | None:
+    if outcome.timed_out and limit < budget.timeout:
+        if seconds > 0:
+            allowed = f"its budget of {seconds:g}s plus {budget.allowance:g}s for start-up"
+        else:
+            allowed = f"{limit:.0f}s (the step budget's ceiling, from the seed's training time)"
+        return Result(
+            State.OVER_BUDGET, reason=f"training still ran after {allowed} and was killed"
+        )
     if outcome.timed_out:
         return Result(
             State.TIMEOUT, reason=f"training ran past {outcome.seconds:.0f}s and was killed"
@@ -150,6 +160,7 @@ def score_program(
     seed: int = 0,
     budget_seconds: float | None = None,
     budget_steps: int | None = None,
+    step_limit: float = 0.0,
     labels: Mapping[str, str] | None = None,
 ) -> Result:
     """Returns the result of training a program with its own code and scoring it with the target's.
@@ -157,7 +168,10 @@ def score_program(
     The training phase sees the training split only and writes weights to an
     output folder; the evaluation phase runs the target's fixed evaluator on
     those weights, with the held-out split and a one-time nonce on its stdin.
-    Only the evaluator's nonce-marked stdout line counts.
+    Only the evaluator's nonce-marked stdout line counts. The harness enforces
+    the budget: training still running at the budget plus the target's
+    start-up allowance is killed (`over_budget`); `step_limit` is that
+    ceiling for a step budget (from the seed's measured time; 0 = none yet).
     """
     limits = limits or Limits()
     labels = dict(labels or {})
@@ -173,6 +187,7 @@ def score_program(
     out_dir.chmod(0o777)  # the sandbox user may differ from ours
     seconds = target.budget.seconds if budget_seconds is None else budget_seconds
     steps = target.budget.steps if budget_steps is None else budget_steps
+    limit = target.budget.train_limit(seconds, step_limit if steps > 0 else 0.0)
     train = Phase(
         name="train",
         argv=target.train,
@@ -183,15 +198,16 @@ def score_program(
         env={
             "SELFPROG_BUDGET_SECONDS": f"{seconds:g}",
             "SELFPROG_BUDGET_STEPS": str(steps),
+            "SELFPROG_TIME_LIMIT": f"{limit:g}",  # the phase is killed this long after it starts
             "SELFPROG_SEED": str(seed),
         },
-        timeout=target.budget.timeout,
+        timeout=limit,
         hidden=data.hidden,
     )
     log.debug("training %s (%s runner)", program_dir, runner.name)
     trained = runner.run(train, limits, {**labels, "selfprog.phase": "train"})
     timings = {"train": trained.seconds}
-    failed = _train_failure(trained, limits)
+    failed = _train_failure(trained, limits, target.budget, seconds, limit)
     if failed is not None:
         timings["total"] = time.perf_counter() - start
         return _finish(failed, data, timings, trained.log_tail)

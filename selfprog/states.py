@@ -15,7 +15,8 @@ class State(str, enum.Enum):
     INVALID = "invalid"  # edits did not apply, or the program does not parse
     REJECTED = "rejected"  # a fixed file was touched
     TRAIN_FAILED = "train_failed"
-    TIMEOUT = "timeout"
+    TIMEOUT = "timeout"  # a phase ran past its hard limit
+    OVER_BUDGET = "over_budget"  # training still ran after its budget and start-up allowance
     OOM = "oom"
     EVAL_FAILED = "eval_failed"
     ERROR = "error"  # the harness itself failed on this candidate (traceback in the log tail)

@@ -29,7 +29,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "data": ("train", "shared", "heldout", "manifest"),
     "model": ("base", "keep"),
     "metric": ("name", "direction"),
-    "budget": ("seconds", "steps", "timeout", "eval_timeout"),
+    "budget": ("seconds", "steps", "allowance", "timeout", "eval_timeout"),
 }
 
 
@@ -41,6 +41,20 @@ class Budget:
     steps: int  # training step budget, 0 = none
     timeout: float  # the training phase is killed after this many seconds
     eval_timeout: float  # the evaluation phase is killed after this many seconds
+    allowance: float = 30.0  # start-up and saving, on top of a seconds budget
+
+    def train_limit(self, seconds: float, measured: float = 0.0) -> float:
+        """Returns the wall-clock seconds after which the harness kills the training phase.
+
+        A seconds budget ends at the budget plus the allowance. A step budget
+        cannot be counted from outside: it ends at `measured` (a ceiling derived
+        from the seed's own training time) when there is one. Never past timeout.
+        """
+        if seconds > 0:
+            return min(self.timeout, seconds + self.allowance)
+        if measured > 0:
+            return min(self.timeout, measured)
+        return self.timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +182,7 @@ def load_target(where: str | Path) -> Target:
         steps=int(_number(raw, "steps", path, 0)),
         timeout=_number(raw, "timeout", path, 600),
         eval_timeout=_number(raw, "eval_timeout", path, 300),
+        allowance=_number(raw, "allowance", path, 30),
     )
     if budget.seconds == 0 and budget.steps == 0:
         raise TargetError(f"{path}: [budget] needs seconds or steps above 0")

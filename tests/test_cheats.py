@@ -10,6 +10,7 @@ daemon that outlives the server and puts the files back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -236,3 +237,27 @@ def test_a_program_file_named_like_a_module_never_runs_in_the_scorer(
     assert result.state is State.OK, (result.reason, result.log_tail)
     assert result.score is not None and result.score > 2.0  # the real scorer's number
     assert result.metrics["params"] > 10_000
+
+
+def test_training_past_its_budget_is_killed_over_budget(
+    runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    train = seed_program / "train.py"
+    source = train.read_text()
+    for honest, greedy in [
+        (
+            'float(os.environ.get("SELFPROG_BUDGET_SECONDS", "30"))',
+            '6 * float(os.environ.get("SELFPROG_BUDGET_SECONDS", "30"))',
+        ),
+        ('float(os.environ.get("SELFPROG_TIME_LIMIT", "0"))', "0.0"),
+    ]:
+        assert honest in source
+        source = source.replace(honest, greedy)
+    train.write_text(source)
+    target = dataclasses.replace(tinylm, budget=dataclasses.replace(tinylm.budget, allowance=8))
+    result = score(target, seed_program, runner, dataset, tmp_path, budget_seconds=3)
+    assert result.state is State.OVER_BUDGET, (result.state, result.reason)
+    assert result.reason == (
+        "training still ran after its budget of 3s plus 8s for start-up and was killed"
+    )
+    assert result.timings["train"] < 11 + 10

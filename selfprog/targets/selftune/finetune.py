@@ -3,7 +3,8 @@
 The proposer may rewrite this file. It runs in the sandbox with the base
 model's folder at SELFPROG_DATA/base and the training text at
 SELFPROG_DATA/train.txt, stops at the budget (SELFPROG_BUDGET_SECONDS or
-SELFPROG_BUDGET_STEPS), and must leave in SELFPROG_OUT:
+SELFPROG_BUDGET_STEPS; the harness kills it SELFPROG_TIME_LIMIT seconds after
+it starts), and must leave in SELFPROG_OUT:
 
 - `delta.safetensors`: the new values of the base model's parameters it
   changed (names and shapes as in the base model; float32 or bfloat16).
@@ -39,6 +40,7 @@ lora_dropout = 0.0
 first_layer = 24  # adapters on this layer and every later one (the model has 30)
 target_modules = ["q_proj", "v_proj"]
 log_every = 5
+save_margin = 20.0  # of the harness's time limit: for loading the model and saving the delta
 
 
 def budget():
@@ -64,6 +66,9 @@ def sample_batch(text, tokenizer, rng):
     return torch.tensor(rows)
 
 
+started = time.perf_counter()
+
+
 def main():
     data, out = Path(os.environ["SELFPROG_DATA"]), Path(os.environ["SELFPROG_OUT"])
     seconds, steps = budget()
@@ -87,9 +92,12 @@ def main():
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
     model.train()
     start, step, loss_value = time.perf_counter(), 0, float("nan")
+    time_limit = float(os.environ.get("SELFPROG_TIME_LIMIT", "0"))
     while True:
         elapsed = time.perf_counter() - start
         progress = max(elapsed / seconds if seconds else 0.0, step / steps if steps else 0.0)
+        if time_limit and time.perf_counter() - started > time_limit - save_margin:
+            break  # the harness would kill it before the delta is saved
         if progress >= 1.0:
             break
         lr = learning_rate * (step + 1) / warmup_steps if step < warmup_steps else lr_at(progress)

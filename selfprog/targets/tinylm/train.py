@@ -2,7 +2,9 @@
 
 The harness sets the environment: SELFPROG_DATA (a folder with train.bin only),
 SELFPROG_OUT (where the weights go), SELFPROG_BUDGET_SECONDS and/or
-SELFPROG_BUDGET_STEPS, and SELFPROG_SEED. Contract with the fixed evaluator:
+SELFPROG_BUDGET_STEPS, SELFPROG_TIME_LIMIT (the harness kills this program that
+many seconds after it starts: the budget plus a start-up allowance) and
+SELFPROG_SEED. Contract with the fixed evaluator:
 leave model.pt (a state_dict) and model.json (the dict build_model takes) in
 SELFPROG_OUT. Whatever this program prints about its own loss is not the score.
 """
@@ -18,11 +20,15 @@ from accelerate import Accelerator
 from model import GPTConfig, build_model, model_config
 from prepare import get_batch, load_train
 
+started = time.perf_counter()
+
 # -----------------------------------------------------------------------------
 # settings
 
 budget_seconds = float(os.environ.get("SELFPROG_BUDGET_SECONDS", "30"))  # 0 = no time budget
 budget_steps = int(os.environ.get("SELFPROG_BUDGET_STEPS", "0"))  # 0 = no step budget
+time_limit = float(os.environ.get("SELFPROG_TIME_LIMIT", "0"))  # enforced by the harness; 0 = none
+save_margin = 10.0  # of the time limit: for the imports above and for saving the weights
 seed = int(os.environ.get("SELFPROG_SEED", "0"))
 out_dir = Path(os.environ.get("SELFPROG_OUT", "out"))
 
@@ -60,8 +66,10 @@ model, optimizer = accelerator.prepare(model, optimizer)
 
 
 def progress(step: int, elapsed: float) -> float:
-    """Fraction of the budget used, by whichever budget runs out first."""
+    """Fraction of the budget used, by whichever budget (or the time limit) runs out first."""
     fractions = []
+    if time_limit > 0:
+        fractions.append((time.perf_counter() - started) / max(time_limit - save_margin, 1e-9))
     if budget_seconds > 0:
         fractions.append(elapsed / budget_seconds)
     if budget_steps > 0:
