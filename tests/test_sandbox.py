@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from selfprog.data import Dataset
-from selfprog.runners.base import Limits, Runner
+from selfprog.runners.base import Limits, Runner, output_usage
 from selfprog.target import Target
 from tests.conftest import SMALL, script_phase
 
@@ -97,6 +97,35 @@ def test_output_beyond_the_limit_is_stopped(runner, tmp_path: Path) -> None:
     outcome = runner.run(script_phase(tmp_path, source), limits, LABELS)
     assert outcome.output_exceeded or outcome.exit_code != 0
     assert (tmp_path / "out" / "big.bin").stat().st_size <= 16 * 2**20
+
+
+def test_many_small_files_in_a_locked_folder_cannot_pass_the_output_limit(
+    runner, tmp_path: Path
+) -> None:
+    source = (
+        "import os\n"
+        "out = os.environ['SELFPROG_OUT']\n"
+        "for i in range(5000):  # no bytes at all: only the file count can stop these\n"
+        "    try:\n"
+        "        open(os.path.join(out, f'empty-{i}'), 'w').close()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "hidden = os.path.join(out, 'hidden')\n"
+        "os.mkdir(hidden)\n"
+        "try:  # each file far below the per-file limit\n"
+        "    for i in range(2000):\n"
+        "        with open(os.path.join(hidden, f'{i}.bin'), 'wb') as f:\n"
+        "            f.write(b'x' * 65536)\n"
+        "finally:\n"
+        "    os.chmod(hidden, 0)  # a watcher that skips what it cannot read sees nothing here\n"
+    )
+    limits = Limits(memory_bytes=1024 * 2**20, cpus=1.0, output_bytes=16 * 2**20, output_files=1000)
+    outcome = runner.run(script_phase(tmp_path, source), limits, LABELS)
+    assert outcome.output_exceeded, outcome.log_tail
+    if runner.name == "docker":  # held by the kernel during the phase: nothing more reached us
+        size, entries = output_usage(tmp_path / "out")
+        assert size <= 16 * 2**20
+        assert entries <= 1000
 
 
 @pytest.mark.docker

@@ -20,6 +20,7 @@ class Limits:
     cpus: float = 2.0
     pids: int = 256
     output_bytes: int = 512 * MiB  # the output folder, in total
+    output_files: int = 4096  # files and folders in the output folder
     scratch_bytes: int = 256 * MiB  # the writable /tmp
     log_bytes: int = 16 * 1024  # the log tail kept per phase
     gpus: str | None = None  # None: no GPU; "all", a count such as "1", or "device=0,2"
@@ -111,16 +112,28 @@ def pump(stream: IO[bytes], *sinks: TailBuffer) -> threading.Thread:
     return thread
 
 
-def folder_size(path: Path) -> int:
-    """Returns the bytes of the regular files under path (0 where it cannot look)."""
-    total = 0
-    try:
-        for item in path.rglob("*"):
+def output_usage(path: Path) -> tuple[int, int]:
+    """Returns (bytes of regular files, files and folders) under path, which we own.
+
+    A folder the phase made unreadable is opened up first, so it cannot hide
+    what it holds; links are counted, not followed.
+    """
+    size = entries = 0
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        try:
             try:
-                if item.is_file() and not item.is_symlink():
-                    total += item.stat().st_size
-            except OSError:
-                continue
-    except OSError:
-        return total
-    return total
+                children = list(os.scandir(folder))
+            except PermissionError:
+                folder.chmod(0o700)
+                children = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in children:
+            entries += 1
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                size += entry.stat(follow_symlinks=False).st_size
+    return size, entries

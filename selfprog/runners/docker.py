@@ -6,6 +6,11 @@ capability dropped and no privilege escalation; an environment holding only
 what the harness sets; a wall-clock timeout after which it is killed; a
 bounded log. Containers carry labels naming the run and candidate and are
 removed in every case.
+
+A training phase writes its outputs to `/out`, a tmpfs with a size and a
+file-count limit that the kernel enforces: the phase runs under a supervisor
+(supervisor.py) that keeps the container, and so the volume, alive after the
+phase ends, until the runner has copied the regular files out.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import shutil
 import socket
+import tarfile
+import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import docker
 import requests
@@ -24,7 +34,8 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from selfprog.errors import RunnerError
-from selfprog.runners.base import Limits, Phase, PhaseOutcome, folder_size
+from selfprog.runners import supervisor
+from selfprog.runners.base import Limits, Phase, PhaseOutcome
 from selfprog.runners.image import (
     OFFLINE_IMAGE,
     SandboxImage,
@@ -39,6 +50,8 @@ log = logging.getLogger(__name__)
 LABEL = "selfprog"  # every container of ours carries it
 POLL_SECONDS = 0.25
 HIDDEN_TMPFS = "ro,size=4k,mode=0555"
+MiB = 1024 * 1024
+SUPERVISOR = Path(supervisor.__file__).read_text()  # passed with -c: nothing to mount
 
 
 def _transient(exc: BaseException) -> bool:
@@ -89,9 +102,9 @@ def ensure_image(client: Any, tag: str = OFFLINE_IMAGE) -> SandboxImage:
     return build_offline(client, tag)
 
 
-def _sandbox_user() -> str:
+def _sandbox_user() -> tuple[int, int]:
     uid = os.getuid()
-    return f"{uid}:{os.getgid()}" if uid != 0 else "65534:65534"
+    return (uid, os.getgid()) if uid != 0 else (65534, 65534)
 
 
 class DockerRunner:
@@ -104,20 +117,27 @@ class DockerRunner:
         self.image = ensure_image(self.client, image)
 
     def _container_config(
-        self, phase: Phase, limits: Limits, labels: Mapping[str, str]
+        self, phase: Phase, limits: Limits, labels: Mapping[str, str], nonce: str = ""
     ) -> dict[str, Any]:
-        mounts = [
-            Mount("/program", str(phase.program_dir.resolve()), type="bind", read_only=True),
-            Mount(
-                "/out", str(phase.out_dir.resolve()), type="bind", read_only=not phase.out_writable
-            ),
-        ]
+        uid, gid = _sandbox_user()
+        mounts = [Mount("/program", str(phase.program_dir.resolve()), type="bind", read_only=True)]
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={limits.scratch_bytes},mode=1777"}
+        command = phase.command(self.image.python)
+        memory = limits.memory_bytes
+        if phase.out_writable:  # a volume the kernel keeps to its limits, held by the supervisor
+            tmpfs["/out"] = (
+                f"rw,nosuid,nodev,size={limits.output_bytes},nr_inodes={limits.output_files},"
+                f"uid={uid},gid={gid}"
+            )
+            command = [self.image.python, "-I", "-c", SUPERVISOR, *command]
+            memory += limits.output_bytes  # tmpfs pages count as the container's memory
+        else:
+            mounts.append(Mount("/out", str(phase.out_dir.resolve()), type="bind", read_only=True))
         mounts += [
             Mount(f"/data/{f.name}", str(f.resolve()), type="bind", read_only=True)
             for f in phase.data_files
         ]
         mounts += [Mount(m, m, type="bind", read_only=True) for m in self.image.mounts]
-        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={limits.scratch_bytes},mode=1777"}
         # held-out folders, mounted from the host or in the image's own Python: an empty tmpfs
         tmpfs |= {m: HIDDEN_TMPFS for m in masked_paths(self.image, phase.hidden)}
         env = harness_env(
@@ -130,6 +150,7 @@ class DockerRunner:
                 "PATH": "/usr/bin:/bin",
                 "SELFPROG_DATA": "/data",
                 "SELFPROG_OUT": "/out",
+                **({supervisor.NONCE_VARIABLE: nonce} if nonce else {}),
             },
         )
         gpus = None
@@ -141,9 +162,9 @@ class DockerRunner:
             gpus = [DeviceRequest(count=count, capabilities=[["gpu"]])]
         return {
             "image": self.image.tag,
-            "command": phase.command(self.image.python),
+            "command": command,
             "working_dir": "/program",
-            "user": _sandbox_user(),
+            "user": f"{uid}:{gid}",
             "environment": env,
             "labels": {LABEL: "1", **labels},
             "stdin_open": phase.stdin is not None,
@@ -151,8 +172,8 @@ class DockerRunner:
                 mounts=mounts,
                 tmpfs=tmpfs,
                 network_mode="none",
-                mem_limit=limits.memory_bytes,
-                memswap_limit=limits.memory_bytes,  # no swap: past the limit is an OOM kill
+                mem_limit=memory,
+                memswap_limit=memory,  # no swap: past the limit is an OOM kill
                 nano_cpus=int(limits.cpus * 1e9),
                 pids_limit=limits.pids,
                 read_only=True,
@@ -188,13 +209,40 @@ class DockerRunner:
             self.client.api.remove_container(container_id, force=True, v=True)
 
     def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
-        container_id = self._create(self._container_config(phase, limits, labels))
+        nonce = secrets.token_hex(16) if phase.out_writable else ""
+        container_id = self._create(self._container_config(phase, limits, labels, nonce))
         try:
-            return self._run(container_id, phase, limits)
+            return self._run(container_id, phase, limits, nonce)
         finally:
             self._remove(container_id)
 
-    def _run(self, container_id: str, phase: Phase, limits: Limits) -> PhaseOutcome:
+    def _phase_end(self, container_id: str, nonce: str) -> int | None:
+        """Returns the phase's exit code once the supervisor has reported it, else None."""
+        if not nonce:
+            return None
+        last = self.client.api.logs(container_id, stdout=True, stderr=False, tail=2)
+        for line in last.decode("utf-8", "replace").splitlines():
+            if line.startswith(f"{supervisor.MARKER} {nonce} "):
+                code = int(line.split()[-1])
+                return 128 - code if code < 0 else code  # killed by a signal: as docker says it
+        return None
+
+    def _kill(self, container_id: str) -> None:
+        try:
+            self.client.api.kill(container_id)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: it exited on its own in the meantime
+                raise
+
+    def _archive_out(self, container_id: str) -> Any:
+        """Returns the chunks of a tar stream of /out, made inside the container."""
+        api = self.client.api
+        uid, gid = _sandbox_user()
+        command = [self.image.python, "-I", "-c", SUPERVISOR, "--archive"]
+        exec_id = api.exec_create(container_id, command, user=f"{uid}:{gid}")["Id"]
+        return (out for out, _ in api.exec_start(exec_id, stream=True, demux=True) if out)
+
+    def _run(self, container_id: str, phase: Phase, limits: Limits, nonce: str) -> PhaseOutcome:
         api = self.client.api
         sock = None
         if phase.stdin is not None:
@@ -203,34 +251,88 @@ class DockerRunner:
         api.start(container_id)
         if sock is not None:
             _write_stdin(sock, phase.stdin or b"")
-        timed_out = exceeded = False
+        timed_out, ended = False, None
         while True:
             try:
                 api.wait(container_id, timeout=POLL_SECONDS)
-                break
+                break  # the phase (or the supervisor) exited
             except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
                 pass
+            ended = self._phase_end(container_id, nonce)
+            if ended is not None:
+                break
             if time.perf_counter() - start > phase.timeout:
                 timed_out = True
-            elif phase.out_writable and folder_size(phase.out_dir) > limits.output_bytes:
-                exceeded = True
-            if timed_out or exceeded:
-                api.kill(container_id)
+                self._kill(container_id)
                 api.wait(container_id, timeout=30)
                 break
         seconds = time.perf_counter() - start
+        ended = ended if ended is not None else self._phase_end(container_id, nonce)
+        exceeded = False
+        if ended is not None:  # the volume is still there: copy what the phase left
+            size, entries = _copy_out(self._archive_out(container_id), phase.out_dir, limits)
+            exceeded = ended != 0 and (
+                size > limits.output_bytes - MiB or entries >= limits.output_files - 1
+            )
+        if ended is not None:  # the supervisor holds on: stop it, so docker says if it saw an OOM
+            self._kill(container_id)
+            api.wait(container_id, timeout=30)
         state = api.inspect_container(container_id)["State"]
-        stdout = api.logs(container_id, stdout=True, stderr=False, tail=200)
-        both = api.logs(container_id, stdout=True, stderr=True, tail=400)
+        stdout = _without_marker(api.logs(container_id, stdout=True, stderr=False, tail=200))
+        both = _without_marker(api.logs(container_id, stdout=True, stderr=True, tail=400))
         return PhaseOutcome(
-            exit_code=None if timed_out else state.get("ExitCode"),
+            exit_code=None if timed_out else ended if ended is not None else state.get("ExitCode"),
             seconds=seconds,
-            stdout_tail=stdout.decode("utf-8", "replace")[-limits.log_bytes :],
-            log_tail=both.decode("utf-8", "replace")[-limits.log_bytes :],
+            stdout_tail=stdout[-limits.log_bytes :],
+            log_tail=both[-limits.log_bytes :],
             timed_out=timed_out,
             oom=bool(state.get("OOMKilled")) and not timed_out,
             output_exceeded=exceeded,
         )
+
+
+def _without_marker(log: bytes) -> str:
+    lines = log.decode("utf-8", "replace").splitlines(keepends=True)
+    return "".join(line for line in lines if not line.startswith(supervisor.MARKER))
+
+
+def _copy_out(stream: Any, dest: Path, limits: Limits) -> tuple[int, int]:
+    """Writes the regular files and folders of a tar stream of /out into dest.
+
+    Returns (bytes, entries). Links, devices and paths leaving dest are
+    skipped; the stream is bounded by what the volume can hold.
+    """
+    bound = limits.output_bytes + 1024 * limits.output_files + MiB  # headers and padding
+    with tempfile.TemporaryFile() as buffer:
+        received = 0
+        for chunk in stream:
+            received += len(chunk)
+            if received > bound:
+                raise RunnerError(f"the output archive is larger than {bound} bytes")
+            buffer.write(chunk)
+        buffer.seek(0)
+        return _extract(buffer, dest)
+
+
+def _extract(buffer: IO[bytes], dest: Path) -> tuple[int, int]:
+    size = entries = 0
+    with tarfile.open(fileobj=buffer, mode="r|") as tar:
+        for member in tar:
+            parts = PurePosixPath(member.name).parts[1:]  # inside "out/"
+            if not parts or any(p in ("", ".", "..", "/") for p in parts):
+                continue
+            target = dest.joinpath(*parts)
+            entries += 1
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None
+                with source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                size += member.size
+    return size, entries
 
 
 def _write_stdin(sock: Any, payload: bytes) -> None:

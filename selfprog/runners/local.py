@@ -1,7 +1,10 @@
 """The local runner: plain subprocesses with resource limits and a process-group kill.
 
 It isolates far less than the docker runner: the candidate runs as your user,
-can read your files and reach the network. Use it where Docker is not available.
+can read your files and reach the network. Its output limits are checked after
+each phase (only the per-file size limit holds during it), and an evaluator's
+isolation between its own processes is weaker. Use it where Docker is not
+available.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from selfprog.runners.base import Limits, Phase, PhaseOutcome, TailBuffer, folder_size, pump
+from selfprog.runners.base import Limits, Phase, PhaseOutcome, TailBuffer, output_usage, pump
 
 log = logging.getLogger(__name__)
 
 WARNING = (
     "the local runner isolates far less than docker: candidate code runs as your user, "
-    "with your files and network in reach"
+    "with your files and network in reach, and output limits are checked only after each phase"
 )
 _OOM_SIGNS = ("MemoryError", "std::bad_alloc", "can't allocate memory", "Cannot allocate memory")
 
@@ -154,7 +157,11 @@ class LocalRunner:
         seconds = time.perf_counter() - start
         text = log_tail.text()
         code = proc.returncode
-        exceeded = code == -signal.SIGXFSZ or folder_size(phase.out_dir) > limits.output_bytes
+        # checked after the phase: during it, only RLIMIT_FSIZE (per file) holds
+        size, entries = output_usage(phase.out_dir) if phase.out_writable else (0, 0)
+        exceeded = (
+            code == -signal.SIGXFSZ or size > limits.output_bytes or entries > limits.output_files
+        )
         oom = not timed_out and code != 0 and any(sign in text for sign in _OOM_SIGNS)
         return PhaseOutcome(
             exit_code=None if timed_out else code,
