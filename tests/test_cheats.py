@@ -149,6 +149,8 @@ def test_a_peeking_model_with_memory_is_caught(
     result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.score, result.reason)
     assert "not causal" in result.reason
+    left = docker_runner.client.api.containers(all=True, filters={"label": "selfprog.run=test"})
+    assert left == []  # the daemon died with its container
 
 
 BATCH_LOG = """

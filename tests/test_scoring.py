@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,20 @@ except OSError:
 """.format(line=FAKE_LINE.format(nonce="0" * 32))
 
 
+class Recording:
+    """A runner that keeps every phase's outcome, to look at the evaluator's log."""
+
+    def __init__(self, runner):  # type: ignore[no-untyped-def]
+        self.runner, self.name, self.outcomes = runner, runner.name, {}
+
+    def run(self, phase, limits, labels):  # type: ignore[no-untyped-def]
+        self.outcomes[phase.name] = self.runner.run(phase, limits, labels)
+        return self.outcomes[phase.name]
+
+    def stop_all(self, labels):  # type: ignore[no-untyped-def]
+        return self.runner.stop_all(labels)
+
+
 def test_fake_scores_are_ignored(
     runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
 ) -> None:
@@ -98,11 +113,18 @@ def test_fake_scores_are_ignored(
     train.write_text(train.read_text() + TRAIN_FAKES)
     model = seed_program / "model.py"
     model.write_text(MODEL_FAKES + model.read_text())
-    result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_steps=60)
+    recording = Recording(runner)
+    result = score(tinylm, seed_program, recording, dataset, tmp_path, budget_steps=60)
     assert result.state is State.OK, (result.reason, result.log_tail)
     assert result.score is not None and result.score > 2.0
     assert result.metrics["params"] > 10_000
     assert "SELFPROG_RESULT" in result.log_tail  # the fakes were printed, and ignored
+    # and the model server's attempts on the scorer's stdout were refused, each of them
+    # (not under the local runner as root: root may open any process's descriptors)
+    if runner.name == "docker" or os.getuid() != 0:
+        served = recording.outcomes["evaluate"].log_tail
+        assert "BLOCKED /proc/" in served, served
+        assert "WROTE" not in served, served
 
 
 def test_a_model_that_sees_the_future_fails_evaluation(
