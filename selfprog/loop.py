@@ -39,7 +39,7 @@ __all__ = ["Driver", "StopRequest", "derive_seed"]
 
 Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
-STEP_MARGIN = 3.0  # a step budget's time ceiling, as a multiple of the seed's training time
+STEP_MARGIN = 5.0  # a step budget's time ceiling: this many times the seed's training time
 
 
 class StopRequest:
@@ -178,7 +178,8 @@ class Driver:
         seed = self.archive.seed()
         if seconds > 0 or steps == 0 or seed is None or seed.state != State.OK.value:
             return 0.0
-        return STEP_MARGIN * seed.timings.get("train", 0.0)
+        measured = seed.timings.get("train", 0.0)  # generous: a loaded machine must not trip it
+        return STEP_MARGIN * measured + self.run.target.budget.allowance if measured else 0.0
 
     def _start_evaluations(self) -> None:
         if self.synchronous and self.breeder.open_generation():
