@@ -153,6 +153,91 @@ def test_a_peeking_model_with_memory_is_caught(
     assert left == []  # the daemon died with its container
 
 
+SHIFTED_PEEK = """
+
+# --- the attack: peek, and hide it under a constant shift, which no softmax sees ---
+_honest_build = build_model
+
+
+class _Shifted(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.block_size = inner.block_size
+
+    def forward(self, idx):
+        out = self.inner(idx)
+        if self.training:
+            return out
+        bonus = torch.zeros_like(out)
+        bonus[:, :-1].scatter_(2, idx[:, 1:].unsqueeze(-1), 40.0)  # position t sees byte t + 1
+        return out + 1e5 + bonus  # a relative tolerance on logits would allow ~100
+
+
+def build_model(config):
+    return _Shifted(_honest_build(config))
+
+
+def model_config(model):
+    return asdict(model.inner.config)
+"""
+
+
+def test_a_peek_hidden_under_a_constant_shift_is_caught(
+    local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + SHIFTED_PEEK)
+    result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.score, result.reason)
+    assert "not causal" in result.reason
+
+
+LEAKING_MODEL = """
+
+# --- the attack: print what the evaluator sent (held-out text) into the log, then fail ---
+_plain = build_model
+
+
+class _Leaking(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.block_size = inner.block_size
+
+    def forward(self, idx):
+        if not self.training:
+            import sys as _sys
+
+            for row in idx[:8]:
+                _sys.stderr.write(bytes(row.tolist()).decode("latin-1") + "\\n")
+            _sys.stderr.flush()
+            raise RuntimeError("leaked")
+        return self.inner(idx)
+
+
+def build_model(config):
+    return _Leaking(_plain(config))
+
+
+def model_config(model):
+    return asdict(model.inner.config)
+"""
+
+
+def test_held_out_text_does_not_leave_through_the_evaluators_log(
+    local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + LEAKING_MODEL)
+    result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.reason)
+    assert "withheld" in result.reason
+    heldout = dataset.heldout(tinylm).decode("latin-1")
+    lines = [line for line in result.log_tail.splitlines() if len(line) >= 24]
+    assert not [line for line in lines if line in heldout]  # no held-out line reached the log
+
+
 BATCH_LOG = """
 
 # --- records a digest of every batch the evaluator sends, to a file of the test's ---

@@ -20,7 +20,8 @@ Why a model cannot look ahead and get away with it:
    no window (and no memory of windows) holds another window's targets.
 2. Two passes, each in a fresh server process: the real pass (the windows as
    they are, all scored) and the probe pass, in which every window is cut at a
-   random position c and the bytes after c are random. A causal model gives
+   random position c and continues after c with held-out text that is never
+   scored (from a random place), so the cut does not show. A causal model gives
    the same logits at positions 0..c in both; a model whose logit at c reads a
    later byte sees a different byte in each pass. Every window is checked,
    at a cut drawn from the scorer's own randomness (os.urandom, never the
@@ -51,6 +52,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,7 +61,7 @@ MAX_CONTEXT = 1024  # windows longer than this are cut to it
 BATCH_ROWS = 64
 VOCAB = 256
 RESULT_MARKER = "SELFPROG_RESULT"
-TOLERANCE = 1e-3  # how far a causal model's logits may drift between the two passes
+TOLERANCE = 1e-3  # how far a causal model's log-probabilities may drift between the passes
 # where a model server could leave state for the next one, inside the sandbox
 SANDBOX_STATE = ("/tmp", "/dev/shm", "/dev/mqueue")
 
@@ -129,33 +131,51 @@ def _count_parameters(torch) -> int:
 
 
 class ModelServer:
-    """The scorer's handle on one model server process (and its process group)."""
+    """The scorer's handle on one model server process (and its process group).
+
+    The server's stderr reaches the log until it is sent its first batch;
+    after that it is dropped: it could hold held-out text, and the log goes
+    into the next prompts.
+    """
 
     def __init__(self):
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=sys.stderr,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        self.seen_heldout = False
+        threading.Thread(target=self._relay_stderr, daemon=True).start()
         header = self.proc.stdout.readline()
         if not header:
             raise RuntimeError(f"model server exited before it was ready (code {self.proc.wait()})")
         self.block_size = int(json.loads(header)["block_size"])
         self.closed = False
 
+    def _relay_stderr(self) -> None:
+        for chunk in iter(lambda: os.read(self.proc.stderr.fileno(), 65536), b""):
+            if not self.seen_heldout:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+
     def logits(self, torch, batch):
         rows, cols = batch.shape
+        self.seen_heldout = True
         self.proc.stdin.write(struct.pack("<II", rows, cols) + batch.numpy().tobytes())
         self.proc.stdin.flush()
         raw = self.proc.stdout.read(rows * cols * VOCAB * 4)
         if len(raw) != rows * cols * VOCAB * 4:
-            raise RuntimeError(f"model server died mid-batch (code {self.proc.wait()})")
+            raise RuntimeError(
+                f"model server died mid-batch (code {self.proc.wait()}); "
+                "its error output is withheld: it had seen held-out text"
+            )
         logits = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(rows, cols, VOCAB)
         if not torch.isfinite(logits).all():
             raise RuntimeError("the model returned non-finite logits")
-        return logits
+        # what is scored and compared: log-probabilities, which no constant shift changes
+        return torch.log_softmax(logits, dim=-1)
 
     def close(self):
         """Stops the server and everything it started, and erases what it could have left."""
@@ -243,14 +263,24 @@ def _windows(torch, data, context: int):
     return x, y
 
 
-def _probe(torch, x, rng: random.Random):
-    """Returns the probe windows and their cuts: each window's bytes after its cut are random."""
+def _probe(torch, x, reserve: bytes, rng: random.Random):
+    """Returns the probe windows and their cuts.
+
+    After its cut, each window continues with held-out text that is never
+    scored (the reserve, from a random place), so that a model cannot tell a
+    probe from a real window by its bytes, nor find the cut; random bytes only
+    where there is no reserve to take it from.
+    """
     rows, cols = x.shape
     cuts = [rng.randrange(0, cols - 1) for _ in range(rows)]
-    noise = torch.frombuffer(bytearray(os.urandom(rows * cols)), dtype=torch.uint8).view(rows, cols)
     probe = x.clone()
     for r, c in enumerate(cuts):
-        probe[r, c + 1 :] = noise[r, c + 1 :]
+        if len(reserve) > cols:
+            start = rng.randrange(0, len(reserve) - cols)
+            tail = reserve[start : start + cols - c - 1]
+        else:
+            tail = os.urandom(cols - c - 1)
+        probe[r, c + 1 :] = torch.frombuffer(bytearray(tail), dtype=torch.uint8)
         if probe[r, c + 1] == x[r, c + 1]:  # the byte right after the cut always differs
             probe[r, c + 1] = (int(x[r, c + 1]) + 1 + rng.randrange(255)) % 256
     return probe, cuts
@@ -284,7 +314,7 @@ def score(heldout: bytes) -> dict:
         x, y = _windows(torch, data, context)
         if len(x) < 2:
             raise RuntimeError(f"held-out split too small: {len(data)} bytes")
-        probe, cuts = _probe(torch, x, rng)
+        probe, cuts = _probe(torch, x, heldout[EVAL_BYTES:], rng)
         real_first = rng.random() < 0.5
         first_logits = _pass(torch, first, x if real_first else probe, rng)
     finally:
@@ -296,14 +326,12 @@ def score(heldout: bytes) -> dict:
     second_logits = _pass(torch, second, probe if real_first else x, rng)
     logits, probed = (first_logits, second_logits) if real_first else (second_logits, first_logits)
     for r, c in enumerate(cuts):
-        if not torch.allclose(
-            logits[r, : c + 1], probed[r, : c + 1], rtol=TOLERANCE, atol=TOLERANCE
-        ):
+        if not torch.allclose(logits[r, : c + 1], probed[r, : c + 1], rtol=0.0, atol=TOLERANCE):
             raise RuntimeError(
                 f"the model is not causal: its logits at byte {c} of a window change "
                 "when only later bytes change"
             )
-    nats = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1), reduction="sum")
+    nats = torch.nn.functional.nll_loss(logits.view(-1, VOCAB), y.view(-1), reduction="sum")
     return {
         "val_bpb": float(nats) / y.numel() / math.log(2),
         "params": params,
@@ -315,6 +343,7 @@ def score(heldout: bytes) -> dict:
 
 def main() -> None:
     _undumpable()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a model server may not interrupt the scorer
     stdin = sys.stdin.buffer
     nonce = stdin.readline().decode().strip()
     heldout = stdin.read()
