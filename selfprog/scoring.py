@@ -112,6 +112,10 @@ def _train_failure(
         )
     if outcome.exit_code != 0:
         return Result(State.TRAIN_FAILED, reason=f"training exited with code {outcome.exit_code}")
+    if outcome.output_lost:
+        return Result(
+            State.TRAIN_FAILED, reason=f"its outputs could not be copied: {outcome.output_lost}"
+        )
     return None
 
 

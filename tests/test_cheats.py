@@ -153,6 +153,42 @@ def test_a_peeking_model_with_memory_is_caught(
     assert left == []  # the daemon died with its container
 
 
+@pytest.fixture(scope="module")
+def image_with_an_entrypoint(docker_runner):  # type: ignore[no-untyped-def]
+    """The sandbox image with an entrypoint of its own, as many GPU base images have."""
+    api = docker_runner.client.api
+    python = docker_runner.image.python
+    holder = api.create_container(docker_runner.image.tag, command=["true"])["Id"]
+    wrapper = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    tag = "selfprog-sandbox:with-entrypoint"
+    api.commit(
+        holder,
+        repository=tag.split(":")[0],
+        tag=tag.split(":")[1],
+        changes=[f'ENTRYPOINT ["{python}", "-c", "{wrapper}"]'],
+    )
+    api.remove_container(holder)
+    yield tag
+    docker_runner.client.images.remove(tag, force=True)
+
+
+@pytest.mark.docker
+def test_an_image_entrypoint_does_not_weaken_the_evaluator(
+    image_with_an_entrypoint: str,
+    tinylm: Target,
+    dataset: Dataset,
+    seed_program: Path,
+    tmp_path: Path,
+) -> None:
+    from selfprog.runners.docker import DockerRunner
+
+    runner = DockerRunner(image_with_an_entrypoint)
+    _peeking(seed_program, "daemon")
+    result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.score, result.reason)
+    assert "not causal" in result.reason
+
+
 SHIFTED_PEEK = """
 
 # --- the attack: peek, and hide it under a constant shift, which no softmax sees ---

@@ -129,6 +129,43 @@ def test_many_small_files_in_a_locked_folder_cannot_pass_the_output_limit(
 
 
 @pytest.mark.docker
+def test_outputs_made_to_break_the_copy_end_in_a_definite_outcome(
+    docker_runner, tmp_path: Path
+) -> None:
+    source = (
+        "import os\n"
+        "out = os.environ['SELFPROG_OUT']\n"
+        "open(os.path.join(out, 'model.pt'), 'wb').write(b'w' * 1000)\n"
+        "deep = out\n"
+        "for _ in range(1500):  # deeper than a recursive walk goes\n"
+        "    deep = os.path.join(deep, 'd')\n"
+        "    os.mkdir(deep)\n"
+        "os.chdir(out)\n"
+        "for _ in range(25):  # a path longer than a host path may be\n"
+        "    os.mkdir('x' * 200)\n"
+        "    os.chdir('x' * 200)\n"
+        "open('f', 'w').write('x')\n"
+        "for i in range(3):  # sparse: no room on the volume, 45 MiB in an archive\n"
+        "    with open(os.path.join(out, f'sparse-{i}'), 'wb') as f:\n"
+        "        f.truncate(15 * 2**20)\n"
+        "os.symlink('/etc/passwd', os.path.join(out, 'link'))\n"
+        "os.link(os.path.join(out, 'model.pt'), os.path.join(out, 'hard'))\n"
+        "os.mkfifo(os.path.join(out, 'fifo'))\n"
+        "os.chmod(os.path.join(out, 'd'), 0)\n"
+    )
+    limits = Limits(memory_bytes=1024 * 2**20, cpus=1.0, output_bytes=16 * 2**20)
+    outcome = docker_runner.run(script_phase(tmp_path, source), limits, LABELS)
+    assert outcome.exit_code == 0, outcome.log_tail
+    out = tmp_path / "out"
+    assert (out / "model.pt").read_bytes() == b"w" * 1000
+    assert not (out / "link").exists() and not (out / "fifo").exists()
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert not (out / "d" / ("d/" * 20)).exists()  # too deep to copy
+    size, _ = output_usage(out)
+    assert size <= 16 * 2**20  # the sparse files did not come out at their apparent size
+
+
+@pytest.mark.docker
 def test_network_is_unreachable(docker_runner, tmp_path: Path) -> None:
     source = (
         "import socket\n"

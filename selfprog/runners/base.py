@@ -63,6 +63,7 @@ class PhaseOutcome:
     timed_out: bool = False
     oom: bool = False
     output_exceeded: bool = False
+    output_lost: str = ""  # why the phase's outputs could not be copied out, if they could not
 
 
 class Runner(Protocol):

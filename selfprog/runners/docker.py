@@ -51,6 +51,7 @@ LABEL = "selfprog"  # every container of ours carries it
 POLL_SECONDS = 0.25
 HIDDEN_TMPFS = "ro,size=4k,mode=0555"
 MiB = 1024 * 1024
+MAX_DEPTH = 16  # deeper output folders are not copied (a deep tree breaks recursive tools)
 SUPERVISOR = Path(supervisor.__file__).read_text()  # passed with -c: nothing to mount
 
 
@@ -163,6 +164,7 @@ class DockerRunner:
         return {
             "image": self.image.tag,
             "command": command,
+            "entrypoint": [""],  # an image's own entrypoint would take the first process's place
             "working_dir": "/program",
             "user": f"{uid}:{gid}",
             "environment": env,
@@ -234,13 +236,24 @@ class DockerRunner:
             if exc.status_code != 409:  # 409: it exited on its own in the meantime
                 raise
 
-    def _archive_out(self, container_id: str) -> Any:
-        """Returns the chunks of a tar stream of /out, made inside the container."""
+    def _collect(self, container_id: str, dest: Path, limits: Limits) -> tuple[int, int, str]:
+        """Copies /out's files out of the container into dest: (bytes, entries, what failed).
+
+        The archiver runs inside the container (the daemon's archive API cannot
+        see a tmpfs), after everything of the phase was killed. Whatever the
+        phase left there, a failure to copy is the candidate's, never an error.
+        """
         api = self.client.api
         uid, gid = _sandbox_user()
-        command = [self.image.python, "-I", "-c", SUPERVISOR, "--archive"]
+        command = [self.image.python, "-I", "-c", SUPERVISOR, "--archive", str(limits.output_bytes)]
         exec_id = api.exec_create(container_id, command, user=f"{uid}:{gid}")["Id"]
-        return (out for out, _ in api.exec_start(exec_id, stream=True, demux=True) if out)
+        stream = (out for out, _ in api.exec_start(exec_id, stream=True, demux=True) if out)
+        try:
+            size, entries = _copy_out(stream, dest, limits)
+        except (tarfile.TarError, OSError, RunnerError) as exc:
+            return 0, 0, f"{type(exc).__name__}: {exc}"[:200]
+        code = api.exec_inspect(exec_id).get("ExitCode")
+        return size, entries, "" if code == 0 else f"the archiver exited with code {code}"
 
     def _run(self, container_id: str, phase: Phase, limits: Limits, nonce: str) -> PhaseOutcome:
         api = self.client.api
@@ -267,13 +280,16 @@ class DockerRunner:
                 api.wait(container_id, timeout=30)
                 break
         seconds = time.perf_counter() - start
-        ended = ended if ended is not None else self._phase_end(container_id, nonce)
-        exceeded = False
-        if ended is not None:  # the volume is still there: copy what the phase left
-            size, entries = _copy_out(self._archive_out(container_id), phase.out_dir, limits)
+        if ended is None and not timed_out:  # the supervisor may have said so as it exited
+            ended = self._phase_end(container_id, nonce)
+        exceeded, copy_failed = False, ""
+        if ended is not None and api.inspect_container(container_id)["State"].get("Running"):
+            size, entries, copy_failed = self._collect(container_id, phase.out_dir, limits)
             exceeded = ended != 0 and (
                 size > limits.output_bytes - MiB or entries >= limits.output_files - 1
             )
+        elif ended is not None:
+            copy_failed = "the container stopped before its outputs were copied"
         if ended is not None:  # the supervisor holds on: stop it, so docker says if it saw an OOM
             self._kill(container_id)
             api.wait(container_id, timeout=30)
@@ -288,6 +304,7 @@ class DockerRunner:
             timed_out=timed_out,
             oom=bool(state.get("OOMKilled")) and not timed_out,
             output_exceeded=exceeded,
+            output_lost=copy_failed,
         )
 
 
@@ -319,7 +336,7 @@ def _extract(buffer: IO[bytes], dest: Path) -> tuple[int, int]:
     with tarfile.open(fileobj=buffer, mode="r|") as tar:
         for member in tar:
             parts = PurePosixPath(member.name).parts[1:]  # inside "out/"
-            if not parts or any(p in ("", ".", "..", "/") for p in parts):
+            if not parts or len(parts) > MAX_DEPTH or any(p in ("", ".", "..", "/") for p in parts):
                 continue
             target = dest.joinpath(*parts)
             entries += 1
