@@ -39,7 +39,7 @@ __all__ = ["Driver", "StopRequest", "derive_seed"]
 
 Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
-STEP_MARGIN = 5.0  # a step budget's time ceiling: this many times the seed's training time
+MARGIN = 5.0  # time ceilings: this many times the seed's measured time, plus the allowance
 
 
 class StopRequest:
@@ -168,18 +168,22 @@ class Driver:
         """Returns the evaluations due, running or not: (candidate, index), in id order."""
         return [(c.id, i) for c, i in self.archive.due_evaluations(self.run.config.run.seed)]
 
-    def _step_limit(self) -> float:
-        """Returns the training ceiling of a step budget: the seed's training time, with a margin.
+    def _ceilings(self) -> tuple[float, float]:
+        """Returns the wall-clock ceilings (training under a step budget, evaluation) of a job.
 
-        Steps cannot be counted from outside the sandbox; time can. 0 until the
-        seed has trained (the seed itself is held to the target's timeout).
+        Steps cannot be counted from outside the sandbox, and candidate code the
+        evaluator runs could go on training there; time can be held, measured
+        on the seed, generously (a loaded machine must not end honest
+        candidates). 0 = none: the seed itself is held to the target's timeouts.
         """
         seconds, steps = self.run.budget()
         seed = self.archive.seed()
-        if seconds > 0 or steps == 0 or seed is None or seed.state != State.OK.value:
-            return 0.0
-        measured = seed.timings.get("train", 0.0)  # generous: a loaded machine must not trip it
-        return STEP_MARGIN * measured + self.run.target.budget.allowance if measured else 0.0
+        if seed is None or seed.state != State.OK.value:
+            return 0.0, 0.0
+        allowance = self.run.target.budget.allowance
+        ceilings = [MARGIN * seed.timings.get(phase, 0.0) for phase in ("train", "evaluate")]
+        train, evaluate = [c + allowance if c else 0.0 for c in ceilings]
+        return (train if steps > 0 and seconds == 0 else 0.0), evaluate
 
     def _start_evaluations(self) -> None:
         if self.synchronous and self.breeder.open_generation():
@@ -196,7 +200,7 @@ class Driver:
                 index,
                 self.archive.program(phash),
                 self.run.config.run.seed + index,
-                self._step_limit(),
+                *self._ceilings(),
             )
             if job.index == 0:
                 self.archive.mark_running(job.candidate_id)

@@ -40,6 +40,7 @@ class Job:
     files: Mapping[str, str]
     seed: int
     step_limit: float = 0.0  # a step budget's wall-clock ceiling, from the seed's time (0 = none)
+    eval_limit: float = 0.0  # the evaluation's wall-clock ceiling, from the seed's time (0 = none)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -137,6 +138,7 @@ def score_job(scoring: Scoring, job: Job, runner: Runner, work: Path, node: str)
             budget_seconds=scoring.budget_seconds,
             budget_steps=scoring.budget_steps,
             step_limit=job.step_limit,
+            eval_limit=job.eval_limit,
             labels=job_labels(scoring, job),
         )
         kept: dict[str, bytes] = {}

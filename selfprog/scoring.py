@@ -132,7 +132,13 @@ def parse_result(stdout: str, nonce: str) -> dict[str, Any] | None:
     return None
 
 
-def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limits: Limits) -> Result:
+def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limit: float) -> Result:
+    if outcome.timed_out and limit < target.budget.eval_timeout:
+        return Result(
+            State.OVER_BUDGET,
+            reason=f"evaluation still ran after {limit:.0f}s (a multiple of the seed's) and was "
+            "killed: evaluation time is not training time",
+        )
     if outcome.timed_out:
         return Result(
             State.TIMEOUT, reason=f"evaluation ran past {outcome.seconds:.0f}s and was killed"
@@ -165,6 +171,7 @@ def score_program(
     budget_seconds: float | None = None,
     budget_steps: int | None = None,
     step_limit: float = 0.0,
+    eval_limit: float = 0.0,
     labels: Mapping[str, str] | None = None,
 ) -> Result:
     """Returns the result of training a program with its own code and scoring it with the target's.
@@ -175,7 +182,9 @@ def score_program(
     Only the evaluator's nonce-marked stdout line counts. The harness enforces
     the budget: training still running at the budget plus the target's
     start-up allowance is killed (`over_budget`); `step_limit` is that
-    ceiling for a step budget (from the seed's measured time; 0 = none yet).
+    ceiling for a step budget (from the seed's measured time; 0 = none yet),
+    and `eval_limit` the evaluation's, so that candidate code run by the
+    evaluator cannot go on training there.
     """
     limits = limits or Limits()
     labels = dict(labels or {})
@@ -216,6 +225,7 @@ def score_program(
         timings["total"] = time.perf_counter() - start
         return _finish(failed, data, timings, trained.log_tail)
     nonce = secrets.token_hex(16)
+    eval_timeout = min(target.budget.eval_timeout, eval_limit or target.budget.eval_timeout)
     evaluate = Phase(
         name="evaluate",
         argv=target.evaluate,
@@ -226,7 +236,7 @@ def score_program(
         data_files=data.shared_files(target),
         env={"SELFPROG_SEED": str(seed)},
         stdin=nonce.encode() + b"\n" + data.heldout(target),
-        timeout=target.budget.eval_timeout,
+        timeout=eval_timeout,
         hidden=data.hidden,
         trusted=True,
     )
@@ -234,7 +244,7 @@ def score_program(
     evaluated = runner.run(evaluate, limits, {**labels, "selfprog.phase": "evaluate"})
     timings["evaluate"] = evaluated.seconds
     timings["total"] = time.perf_counter() - start
-    result = _eval_result(target, evaluated, nonce, limits)
+    result = _eval_result(target, evaluated, nonce, eval_timeout)
     log_tail = trained.log_tail if result.state is State.OK else evaluated.log_tail
     return _finish(result, data, timings, log_tail)
 

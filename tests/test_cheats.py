@@ -274,6 +274,46 @@ def test_held_out_text_does_not_leave_through_the_evaluators_log(
     assert not [line for line in lines if line in heldout]  # no held-out line reached the log
 
 
+SLOW_SERVER = """
+
+# --- the attack: go on training in the evaluator (here: spend the time) before answering ---
+_plain_model = build_model
+
+
+class _Slow(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.block_size = inner.block_size
+
+    def forward(self, idx):
+        if not self.training:
+            __import__("time").sleep(30)
+        return self.inner(idx)
+
+
+def build_model(config):
+    return _Slow(_plain_model(config))
+
+
+def model_config(model):
+    return asdict(model.inner.config)
+"""
+
+
+def test_an_evaluation_past_its_ceiling_is_over_budget(
+    local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + SLOW_SERVER)
+    result = score(
+        tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20, eval_limit=8.0
+    )
+    assert result.state is State.OVER_BUDGET, (result.state, result.reason)
+    assert "evaluation time is not training time" in result.reason
+    assert result.timings["evaluate"] < 20
+
+
 BATCH_LOG = """
 
 # --- records a digest of every batch the evaluator sends, to a file of the test's ---

@@ -532,27 +532,32 @@ def test_a_closed_terminal_sighup_stops_the_run_like_sigterm(tmp_path: Path) -> 
     assert "running" not in states(run_dir)
 
 
-def test_a_step_budget_is_held_to_a_multiple_of_the_seeds_training_time(tmp_path: Path) -> None:
-    """Steps cannot be counted from outside the sandbox: time can, measured on the seed."""
-    from selfprog.loop import STEP_MARGIN, Driver
+def test_step_budgets_and_evaluations_are_held_to_a_multiple_of_the_seeds_time(
+    tmp_path: Path,
+) -> None:
+    """Steps cannot be counted from outside the sandbox, nor training in the evaluator: time can."""
+    from selfprog.loop import MARGIN, Driver
     from selfprog.proposers.mutate import MutateProposer
     from selfprog.scoring import Result
     from selfprog.states import State
     from tests.fakes import FakeScheduler
 
-    limits: dict[tuple[int, int], float] = {}
+    limits: dict[tuple[int, int], tuple[float, float]] = {}
 
     def scored(job):  # type: ignore[no-untyped-def]
-        limits[job.key] = job.step_limit
-        return Result(State.OK, score=3.0 - job.candidate_id / 100, timings={"train": 4.0})
+        limits[job.key] = (job.step_limit, job.eval_limit)
+        timings = {"train": 4.0, "evaluate": 2.0}
+        return Result(State.OK, score=3.0 - job.candidate_id / 100, timings=timings)
 
     run = make_run(tmp_path, "run.generations=1", "run.population=2", "run.synchronous=true")
+    allowance = run.target.budget.allowance
     assert Driver(run, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
-    assert limits[1, 0] == 0.0  # the seed: nothing measured yet, the target's timeout holds
-    children = [limit for (candidate, _), limit in limits.items() if candidate > 1]
-    assert children and set(children) == {STEP_MARGIN * 4.0 + run.target.budget.allowance}
+    assert limits[1, 0] == (0.0, 0.0)  # the seed: nothing measured yet, the target's timeouts hold
+    children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
+    assert children == {(MARGIN * 4.0 + allowance, MARGIN * 2.0 + allowance)}
 
     timed = make_run(tmp_path / "timed", "budget.seconds=5", "budget.steps=0")
     limits.clear()
     assert Driver(timed, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
-    assert set(limits.values()) == {0.0}  # a seconds budget has its own ceiling
+    children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
+    assert children == {(0.0, MARGIN * 2.0 + allowance)}  # a seconds budget has its own ceiling

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,37 @@ def test_many_small_files_in_a_locked_folder_cannot_pass_the_output_limit(
         size, entries = output_usage(tmp_path / "out")
         assert size <= 16 * 2**20
         assert entries <= 1000
+
+
+def test_output_usage_opens_what_the_phase_locked(tmp_path: Path) -> None:
+    """As the local runner sees it: the phase ran as the same user (not root, which sees all)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp())
+    root.chmod(0o755)
+    out = root / "out"
+    for folder, mode in (("unreadable", 0), ("unsearchable", 0o600)):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "f").write_bytes(b"x" * 1000)
+        (out / folder).chmod(mode)
+    user = 65534 if os.getuid() == 0 else None
+    for path in [out, *out.rglob("*")] if user is not None else []:
+        os.chown(path, user, user)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            if user is not None:
+                os.setgid(user)
+                os.setuid(user)
+            os.write(write, repr(output_usage(out)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    answer = os.read(read, 1000).decode()
+    os.close(read)
+    assert answer == "(2000, 4)"
 
 
 @pytest.mark.docker

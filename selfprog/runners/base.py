@@ -124,11 +124,10 @@ def output_usage(path: Path) -> tuple[int, int]:
     while pending:
         folder = pending.pop()
         try:
-            try:
-                children = list(os.scandir(folder))
-            except PermissionError:
-                folder.chmod(0o700)
-                children = list(os.scandir(folder))
+            mode = folder.lstat().st_mode
+            if mode & 0o700 != 0o700:  # readable but not searchable hides sizes too
+                folder.chmod(mode | 0o700)
+            children = list(os.scandir(folder))
         except FileNotFoundError:
             continue
         for entry in children:

@@ -40,6 +40,12 @@ A model that reads ahead at a fraction f of positions is caught unless no
 window's cut lands on one of them: with n windows (about 1,000 at the seed's
 context of 128, 128 at a context of 1,024) it passes with a probability near
 (1 - f)^n, and gains at most what its honest model lacked at those positions.
+The comparison is of log-probabilities with an absolute tolerance (a constant
+added to every logit changes nothing a softmax sees). What this does not
+close: covert channels between the two servers through state the kernel
+shares and the scorer cannot empty (the page cache, counters, timing); the
+probe's held-out continuations keep the cuts from showing, so a model must
+first carry them across such a channel.
 """
 
 import contextlib
