@@ -197,6 +197,10 @@ def apply_edits(
                 raise EditError(
                     f"{path} does not parse after the edits: {exc.msg} (line {exc.lineno})"
                 ) from None
+            except (ValueError, RecursionError, MemoryError) as exc:  # nesting the parser refuses
+                raise EditError(
+                    f"{path} does not parse after the edits: {type(exc).__name__}"
+                ) from None
     return result
 
 

@@ -39,7 +39,9 @@ __all__ = ["Driver", "StopRequest", "derive_seed"]
 
 Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
-MARGIN = 5.0  # time ceilings: this many times the seed's measured time, plus the allowance
+MARGIN = 5.0  # a step budget's ceiling: this many times the seed's training time + allowance
+EVAL_MARGIN = 2.0  # the evaluation's: this many times the seed's evaluation time + EVAL_SLACK
+EVAL_SLACK = 10.0  # seconds
 
 
 class StopRequest:
@@ -180,9 +182,11 @@ class Driver:
         seed = self.archive.seed()
         if seed is None or seed.state != State.OK.value:
             return 0.0, 0.0
-        allowance = self.run.target.budget.allowance
-        ceilings = [MARGIN * seed.timings.get(phase, 0.0) for phase in ("train", "evaluate")]
-        train, evaluate = [c + allowance if c else 0.0 for c in ceilings]
+        measured_train, measured_eval = (seed.timings.get(p, 0.0) for p in ("train", "evaluate"))
+        train = (
+            MARGIN * measured_train + self.run.target.budget.allowance if measured_train else 0.0
+        )
+        evaluate = EVAL_MARGIN * measured_eval + EVAL_SLACK if measured_eval else 0.0
         return (train if steps > 0 and seconds == 0 else 0.0), evaluate
 
     def _start_evaluations(self) -> None:

@@ -24,6 +24,7 @@ from selfprog.target import Budget, Target
 log = logging.getLogger(__name__)
 
 RESULT_MARKER = "SELFPROG_RESULT"
+MAX_SOURCE_BYTES = 2**20  # an editable file larger than this is not a program to run
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,15 @@ def check_program(target: Target, program_dir: Path) -> Result | None:
         path = program_dir / name
         if not path.is_file():
             return Result(State.INVALID, reason=f"editable file {name} is missing")
+        if path.stat().st_size > MAX_SOURCE_BYTES:
+            return Result(State.INVALID, reason=f"editable file {name} is over 1 MiB")
         if name.endswith(".py"):
             try:
                 ast.parse(path.read_bytes(), filename=name)
             except (SyntaxError, ValueError) as exc:
                 return Result(State.INVALID, reason=f"{name} does not parse: {exc}")
+            except (RecursionError, MemoryError) as exc:  # nesting the parser cannot take
+                return Result(State.INVALID, reason=f"{name} does not parse: {type(exc).__name__}")
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -145,12 +146,13 @@ def _peeking(program: Path, mode: str) -> None:
 def test_a_peeking_model_with_memory_is_caught(
     docker_runner, mode: str, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
 ) -> None:
-    _peeking(seed_program, mode)
-    result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
+    program = seed_program.rename(seed_program.with_name(f"peeking-{mode}-{os.getpid()}"))
+    _peeking(program, mode)
+    result = score(tinylm, program, docker_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.score, result.reason)
     assert "not causal" in result.reason
-    left = docker_runner.client.api.containers(all=True, filters={"label": "selfprog.run=test"})
-    assert left == []  # the daemon died with its container
+    mine = {"label": f"selfprog.candidate={program.name}"}  # the score's labels name the folder
+    assert docker_runner.client.api.containers(all=True, filters=mine) == []  # daemon died too
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,55 @@ def test_an_image_entrypoint_does_not_weaken_the_evaluator(
     result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.score, result.reason)
     assert "not causal" in result.reason
+
+
+SOCKET_TRACE = """
+
+# --- a channel between the passes: a closed TCP connection lingers (TIME_WAIT), readable ---
+import socket as _socket
+
+_traced = build_model
+
+
+class _Tracing(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.block_size = inner.block_size
+        self.done = False
+
+    def forward(self, idx):
+        if not self.training and not self.done:
+            self.done = True
+            server = _socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            client = _socket.create_connection(server.getsockname())
+            accepted, _ = server.accept()
+            client.close()  # the side that closes first keeps the connection in TIME_WAIT
+            accepted.close()
+            server.close()
+        return self.inner(idx)
+
+
+def build_model(config):
+    return _Tracing(_traced(config))
+
+
+def model_config(model):
+    return asdict(model.inner.config)
+"""
+
+
+@pytest.mark.docker
+def test_sockets_left_between_the_passes_fail_the_evaluation(
+    docker_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + SOCKET_TRACE)
+    result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.reason)
+    assert "left tcp sockets behind" in result.reason
 
 
 SHIFTED_PEEK = """
@@ -312,6 +363,56 @@ def test_an_evaluation_past_its_ceiling_is_over_budget(
     assert result.state is State.OVER_BUDGET, (result.state, result.reason)
     assert "evaluation time is not training time" in result.reason
     assert result.timings["evaluate"] < 20
+
+
+RELAYED_LEAK = """
+
+# --- the first server keeps what it was sent; the next prints it as it loads, then fails ---
+import os as _os
+import sys as _sys
+
+_kept = build_model
+
+
+class _Keeping(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.block_size = inner.block_size
+
+    def forward(self, idx):
+        if not self.training:
+            with open(LEAK_FILE, "ab") as f:
+                for row in idx[:8]:
+                    f.write(bytes(row.tolist()) + b"\\n")
+        return self.inner(idx)
+
+
+def build_model(config):
+    if _sys.argv[-1] == "--serve" and _os.path.exists(LEAK_FILE):
+        _sys.stderr.write(open(LEAK_FILE, "rb").read().decode("latin-1"))
+        _sys.stderr.flush()
+        raise SystemExit(1)
+    return _Keeping(_kept(config))
+
+
+def model_config(model):
+    return asdict(model.inner.config)
+"""
+
+
+def test_a_later_server_cannot_print_what_an_earlier_one_was_sent(
+    local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    leak = tmp_path / "leak"
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + RELAYED_LEAK + f"LEAK_FILE = {str(leak)!r}\n")
+    result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.reason)
+    assert leak.exists()  # the first server did keep held-out text
+    heldout = dataset.heldout(tinylm).decode("latin-1")
+    lines = [line for line in result.log_tail.splitlines() if len(line) >= 24]
+    assert not [line for line in lines if line in heldout]
 
 
 BATCH_LOG = """

@@ -536,7 +536,7 @@ def test_step_budgets_and_evaluations_are_held_to_a_multiple_of_the_seeds_time(
     tmp_path: Path,
 ) -> None:
     """Steps cannot be counted from outside the sandbox, nor training in the evaluator: time can."""
-    from selfprog.loop import MARGIN, Driver
+    from selfprog.loop import EVAL_MARGIN, EVAL_SLACK, MARGIN, Driver
     from selfprog.proposers.mutate import MutateProposer
     from selfprog.scoring import Result
     from selfprog.states import State
@@ -554,10 +554,10 @@ def test_step_budgets_and_evaluations_are_held_to_a_multiple_of_the_seeds_time(
     assert Driver(run, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
     assert limits[1, 0] == (0.0, 0.0)  # the seed: nothing measured yet, the target's timeouts hold
     children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
-    assert children == {(MARGIN * 4.0 + allowance, MARGIN * 2.0 + allowance)}
+    assert children == {(MARGIN * 4.0 + allowance, EVAL_MARGIN * 2.0 + EVAL_SLACK)}
 
     timed = make_run(tmp_path / "timed", "budget.seconds=5", "budget.steps=0")
     limits.clear()
     assert Driver(timed, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
     children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
-    assert children == {(0.0, MARGIN * 2.0 + allowance)}  # a seconds budget has its own ceiling
+    assert children == {(0.0, EVAL_MARGIN * 2.0 + EVAL_SLACK)}  # seconds: the budget's own

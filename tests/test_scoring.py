@@ -57,6 +57,10 @@ def test_unparsable_or_missing_editable_file_is_invalid(tinylm: Target, seed_pro
     result = check_program(tinylm, seed_program)
     assert result is not None and result.state is State.INVALID
     assert result.reason.startswith("model.py does not parse")
+    for hostile in ("_x = " + "-" * 3000 + "1\n", "x = 1\n" * 200_000):  # too deep; too big
+        (seed_program / "model.py").write_text(hostile)
+        result = check_program(tinylm, seed_program)
+        assert result is not None and result.state is State.INVALID, result
     (seed_program / "model.py").unlink()
     result = check_program(tinylm, seed_program)
     assert result is not None and result.reason == "editable file model.py is missing"

@@ -230,11 +230,16 @@ class DockerRunner:
         return None
 
     def _kill(self, container_id: str) -> None:
+        """Kills the container and waits for it to be gone (a slow death is not an error)."""
         try:
             self.client.api.kill(container_id)
         except docker.errors.APIError as exc:
             if exc.status_code != 409:  # 409: it exited on its own in the meantime
                 raise
+        with contextlib.suppress(
+            requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError
+        ):
+            self.client.api.wait(container_id, timeout=30)
 
     def _collect(self, container_id: str, dest: Path, limits: Limits) -> tuple[int, int, str]:
         """Copies /out's files out of the container into dest: (bytes, entries, what failed).
@@ -277,7 +282,6 @@ class DockerRunner:
             if time.perf_counter() - start > phase.timeout:
                 timed_out = True
                 self._kill(container_id)
-                api.wait(container_id, timeout=30)
                 break
         seconds = time.perf_counter() - start
         if ended is None and not timed_out:  # the supervisor may have said so as it exited
@@ -292,7 +296,6 @@ class DockerRunner:
             copy_failed = "the container stopped before its outputs were copied"
         if ended is not None:  # the supervisor holds on: stop it, so docker says if it saw an OOM
             self._kill(container_id)
-            api.wait(container_id, timeout=30)
         state = api.inspect_container(container_id)["State"]
         stdout = _without_marker(api.logs(container_id, stdout=True, stderr=False, tail=200))
         both = _without_marker(api.logs(container_id, stdout=True, stderr=True, tail=400))

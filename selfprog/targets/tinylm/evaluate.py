@@ -139,10 +139,13 @@ def _count_parameters(torch) -> int:
 class ModelServer:
     """The scorer's handle on one model server process (and its process group).
 
-    The server's stderr reaches the log until it is sent its first batch;
-    after that it is dropped: it could hold held-out text, and the log goes
-    into the next prompts.
+    Servers' stderr reaches the log until any server is sent a batch; after
+    that it is dropped, and no error names what a server said or how it
+    exited: it could carry held-out text, and the log goes into the next
+    prompts.
     """
+
+    seen_heldout = False  # by any server of this scorer
 
     def __init__(self):
         self.proc = subprocess.Popen(
@@ -152,30 +155,33 @@ class ModelServer:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        self.seen_heldout = False
         threading.Thread(target=self._relay_stderr, daemon=True).start()
-        header = self.proc.stdout.readline()
+        header = self.proc.stdout.readline(256)
+        code = "" if ModelServer.seen_heldout else f" (code {self.proc.poll()})"
         if not header:
-            raise RuntimeError(f"model server exited before it was ready (code {self.proc.wait()})")
-        self.block_size = int(json.loads(header)["block_size"])
+            raise RuntimeError(f"model server exited before it was ready{code}")
+        try:
+            self.block_size = int(json.loads(header)["block_size"])
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError("the model server's first line is not its block size") from None
         self.closed = False
 
     def _relay_stderr(self) -> None:
         for chunk in iter(lambda: os.read(self.proc.stderr.fileno(), 65536), b""):
-            if not self.seen_heldout:
+            if not ModelServer.seen_heldout:
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.buffer.flush()
 
     def logits(self, torch, batch):
         rows, cols = batch.shape
-        self.seen_heldout = True
+        ModelServer.seen_heldout = True
         self.proc.stdin.write(struct.pack("<II", rows, cols) + batch.numpy().tobytes())
         self.proc.stdin.flush()
         raw = self.proc.stdout.read(rows * cols * VOCAB * 4)
         if len(raw) != rows * cols * VOCAB * 4:
             raise RuntimeError(
-                f"model server died mid-batch (code {self.proc.wait()}); "
-                "its error output is withheld: it had seen held-out text"
+                "model server died mid-batch; its error output is withheld: "
+                "it had seen held-out text"
             )
         logits = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(rows, cols, VOCAB)
         if not torch.isfinite(logits).all():
@@ -199,6 +205,7 @@ class ModelServer:
             for folder in SANDBOX_STATE:
                 _empty(Path(folder))
             _remove_sysv_ipc()
+            _check_no_sockets()
         else:  # the local runner: no isolation to speak of, but no leftovers of this server
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -240,6 +247,18 @@ def _empty(folder: Path) -> None:
             os.rmdir(entry.path)
         else:
             os.unlink(entry.path)
+
+
+def _check_no_sockets() -> None:
+    """Fails unless no socket is left: a closed TCP connection lingers (TIME_WAIT) and its
+    addresses and ports are readable by the next server, a channel between the passes."""
+    for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6", "unix", "packet"):
+        try:
+            rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if rows:
+            raise RuntimeError(f"the model server left {table} sockets behind")
 
 
 def _remove_sysv_ipc() -> None:
@@ -293,9 +312,14 @@ def _probe(torch, x, reserve: bytes, rng: random.Random):
 
 
 def _pass(torch, server: ModelServer, windows, rng: random.Random):
-    """Returns the logits of every window, fed to the server in a random order, then closes it."""
+    """Returns the log-probabilities of every window, fed to the server in a random order.
+
+    Every batch has BATCH_ROWS rows (the last is filled up with windows again),
+    so that both passes run the very same shapes; then the server is closed.
+    """
     order = list(range(len(windows)))
     rng.shuffle(order)
+    order += [order[i % len(order)] for i in range(-len(order) % BATCH_ROWS)]
     logits = torch.empty(*windows.shape, VOCAB)
     try:
         for i in range(0, len(order), BATCH_ROWS):
