@@ -101,7 +101,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     eos = fast.eos_token_id
     config = GPT2Config(
         vocab_size=fast.vocab_size,
-        n_positions=8192,
+        n_positions=16384,  # the whole proposer prompt fits, with room for the template to grow
         n_embd=32,
         n_layer=2,
         n_head=2,

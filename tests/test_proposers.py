@@ -169,10 +169,10 @@ def test_transformers_missing_model_is_a_config_error(
 def test_transformers_prompt_beyond_the_context_is_an_error_not_a_crash(tiny_model: Path) -> None:
     from selfprog.proposers.transformers import TransformersProposer
 
-    lm = TransformersProposer.load(str(tiny_model), max_new_tokens=8000, edit_mode="free")
+    lm = TransformersProposer.load(str(tiny_model), max_new_tokens=16000, edit_mode="free")
     proposals = lm.propose(ProposalRequest(parent_id=1, files={}, prompt="x " * 400, seed=0), 2)
     assert [p.text for p in proposals] == ["", ""]
-    assert all("exceed the model's context of 8192" in p.error for p in proposals)
+    assert all("exceed the model's context of 16384" in p.error for p in proposals)
 
 
 def test_constrained_decoding_makes_even_a_random_model_propose_valid_edits(
