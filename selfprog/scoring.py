@@ -113,7 +113,8 @@ def _train_failure(
     if outcome.output_exceeded:
         limit = limits.output_bytes / 2**20
         return Result(
-            State.TRAIN_FAILED, reason=f"training wrote more than {limit:.0f} MiB of output"
+            State.TRAIN_FAILED,
+            reason=f"training filled its output ({limit:.0f} MiB, {limits.output_files} files)",
         )
     if outcome.exit_code != 0:
         return Result(State.TRAIN_FAILED, reason=f"training exited with code {outcome.exit_code}")
