@@ -262,9 +262,15 @@ class Archive:
             db.execute("UPDATE candidates SET node = ? WHERE id = ?", (node, candidate_id))
 
     def mark_pending(self, candidate_ids: Sequence[int]) -> None:
+        """Puts candidates stopped on purpose back in the queue; that start was no attempt.
+
+        `attempts` thus counts the starts that never ended: a driver (or node)
+        that died while the candidate ran.
+        """
         with self.transaction() as db:
             db.executemany(
-                "UPDATE candidates SET state = ?, started = NULL, node = NULL WHERE id = ?",
+                "UPDATE candidates SET state = ?, started = NULL, node = NULL, "
+                "attempts = MAX(attempts - 1, 0) WHERE id = ?",
                 [(PENDING, i) for i in candidate_ids],
             )
 

@@ -31,6 +31,7 @@ from selfprog.population import Population, derive_seed
 from selfprog.proposers.base import Proposer
 from selfprog.rundir import MODELS, Run
 from selfprog.scheduler import Job, Outcome, Placed, Scheduler
+from selfprog.scoring import Result
 from selfprog.states import State
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ __all__ = ["Driver", "StopRequest", "derive_seed"]
 
 Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
+MAX_ATTEMPTS = 3  # starts of one candidate that ended with its driver dying, before it is given up
 MARGIN = 5.0  # a step budget's ceiling: this many times the seed's training time + allowance
 EVAL_MARGIN = 2.0  # the evaluation's: this many times the seed's evaluation time + EVAL_SLACK
 EVAL_SLACK = 10.0  # seconds
@@ -198,7 +200,11 @@ class Driver:
                 return
             if (candidate_id, index) in self.in_flight:
                 continue
-            phash = self.archive.candidate(candidate_id).program_hash or ""
+            candidate = self.archive.candidate(candidate_id)
+            if index == 0 and candidate.attempts >= MAX_ATTEMPTS:  # a poison candidate
+                self._give_up(candidate_id)
+                continue
+            phash = candidate.program_hash or ""
             job = Job(
                 candidate_id,
                 index,
@@ -214,6 +220,16 @@ class Driver:
             self.on_event(
                 {"event": "started", "candidate": job.candidate_id, "evaluation": job.index}
             )
+
+    def _give_up(self, candidate_id: int) -> None:
+        reason = (
+            f"its scoring was started {MAX_ATTEMPTS} times and never ended: the driver (or the "
+            "node) died each time, so it is not started again"
+        )
+        log.error("candidate %d: %s", candidate_id, reason)
+        result = Result(State.ERROR, reason=reason)
+        self.archive.finish(candidate_id, result, self.run.config.run.seed)
+        self.on_event({"event": "finished", "candidate": candidate_id, "evaluation": 0})
 
     def _wait(self) -> None:
         """Waits for a job or the proposer call to end, and records what did."""

@@ -561,3 +561,29 @@ def test_step_budgets_and_evaluations_are_held_to_a_multiple_of_the_seeds_time(
     assert Driver(timed, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
     children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
     assert children == {(0.0, EVAL_MARGIN * 2.0 + EVAL_SLACK)}  # seconds: the budget's own
+
+
+def test_a_candidate_that_kills_its_driver_is_given_up_after_three_tries(tmp_path: Path) -> None:
+    """With the local runner a candidate can kill the driver; resume must not loop on it forever."""
+    from selfprog.loop import MAX_ATTEMPTS
+    from selfprog.target import export_target
+
+    target = tmp_path / "poison"
+    export_target("tinylm", target)
+    train = target / "train.py"
+    train.write_text(
+        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + train.read_text()
+    )
+    run_dir = tmp_path / "run"
+    flags = ["--target", str(target), "--runner", "local", "--budget-steps", "5"]
+    code, out = finish(start("run", "--run-dir", str(run_dir), *flags, "--generations", "1"))
+    for _ in range(MAX_ATTEMPTS - 1):
+        assert code == -signal.SIGKILL, out
+        code, out = finish(start("resume", str(run_dir)))
+    assert code == -signal.SIGKILL, out
+    code, out = finish(start("resume", str(run_dir)))  # the seed is not started again
+    archive = Archive(run_dir / ARCHIVE_FILE, readonly=True)
+    seed = archive.candidate(1)
+    archive.close()
+    assert seed.state == "error" and seed.attempts == MAX_ATTEMPTS, (seed.state, out)
+    assert "started 3 times and never ended" in seed.reason
