@@ -221,3 +221,13 @@ def test_constrained_answers_of_one_call_differ_and_skip_known_programs(
     for p in proposals:
         after = apply_edits(files, parse_edits(p.text, ["train.py"]), ["train.py"], [])
         assert program_hash(after) not in known
+
+
+def test_mutate_edits_a_setting_on_a_line_with_non_ascii_text() -> None:
+    from selfprog.proposers.mutate import changed_files, tunable_literals
+
+    source = "σ_init = 0.5  # naïve start\nlr = 3e-4\n"
+    literals = tunable_literals("model.py", source)
+    assert [(lit.name, lit.value) for lit in literals] == [("σ_init", 0.5), ("lr", 3e-4)]
+    changed = changed_files({"model.py": source}, [(literals[0], 0.25)])["model.py"]
+    assert changed == "σ_init = 0.25  # naïve start\nlr = 3e-4\n"

@@ -49,6 +49,11 @@ def tunable_literals(path: str, source: str) -> list[Literal]:
     """Returns the numbers assigned to one name in a module's settings or a class body."""
     found: list[Literal] = []
     tree = ast.parse(source)
+    lines = source.split("\n")
+
+    def column(line: int, byte_offset: int) -> int:  # ast counts UTF-8 bytes, slicing characters
+        return len(lines[line - 1].encode()[:byte_offset].decode(errors="replace"))
+
     classes = [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
     bodies = [_settings(tree.body), *classes]
     for body in bodies:
@@ -68,11 +73,9 @@ def tunable_literals(path: str, source: str) -> list[Literal]:
                 continue
             if value.lineno != value.end_lineno or value.end_col_offset is None:
                 continue
-            found.append(
-                Literal(
-                    path, target.id, number, value.lineno, value.col_offset, value.end_col_offset
-                )
-            )
+            start = column(value.lineno, value.col_offset)
+            end = column(value.lineno, value.end_col_offset)
+            found.append(Literal(path, target.id, number, value.lineno, start, end))
     return found
 
 
