@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ class Archive:
         self.path = path
         if not path.is_file():
             raise ArchiveError(f"{path.parent}: not a selfprog run (no {path.name})")
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        quoted = urllib.parse.quote(str(path.resolve()))  # a '#' or '?' in a folder name is a path
+        uri = f"file:{quoted}?mode=ro" if readonly else f"file:{quoted}"
         try:
             # a reader gives up soon on a locked file; the driver waits longer for its turn
             timeout = 2 if readonly else 30

@@ -72,3 +72,15 @@ def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path
     assert archive.meta("schema_version") == "2" and archive.candidate(1).node == "n1"
     archive.close()
     assert Archive(path).candidate(1).node == "n1"
+
+
+def test_a_run_folder_named_with_uri_characters_works(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run #1?mode=memory&x=%20"
+    folder.mkdir()
+    Archive.create(folder / "archive.sqlite", {"run_id": "r"}).close()
+    for readonly in (False, True):
+        archive = Archive(folder / "archive.sqlite", readonly=readonly)
+        assert archive.meta("run_id") == "r"
+        archive.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no stray database
