@@ -102,6 +102,7 @@ _CHOICES = {
     ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }
+_POSITIVE = {("proposer", "timeout")}  # where 0 would not mean "none"
 _NON_NEGATIVE = {
     "seed",
     "workers",
@@ -141,6 +142,8 @@ def _coerce(table: str, key: str, value: Any, kind: type) -> Any:
     where = f"{table}.{key}"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is str and (table, key) == ("runner", "gpus") and type(value) is int:
+        value = str(value)  # `--set runner.gpus=1`: a count, which TOML reads as a number
     if kind is not type(value):
         raise ConfigError(
             f"{where} must be {kind.__name__}, not {type(value).__name__} ({value!r})"
@@ -151,6 +154,8 @@ def _coerce(table: str, key: str, value: Any, kind: type) -> Any:
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0 and (table, key) in _POSITIVE:
+            raise ConfigError(f"{where} must be above 0, not {value}")
         if value < 0 and key in _NON_NEGATIVE:
             raise ConfigError(f"{where} must be >= 0, not {value}")
         if value <= 0 and key not in _NON_NEGATIVE and key != "temperature":

@@ -19,7 +19,7 @@ from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.config import Config, freeze, parse_size, thaw
 from selfprog.data import Dataset, load_dataset, prepare_data
 from selfprog.errors import SelfprogError
-from selfprog.runners.base import Limits
+from selfprog.runners.base import Limits, cpus_here
 from selfprog.target import TARGET_FILE, Target, load_target
 
 CONFIG_FILE = "config.json"
@@ -53,6 +53,8 @@ class Run:
     def limits(self) -> Limits:
         section = self.config.runner
         cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.workers)
+        if section.kind != "ray":  # a cluster's nodes have their own
+            cpus = cpus_here(cpus)
         return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=section.gpus or None)
 
     def budget(self) -> tuple[float, int]:
@@ -89,16 +91,35 @@ def create_run(run_dir: Path, config: Config) -> Run:
         raise SelfprogError(f"{run_dir}: folder exists and is not empty")
     source = load_target(config.run.target)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (*source.files, TARGET_FILE):
-        (run_dir / TARGET_DIR / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source.root / name, run_dir / TARGET_DIR / name)
-    target = load_target(run_dir / TARGET_DIR)
-    data = prepare_data(target, run_dir / DATA_DIR)
-    freeze(config, run_dir / CONFIG_FILE)
-    run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-    meta = {"run_id": run_id, "target": target.name, "data_hash": data.data_hash}
-    Archive.create(run_dir / ARCHIVE_FILE, meta).close()
-    return open_run(run_dir)
+    try:
+        for name in (*source.files, TARGET_FILE):
+            (run_dir / TARGET_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.root / name, run_dir / TARGET_DIR / name)
+        target = load_target(run_dir / TARGET_DIR)
+        data = prepare_data(target, run_dir / DATA_DIR)
+        freeze(config, run_dir / CONFIG_FILE)
+        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        meta = {"run_id": run_id, "target": target.name, "data_hash": data.data_hash}
+        Archive.create(run_dir / ARCHIVE_FILE, meta).close()
+        return open_run(run_dir)
+    except BaseException:
+        discard_new_run(run_dir)
+        raise
+
+
+def discard_new_run(run_dir: Path) -> None:
+    """Removes a run folder that this command made and that holds no candidate yet."""
+    archive = run_dir / ARCHIVE_FILE
+    if archive.exists():
+        try:
+            reader = Archive(archive, readonly=True)
+            holds = bool(reader.candidates())
+            reader.close()
+        except ArchiveError:
+            holds = True  # unreadable: not ours to judge, keep it
+        if holds:
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def open_run(run_dir: Path, readonly: bool = False) -> Run:

@@ -104,3 +104,27 @@ def test_parse_size() -> None:
     assert parse_size("512m") == 512 * 2**20
     assert parse_size("4GiB") == 4 * 2**30
     assert parse_size("1048576") == 2**20
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--set", f"runner.cpus={(os.cpu_count() or 1) + 62}"], "CPUs asked for"),
+        (["--proposer", "openai"], "needs proposer.base_url"),
+        (["--set", "proposer.timeout=0"], "proposer.timeout must be above 0"),
+    ],
+    ids=["too-many-cpus", "openai-without-url", "no-timeout"],
+)
+def test_bad_run_input_is_one_line_and_leaves_nothing(
+    flags: list[str], expected: str, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    done = selfprog("run", "--run-dir", str(run_dir), "--runner", "local", *flags)
+    assert_one_line_error(done, expected)
+    assert not run_dir.exists()
+
+
+def test_a_gpu_count_given_with_set_is_a_count(tmp_path: Path) -> None:
+    from selfprog.config import load_config
+
+    assert load_config(None, ["runner.gpus=1"]).runner.gpus == "1"

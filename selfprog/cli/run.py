@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog import config
+from selfprog.errors import SelfprogError
 
 log = logging.getLogger("selfprog")
 
@@ -41,7 +42,7 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selfprog.rundir import create_run, default_run_dir
+    from selfprog.rundir import create_run, default_run_dir, discard_new_run
 
     settings = config.load_config(args.config, _run_overrides(args))
     if args.target is not None and Path(args.target).is_dir():
@@ -52,7 +53,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         Path(args.run_dir) if args.run_dir else default_run_dir(Path("runs"), settings.run.target)
     )
     log.info("new run in %s", run_dir)
-    return _drive(create_run(run_dir, settings))
+    run = create_run(run_dir, settings)
+    try:
+        return _drive(run)
+    except SelfprogError:  # refused before anything ran (a runner, a proposer): nothing to keep
+        run.archive.close()
+        discard_new_run(run_dir)
+        raise
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

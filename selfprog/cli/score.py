@@ -15,6 +15,7 @@ from selfprog.cli.common import EXIT_ERROR, EXIT_NOT_OK, parse_size, positive
 def cmd_eval(args: argparse.Namespace) -> int:
     from selfprog.data import prepare_data
     from selfprog.runners import Limits, make_runner
+    from selfprog.runners.base import cpus_here
     from selfprog.scoring import State, score_program
     from selfprog.target import load_target
 
@@ -29,7 +30,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seconds, steps = args.budget_seconds, 0
     if args.budget_steps is not None:
         seconds, steps = 0, args.budget_steps
-    limits = Limits(memory_bytes=args.memory, cpus=args.cpus, gpus=args.gpus)
+    limits = Limits(memory_bytes=args.memory, cpus=cpus_here(args.cpus), gpus=args.gpus)
     data = prepare_data(target, args.data_cache, args.corpus)
     runner = make_runner(args.runner, args.image)
     with tempfile.TemporaryDirectory(prefix="selfprog-eval-") as tmp:
@@ -123,7 +124,7 @@ def add_verbs(verbs: Any) -> None:
     budget.add_argument("--budget-steps", type=positive(int), help="training step budget")
     ev.add_argument("--timeout", type=positive(float), help="hard limit on training, seconds")
     ev.add_argument("--memory", type=parse_size, default=parse_size("4g"), help="memory limit (4g)")
-    ev.add_argument("--cpus", type=positive(float), default=2.0, help="CPU limit (2)")
+    ev.add_argument("--cpus", type=positive(float), help="CPU limit (2, or all there are)")
     ev.add_argument("--gpus", help="pass GPUs through: 'all' or a count (default: none)")
     ev.add_argument("--seed", type=int, default=0, help="the training and evaluation seed (0)")
     ev.add_argument(

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
+from selfprog.errors import ConfigError
+
 MiB = 1024 * 1024
 
 
@@ -28,6 +30,20 @@ class Limits:
     @property
     def threads(self) -> int:
         return max(1, int(self.cpus))
+
+
+def cpus_here(cpus: float | None) -> float:
+    """Returns a CPU limit this machine can give: 2 (or all it has) when none is asked for.
+
+    Raises:
+        ConfigError: more CPUs are asked for than this machine has.
+    """
+    have = os.cpu_count() or 1
+    if cpus is None:
+        return float(min(2, have))
+    if cpus > have:
+        raise ConfigError(f"{cpus:g} CPUs asked for (--cpus, runner.cpus); this machine has {have}")
+    return cpus
 
 
 @dataclass(frozen=True, slots=True)
