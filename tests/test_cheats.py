@@ -22,6 +22,23 @@ from selfprog.scoring import State
 from selfprog.target import Target
 from tests.test_scoring import score
 
+AROUND = """
+
+# --- what every attack below builds on: a module around the honest model ---
+_honest_build = build_model
+
+
+class _Around(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.block_size = inner.block_size
+
+
+def model_config(model):
+    return asdict(model.inner.config)
+"""
+
 PEEKING_MODEL = '''
 
 # --- the attack: peek at the next byte, replay remembered windows on shared prefixes ---
@@ -34,9 +51,6 @@ _PREFIXES = {}  # prefix (at least _FROM + 1 bytes) -> the first remembered wind
 _SEEN = []  # the windows this process has answered
 _MEMORY_FILES = []  # where the memory is kept between processes, if anywhere
 _loaded = False
-_honest_build = build_model
-
-
 def _learn(row):
     for n in range(_FROM + 1, len(row)):
         _PREFIXES.setdefault(row[:n], row)
@@ -90,11 +104,7 @@ def _start_daemon():
         _time.sleep(0.01)
 
 
-class _Peeking(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
+class _Peeking(_Around):
 
     def forward(self, idx):
         honest = self.inner(idx)
@@ -123,10 +133,6 @@ class _Peeking(torch.nn.Module):
 
 def build_model(config):
     return _Peeking(_honest_build(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
 '''
 
 MODES = {
@@ -138,7 +144,7 @@ MODES = {
 
 def _peeking(program: Path, mode: str) -> None:
     model = program / "model.py"
-    model.write_text(model.read_text() + PEEKING_MODEL + MODES[mode])
+    model.write_text(model.read_text() + AROUND + PEEKING_MODEL + MODES[mode])
 
 
 @pytest.mark.docker
@@ -196,15 +202,8 @@ SOCKET_TRACE = """
 # --- a channel between the passes: a closed TCP connection lingers (TIME_WAIT), readable ---
 import socket as _socket
 
-_traced = build_model
-
-
-class _Tracing(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
-        self.done = False
+class _Tracing(_Around):
+    done = False
 
     def forward(self, idx):
         if not self.training and not self.done:
@@ -221,11 +220,7 @@ class _Tracing(torch.nn.Module):
 
 
 def build_model(config):
-    return _Tracing(_traced(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
+    return _Tracing(_honest_build(config))
 """
 
 
@@ -234,7 +229,7 @@ def test_sockets_left_between_the_passes_fail_the_evaluation(
     docker_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
 ) -> None:
     model = seed_program / "model.py"
-    model.write_text(model.read_text() + SOCKET_TRACE)
+    model.write_text(model.read_text() + AROUND + SOCKET_TRACE)
     result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.reason)
     assert "left tcp sockets behind" in result.reason
@@ -243,14 +238,7 @@ def test_sockets_left_between_the_passes_fail_the_evaluation(
 SHIFTED_PEEK = """
 
 # --- the attack: peek, and hide it under a constant shift, which no softmax sees ---
-_honest_build = build_model
-
-
-class _Shifted(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
+class _Shifted(_Around):
 
     def forward(self, idx):
         out = self.inner(idx)
@@ -263,10 +251,6 @@ class _Shifted(torch.nn.Module):
 
 def build_model(config):
     return _Shifted(_honest_build(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
 """
 
 
@@ -274,7 +258,7 @@ def test_a_peek_hidden_under_a_constant_shift_is_caught(
     local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
 ) -> None:
     model = seed_program / "model.py"
-    model.write_text(model.read_text() + SHIFTED_PEEK)
+    model.write_text(model.read_text() + AROUND + SHIFTED_PEEK)
     result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.score, result.reason)
     assert "not causal" in result.reason
@@ -283,14 +267,7 @@ def test_a_peek_hidden_under_a_constant_shift_is_caught(
 LEAKING_MODEL = """
 
 # --- the attack: print what the evaluator sent (held-out text) into the log, then fail ---
-_plain = build_model
-
-
-class _Leaking(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
+class _Leaking(_Around):
 
     def forward(self, idx):
         if not self.training:
@@ -304,11 +281,7 @@ class _Leaking(torch.nn.Module):
 
 
 def build_model(config):
-    return _Leaking(_plain(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
+    return _Leaking(_honest_build(config))
 """
 
 
@@ -316,7 +289,7 @@ def test_held_out_text_does_not_leave_through_the_evaluators_log(
     local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
 ) -> None:
     model = seed_program / "model.py"
-    model.write_text(model.read_text() + LEAKING_MODEL)
+    model.write_text(model.read_text() + AROUND + LEAKING_MODEL)
     result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.reason)
     assert "withheld" in result.reason
@@ -328,14 +301,7 @@ def test_held_out_text_does_not_leave_through_the_evaluators_log(
 SLOW_SERVER = """
 
 # --- the attack: go on training in the evaluator (here: spend the time) before answering ---
-_plain_model = build_model
-
-
-class _Slow(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
+class _Slow(_Around):
 
     def forward(self, idx):
         if not self.training:
@@ -344,11 +310,7 @@ class _Slow(torch.nn.Module):
 
 
 def build_model(config):
-    return _Slow(_plain_model(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
+    return _Slow(_honest_build(config))
 """
 
 
@@ -356,7 +318,7 @@ def test_an_evaluation_past_its_ceiling_is_over_budget(
     local_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
 ) -> None:
     model = seed_program / "model.py"
-    model.write_text(model.read_text() + SLOW_SERVER)
+    model.write_text(model.read_text() + AROUND + SLOW_SERVER)
     result = score(
         tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20, eval_limit=8.0
     )
@@ -371,14 +333,7 @@ RELAYED_LEAK = """
 import os as _os
 import sys as _sys
 
-_kept = build_model
-
-
-class _Keeping(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
+class _Keeping(_Around):
 
     def forward(self, idx):
         if not self.training:
@@ -393,11 +348,7 @@ def build_model(config):
         _sys.stderr.write(open(LEAK_FILE, "rb").read().decode("latin-1"))
         _sys.stderr.flush()
         raise SystemExit(1)
-    return _Keeping(_kept(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
+    return _Keeping(_honest_build(config))
 """
 
 
@@ -406,7 +357,7 @@ def test_a_later_server_cannot_print_what_an_earlier_one_was_sent(
 ) -> None:
     leak = tmp_path / "leak"
     model = seed_program / "model.py"
-    model.write_text(model.read_text() + RELAYED_LEAK + f"LEAK_FILE = {str(leak)!r}\n")
+    model.write_text(model.read_text() + AROUND + RELAYED_LEAK + f"LEAK_FILE = {str(leak)!r}\n")
     result = score(tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.reason)
     assert leak.exists()  # the first server did keep held-out text
@@ -418,14 +369,7 @@ def test_a_later_server_cannot_print_what_an_earlier_one_was_sent(
 BATCH_LOG = """
 
 # --- records a digest of every batch the evaluator sends, to a file of the test's ---
-_plain_build = build_model
-
-
-class _Recording(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.block_size = inner.block_size
+class _Recording(_Around):
 
     def forward(self, idx):
         if not self.training:
@@ -435,11 +379,7 @@ class _Recording(torch.nn.Module):
 
 
 def build_model(config):
-    return _Recording(_plain_build(config))
-
-
-def model_config(model):
-    return asdict(model.inner.config)
+    return _Recording(_honest_build(config))
 """
 
 
@@ -448,7 +388,7 @@ def test_the_probe_cannot_be_predicted_from_the_environment(
 ) -> None:
     log_file = tmp_path / "batches.txt"
     model = seed_program / "model.py"
-    model.write_text(model.read_text() + BATCH_LOG + f"LOG_FILE = {str(log_file)!r}\n")
+    model.write_text(model.read_text() + AROUND + BATCH_LOG + f"LOG_FILE = {str(log_file)!r}\n")
     runs = []
     for attempt in range(2):  # the same program, the same seed: everything the sandbox can read
         log_file.unlink(missing_ok=True)
