@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
-from selfprog.schema import SCHEMA, SCHEMA_VERSION, migrate_v1
+from selfprog.schema import SCHEMA, SCHEMA_VERSION, migrate
 from selfprog.states import FAILED, UNFINISHED, State
 
 ARCHIVE_FILE = "archive.sqlite"
@@ -81,8 +81,8 @@ class Archive:
             version = int(self.meta("schema_version") or 0)
         except (sqlite3.DatabaseError, ValueError) as exc:
             raise ArchiveError(f"{path}: not a selfprog archive ({exc})") from None
-        if version == 1 and not readonly:
-            migrate_v1(self.db)
+        if 1 <= version < SCHEMA_VERSION and not readonly:
+            migrate(self.db)
         if version > SCHEMA_VERSION:
             raise ArchiveError(
                 f"{path}: archive schema {version} is newer than this selfprog's ({SCHEMA_VERSION}); "
@@ -125,6 +125,22 @@ class Archive:
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def record_change(self, key: str, old: str, new: str) -> None:
+        """Records a change made to the run's config mid-run (`resume --set`), with its time."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO changes (created, key, old, new) VALUES (?, ?, ?, ?)",
+                (time.time(), key, old, new),
+            )
+
+    def changes(self) -> list[tuple[float, str, str, str]]:
+        """Returns the changes made to the run's config mid-run: (time, key, old, new), oldest first."""
+        try:
+            rows = self.db.execute("SELECT created, key, old, new FROM changes ORDER BY id")
+        except sqlite3.OperationalError:  # schema 2, read-only: no changes table yet
+            return []
+        return [(float(t), str(k), str(o or ""), str(n)) for t, k, o, n in rows]
 
     # -- sources ------------------------------------------------------------
 
@@ -201,11 +217,12 @@ class Archive:
         rationale: str,
         tokens_out: int,
         error: str,
+        finish: str = "",
     ) -> int:
         cursor = db.execute(
-            "INSERT INTO proposals (call_id, slot, response, rationale, tokens_out, error) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (call_id, slot, response, rationale, tokens_out, error),
+            "INSERT INTO proposals (call_id, slot, response, rationale, tokens_out, error, finish) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (call_id, slot, response, rationale, tokens_out, error, finish or None),
         )
         return int(cursor.lastrowid or 0)
 

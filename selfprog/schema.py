@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2  # 2: the node each candidate and evaluation ran on
+SCHEMA_VERSION = 3  # 2: the node each candidate and evaluation ran on; 3: steering, finish reasons
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -22,7 +22,7 @@ CREATE TABLE calls (
 );
 CREATE TABLE proposals (
     id INTEGER PRIMARY KEY, call_id INTEGER NOT NULL REFERENCES calls(id), slot INTEGER NOT NULL,
-    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT,
+    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT, finish TEXT,
     UNIQUE (call_id, slot)
 );
 CREATE TABLE candidates (
@@ -38,20 +38,34 @@ CREATE TABLE evaluations (
     seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
     created REAL NOT NULL, node TEXT
 );
+CREATE TABLE changes (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, key TEXT NOT NULL, old TEXT, new TEXT NOT NULL
+);
 CREATE INDEX candidates_by_state ON candidates(state);
 CREATE INDEX candidates_by_program ON candidates(program_hash);
+CREATE INDEX evaluations_by_candidate ON evaluations(candidate_id);
 """
 
 
-def migrate_v1(db: sqlite3.Connection) -> None:
-    """Adds what schema 2 records (the node) to an archive written by schema 1.
+def migrate(db: sqlite3.Connection) -> None:
+    """Brings an archive written by schema 1 or 2 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
+    Schema 2 added the node each candidate and evaluation ran on; schema 3
+    the changes made to a run's config mid-run, the finish reason of each
+    proposal, and an index of evaluations by candidate.
     """
-    for table in ("candidates", "evaluations"):
+    for table, column in (("candidates", "node"), ("evaluations", "node"), ("proposals", "finish")):
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        if "node" not in columns:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN node TEXT")
+        if column not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
     with db:
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY, created REAL NOT NULL, "
+            "key TEXT NOT NULL, old TEXT, new TEXT NOT NULL)"
+        )
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS evaluations_by_candidate ON evaluations(candidate_id)"
+        )
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))

@@ -69,9 +69,44 @@ def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path
     assert Archive(path, readonly=True).candidate(1).node == ""  # readers read it as it is
     archive = Archive(path)
     archive.finish(1, Result(State.OK, score=1.0), 0, node="n1")
-    assert archive.meta("schema_version") == "2" and archive.candidate(1).node == "n1"
+    assert archive.meta("schema_version") == "3" and archive.candidate(1).node == "n1"
+    archive.record_change("run.generations", "4", "6")  # schema 3 is there too
     archive.close()
-    assert Archive(path).candidate(1).node == "n1"
+    reopened = Archive(path)
+    assert reopened.candidate(1).node == "n1"
+    assert [c[1:] for c in reopened.changes()] == [("run.generations", "4", "6")]
+    indexes = {row[1] for row in reopened.db.execute("PRAGMA index_list(evaluations)")}
+    assert "evaluations_by_candidate" in indexes
+
+
+def test_a_schema_2_archive_reads_without_changes_and_migrates(tmp_path: Path) -> None:
+    from selfprog.schema import SCHEMA as _SCHEMA
+
+    path = tmp_path / "v2.sqlite"
+    db = sqlite3.connect(path)
+    schema_2 = _SCHEMA.split("CREATE TABLE changes")[0].replace(", finish TEXT", "")
+    db.executescript(schema_2)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.commit()
+    db.close()
+    assert Archive(path, readonly=True).changes() == []  # a reader of an unmigrated archive
+    archive = Archive(path)
+    assert archive.meta("schema_version") == "3"
+    with archive.transaction() as tx:
+        call = archive.record_call(
+            tx,
+            1,
+            1,
+            proposer="p",
+            model="",
+            k=1,
+            prompt_chars=0,
+            tokens_in=0,
+            tokens_out=0,
+            latency=0.0,
+        )
+        archive.record_proposal(tx, call, 0, "text", "", 5, "", finish="length")
+    assert archive.db.execute("SELECT finish FROM proposals").fetchone()[0] == "length"
 
 
 def test_a_run_folder_named_with_uri_characters_works(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
