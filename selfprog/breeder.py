@@ -220,6 +220,7 @@ class Breeder:
                     proposal.rationale,
                     proposal.tokens_out,
                     proposal.error,
+                    proposal.finish,
                 )
                 self._add_child(db, call, proposal, proposal_id)
 

@@ -11,6 +11,13 @@ before the next begins (exact determinism for a seeded proposer).
 The loop keeps no state outside the archive, so a resumed run continues
 exactly: recorded plans are not reselected, recorded calls are not asked
 again, and candidates left pending or running are scored again.
+
+Outages stop the run cleanly instead of burning it: a proposer whose
+endpoint is gone raises `Outage` (its call is not recorded, so resume asks
+it again), and harness errors are held back while they come in a row: one
+followed by anything else was the candidate's own and is recorded, but
+BREAKER of them in a row (the sandbox's engine is gone) stop the run and go
+back in the queue. Either way the run ends "stopped: <cause>".
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ MAX_ATTEMPTS = 3  # starts of one candidate that ended with its driver dying, be
 MARGIN = 5.0  # a step budget's ceiling: this many times the seed's training time + allowance
 EVAL_MARGIN = 2.0  # the evaluation's: this many times the seed's evaluation time + EVAL_SLACK
 EVAL_SLACK = 10.0  # seconds
+BREAKER = 3  # harness errors in a row, nothing else ending between, that stop the run
 
 
 class StopRequest:
@@ -90,6 +98,8 @@ class Driver:
         self.in_flight: dict[tuple[int, int], Job] = {}
         self.call: Future[Call] | None = None
         self.killed = False
+        self.held: dict[tuple[int, int], Outcome] = {}  # harness errors in a row, not yet recorded
+        self.halted = ""  # why the run stops itself (an outage), once it does
 
     def drive(self) -> str:
         """Runs until the config's end or a stop; returns why it ended."""
@@ -109,20 +119,33 @@ class Driver:
             if self.in_flight:  # stopped at once: what was running runs again on resume
                 self.scheduler.cancel()
                 self.archive.mark_pending([c for c, i in self.in_flight if i == 0])
+            if self.halted:  # the errors of an outage are not the candidates': they run again
+                self.archive.mark_pending([c for c, i in self.held if i == 0])
+            else:
+                self._release()
 
     def _loop(self) -> str:
         stalled = 0
         while True:
             self.judge.settle(self.breeder.closed_through())
-            if not self.stop.requested:
+            if not self.stop.requested and not self.halted:
                 self._start_evaluations()
                 self._start_call()
-            elif self.run.config.run.on_interrupt == "kill" and not self.killed:
+            elif (
+                self.stop.requested
+                and self.run.config.run.on_interrupt == "kill"
+                and not self.killed
+            ):
                 self.killed = True
                 self.scheduler.cancel()
             if not self.in_flight and self.call is None:
                 if self.stop.requested:
                     return self.stop.reason
+                if self.halted:
+                    return self.halted
+                if self.held:  # nothing runs that could lengthen the streak: they were their own
+                    self._release()
+                    continue
                 if self.breeder.exhausted:
                     self.judge.settle(self.breeder.closed_through())  # all of it is closed now
                     if not self._due():
@@ -145,7 +168,7 @@ class Driver:
         if self.synchronous:  # the next generation only once this one is judged
             return not self._due() and not self.archive.unjudged_generations()
 
-        waiting = [key for key in self._due() if key not in self.in_flight]
+        waiting = [key for key in self._due() if key not in self.in_flight and key not in self.held]
         return len(waiting) < self.scheduler.slots  # keep a child ready for the next free slot
 
     def _start_call(self) -> None:
@@ -198,7 +221,7 @@ class Driver:
         for candidate_id, index in self._due():
             if free <= 0:
                 return
-            if (candidate_id, index) in self.in_flight:
+            if (candidate_id, index) in self.in_flight or (candidate_id, index) in self.held:
                 continue
             candidate = self.archive.candidate(candidate_id)
             if index == 0 and candidate.attempts >= MAX_ATTEMPTS:  # a poison candidate
@@ -246,8 +269,18 @@ class Driver:
             else:
                 self._record(event)
         if self.call is not None and self.call.done():
-            call, self.call = self.call.result(), None  # a proposer's crash stops the run here
+            future, self.call = self.call, None
+            try:
+                call = future.result()  # a proposer's crash stops the run here
+            except Outage as exc:  # unrecorded, so resume asks it again; what runs may finish
+                self._halt(f"stopped: {exc}; resume once it is back")
+                return
             self.breeder.record(call)
+
+    def _halt(self, reason: str) -> None:
+        if not self.halted:
+            log.error("%s", reason)
+            self.halted = reason
 
     def _record(self, outcome: Outcome) -> None:
         job = outcome.job
@@ -256,7 +289,26 @@ class Driver:
             if job.index == 0:
                 self.archive.mark_pending([job.candidate_id])
             return
-        result = outcome.result
+        if outcome.result.state is State.ERROR:  # the harness failed: is it the candidate?
+            self.held[job.key] = outcome
+            if len(self.held) >= BREAKER:
+                last = outcome.result.log_tail.strip().splitlines() or [outcome.result.reason]
+                self._halt(
+                    f"stopped: the harness failed on {len(self.held)} candidates in a row, the "
+                    f"last with {last[-1][:200]}; they go back in the queue: fix the cause (is "
+                    "the sandbox's engine running?) and resume"
+                )
+            return
+        self._release()  # something else ended: the errors held were the candidates' own
+        self._finish(outcome)
+
+    def _release(self) -> None:
+        held, self.held = self.held, {}
+        for outcome in held.values():
+            self._finish(outcome)
+
+    def _finish(self, outcome: Outcome) -> None:
+        job, result = outcome.job, outcome.result
         if job.index == 0:
             self._keep_outputs(job.candidate_id, outcome.kept)
             self.archive.finish(job.candidate_id, result, job.seed, outcome.node)

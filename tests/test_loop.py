@@ -587,3 +587,78 @@ def test_a_candidate_that_kills_its_driver_is_given_up_after_three_tries(tmp_pat
     archive.close()
     assert seed.state == "error" and seed.attempts == MAX_ATTEMPTS, (seed.state, out)
     assert "started 3 times and never ended" in seed.reason
+
+
+def variant(n: int) -> str:
+    """Returns an answer that makes any tinylm program a distinct one (a comment after a line)."""
+    return (
+        f"Variant {n}.\n\ntrain.py\n<<<<<<< SEARCH\ngrad_clip = 1.0\n=======\n"
+        f"grad_clip = 1.0\n# variant {n}\n>>>>>>> REPLACE\n"
+    )
+
+
+def test_an_endpoint_down_mid_run_stops_it_and_resume_completes_it(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from tests.fakes import FakeOpenAI, FakeScheduler, Reply, chat
+    from tests.test_proposers import proposer
+
+    run = make_run(tmp_path, "run.generations=3", "run.population=2", "selection.noise_seeds=1")
+    up = [chat(variant(1), variant(2))]  # generation 1; then the server goes down
+    with FakeOpenAI(up + [Reply(503, "down")] * 3).running() as fake:
+        lm = proposer(fake.url, attempts=3)
+        ended = drive_within(Driver(run, lm, FakeScheduler(ok_unless(set()))))
+    assert ended.startswith("stopped: the proposer's endpoint http://127.0.0.1:")
+    assert "failed after 3 attempts" in ended and ended.endswith("resume once it is back")
+    states_now = [c.state for c in run.archive.candidates()]
+    assert "invalid" not in states_now and len(states_now) == 3  # the seed and generation 1
+    assert run.archive.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 1
+
+    back = [chat(variant(n), variant(n + 1)) for n in range(3, 11, 2)]
+    with FakeOpenAI(back).running() as fake:  # back, at a new address
+        assert drive_within(Driver(run, proposer(fake.url), FakeScheduler(ok_unless(set())))) == (
+            "finished"
+        )
+    archive = check_complete(run.root, 3, 2)
+    assert {c.state for c in archive.candidates()} == {"ok"}
+
+
+def harness_error(job):  # type: ignore[no-untyped-def]
+    from selfprog.scoring import Result
+    from selfprog.states import State
+
+    tail = "Traceback (most recent call last):\ndocker.errors.DockerException: engine gone"
+    return Result(State.ERROR, reason="the harness failed on this candidate", log_tail=tail)
+
+
+def test_harness_errors_in_a_row_stop_the_run_and_go_back_in_the_queue(tmp_path: Path) -> None:
+    from selfprog.loop import BREAKER, Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.generations=3", "run.population=2", "selection.noise_seeds=1")
+    engine_gone = FakeScheduler(
+        lambda job: ok_unless(set())(job) if job.candidate_id == 1 else harness_error(job)
+    )
+    ended = drive_within(Driver(run, MutateProposer(), engine_gone))
+    assert ended.startswith(f"stopped: the harness failed on {BREAKER} candidates in a row")
+    assert "DockerException: engine gone" in ended
+    by_state = {c.id: c.state for c in run.archive.candidates()}
+    assert "error" not in by_state.values() and list(by_state.values()).count("pending") >= BREAKER
+    assert drive_within(Driver(run, MutateProposer(), FakeScheduler(ok_unless(set())))) == (
+        "finished"
+    )
+    archive = check_complete(run.root, 3, 2)
+    assert "error" not in {c.state for c in archive.candidates()}
+
+
+def test_a_lone_harness_error_is_the_candidates_own(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.generations=2", "run.population=2", "selection.noise_seeds=1")
+    ok = ok_unless(set())
+    scheduler = FakeScheduler(lambda job: harness_error(job) if job.candidate_id == 3 else ok(job))
+    assert drive_within(Driver(run, MutateProposer(), scheduler)) == "finished"
+    archive = check_complete(run.root, 2, 2)
+    assert [c.id for c in archive.candidates() if c.state == "error"] == [3]

@@ -9,7 +9,7 @@ import pytest
 
 from selfprog.config import ProposerSection
 from selfprog.edits import apply_edits, parse_edits
-from selfprog.errors import ConfigError
+from selfprog.errors import ConfigError, Outage
 from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.proposers.mutate import MutateProposer, perturb, tunable_literals
 from selfprog.proposers.openai import OpenAIProposer
@@ -95,7 +95,50 @@ def test_openai_server_ignoring_n_is_asked_again() -> None:
     with FakeOpenAI([chat(EDIT), chat(EDIT)]).running() as fake:
         proposals = proposer(fake.url).propose(request(), 2)
     assert len(proposals) == 2 and len(fake.requests) == 2
-    assert fake.requests[1]["body"]["n"] == 1
+    assert fake.requests[0]["body"]["n"] == 2 and "n" not in fake.requests[1]["body"]
+
+
+def test_openai_server_refusing_n_gets_one_choice_per_call() -> None:
+    refusal = Reply(400, {"error": {"message": "Only one completion choice is allowed"}})
+    script = [refusal, chat(EDIT), chat(EDIT), chat(EDIT), chat(EDIT)]
+    with FakeOpenAI(script).running() as fake:
+        lm = proposer(fake.url)
+        first, second = lm.propose(request(), 2), lm.propose(request(), 2)
+    assert [p.error for p in first + second] == [""] * 4
+    assert fake.requests[0]["body"]["n"] == 2
+    assert all("n" not in r["body"] for r in fake.requests[1:])  # remembered: asked once
+
+
+def test_openai_reasoning_model_refusing_max_tokens_and_temperature() -> None:
+    def refuse(param: str) -> Reply:
+        message = f"Unsupported parameter: '{param}' is not supported with this model."
+        return Reply(400, {"error": {"message": message, "param": param}})
+
+    script = [refuse("max_tokens"), refuse("temperature"), chat(EDIT)]
+    with FakeOpenAI(script).running() as fake:
+        proposals = proposer(fake.url, max_new_tokens=300).propose(request(), 1)
+    assert proposals[0].error == ""
+    last = fake.requests[-1]["body"]
+    assert "temperature" not in last and "max_tokens" not in last
+    assert last["max_completion_tokens"] == 300
+    with FakeOpenAI([chat(EDIT)]).running() as fake:
+        proposer(fake.url, max_new_tokens=0).propose(request(), 1)
+    assert not {"max_tokens", "max_completion_tokens"} & set(fake.requests[0]["body"])
+
+
+def test_openai_null_usage_and_a_cut_answer_are_recorded() -> None:
+    reply = chat(EDIT, EDIT + " ")
+    reply.body["usage"] = {"prompt_tokens": None, "completion_tokens": None}
+    reply.body["choices"][1]["finish_reason"] = "length"
+    with FakeOpenAI([reply]).running() as fake:
+        proposals = proposer(fake.url).propose(request(), 2)
+    assert [p.tokens_in for p in proposals] == [0, 0]
+    assert [p.finish for p in proposals] == ["stop", "length"]
+
+
+def test_openai_key_is_not_in_the_repr() -> None:
+    lm = proposer("http://127.0.0.1:9/v1", api_key="sk-secret-123")
+    assert "sk-secret-123" not in repr(lm)
 
 
 def test_openai_429_honours_retry_after() -> None:
@@ -106,14 +149,26 @@ def test_openai_429_honours_retry_after() -> None:
     assert fake.times[1] - fake.times[0] >= 1.0
 
 
-def test_openai_500s_are_retried_then_reported() -> None:
+def test_openai_500s_are_retried_then_the_endpoint_is_an_outage() -> None:
     with FakeOpenAI([Reply(500, "oops"), Reply(503, "busy"), chat(EDIT)]).running() as fake:
         assert proposer(fake.url).propose(request(), 1)[0].error == ""
         assert len(fake.requests) == 3
-    with FakeOpenAI([Reply(500, "oops")] * 3).running() as fake:
-        proposals = proposer(fake.url, attempts=3).propose(request(), 2)
-    assert [p.text for p in proposals] == ["", ""]
-    assert all("HTTP 500" in p.error for p in proposals)
+    failing = FakeOpenAI([Reply(500, "oops")] * 3)
+    outage = r"failed after 3 attempts \(TransientHTTPError: HTTP 500"
+    with failing.running() as fake, pytest.raises(Outage, match=outage):
+        proposer(fake.url, attempts=3).propose(request(), 2)
+
+
+def test_openai_unreachable_or_unauthorised_endpoint_is_an_outage() -> None:
+    with FakeOpenAI([]).running() as fake:
+        url = fake.url
+    with pytest.raises(Outage, match="ConnectionError"):  # nothing listens there any more
+        proposer(url, attempts=2).propose(request(), 1)
+    for status in (401, 404):
+        with FakeOpenAI([Reply(status, {"error": "no"})]).running() as fake:
+            with pytest.raises(Outage, match=f"refused: HTTP {status}"):
+                proposer(fake.url).propose(request(), 1)
+            assert len(fake.requests) == 1
 
 
 def test_openai_timeout_is_retried() -> None:

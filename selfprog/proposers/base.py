@@ -30,6 +30,7 @@ class Proposal:
     latency: float = 0.0
     model: str = ""
     error: str = ""  # the proposer failed for this one (the candidate ends `invalid`)
+    finish: str = ""  # why generation stopped, where the model says ("length": cut at the limit)
 
 
 class Proposer(Protocol):
@@ -43,7 +44,11 @@ class Proposer(Protocol):
         ...
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
-        """Returns k proposals; failures are proposals with an error, not exceptions."""
+        """Returns k proposals; failures are proposals with an error, not exceptions.
+
+        Raises:
+            Outage: what the proposer depends on is gone (an endpoint); the call is asked again.
+        """
         ...
 
     def adopt(self, candidate_id: int | None, folder: Path | None) -> None:

@@ -2,16 +2,26 @@
 
 Rate limits (429), server errors (5xx), timeouts and dropped connections are
 retried with exponential backoff and jitter, waiting at least as long as a
-Retry-After header asks. Any other 4xx is not retried: it is reported on the
-proposals, whose candidates end `invalid`, and the run goes on.
+Retry-After header asks. When the retries run out, or the server refuses the
+key, the model or the path (401, 403, 404), the endpoint is down for the
+run, not for one candidate: an `Outage` stops the run cleanly, the call is
+not recorded, and `selfprog resume` asks it again once the server is back.
+Any other 4xx is reported on the proposals, whose candidates end `invalid`,
+and the run goes on.
+
+Servers differ: some refuse `n` > 1 (llama.cpp), reasoning models refuse
+`max_tokens` (they take `max_completion_tokens`) and `temperature`. A 400
+that names one of these optional parameters drops it for the rest of the
+run, with one warning, and the call is asked again at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +31,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from selfprog.config import ProposerSection
 from selfprog.edits import rationale
-from selfprog.errors import ConfigError
+from selfprog.errors import ConfigError, Outage
 from selfprog.proposers.base import Proposal, ProposalRequest
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,37 @@ class TransientHTTPError(Exception):
 
 class PermanentHTTPError(Exception):
     """A response not worth retrying: a 4xx other than 429, or a body that is not a chat reply."""
+
+    def __init__(self, message: str, status: int = 0, body: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+UNUSABLE = (401, 403, 404)  # the key, the model or the path: no call of the run can succeed
+OPTIONAL = ("n", "temperature", "max_tokens", "max_completion_tokens")  # what a server may refuse
+
+
+def refused_parameter(body: str, sent: set[str]) -> str | None:
+    """Returns the optional parameter a 400's body names as unsupported, if any.
+
+    Servers say it in `error.param` (OpenAI), or in the message, quoted; a
+    server that allows one choice only says "choice" (llama.cpp).
+    """
+    candidates = sent & set(OPTIONAL)
+    try:
+        error = json.loads(body).get("error")
+        param = error.get("param") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        param = None
+    if param in candidates:
+        return str(param)
+    for name in sorted(candidates, key=len, reverse=True):  # max_completion_tokens before n
+        if any(f"{q}{name}{q}" in body for q in "'\"`"):
+            return name
+    if "n" in candidates and "choice" in body.lower():
+        return "n"
+    return None
 
 
 def _retry_after(response: requests.Response) -> float | None:
@@ -74,15 +115,16 @@ class OpenAIProposer:
 
     base_url: str
     model: str
-    api_key: str | None
+    api_key: str | None = field(default=None, repr=False)  # never in a log or a traceback
     temperature: float = 0.8
-    max_new_tokens: int = 2048
+    max_new_tokens: int = 2048  # 0: not sent (the server's default)
     timeout: float = 120.0
     attempts: int = 6
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     name: str = "openai"
     template: str = "propose.md"
+    dropped: set[str] = field(default_factory=set)  # the optional parameters this server refused
 
     def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
         pass  # a served model does not follow the run
@@ -115,7 +157,11 @@ class OpenAIProposer:
                 response.status_code, response.text[:200], _retry_after(response)
             )
         if response.status_code >= 400:
-            raise PermanentHTTPError(f"HTTP {response.status_code}: {response.text[:300]}")
+            raise PermanentHTTPError(
+                f"HTTP {response.status_code}: {response.text[:300]}",
+                response.status_code,
+                response.text[:2000],
+            )
         try:
             reply = response.json()
             reply["choices"][0]["message"]["content"]
@@ -123,17 +169,32 @@ class OpenAIProposer:
             raise PermanentHTTPError(f"not a chat completion: {response.text[:200]!r}") from None
         return dict(reply)
 
-    def _call(self, prompt: str, n: int) -> dict[str, Any]:
-        body = {
+    def _body(self, prompt: str, n: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": [
                 {"role": "system", "content": SYSTEM},
                 {"role": "user", "content": prompt},
             ],
-            "temperature": self.temperature,
-            "max_tokens": self.max_new_tokens,
-            "n": n,
         }
+        if "temperature" not in self.dropped:
+            body["temperature"] = self.temperature
+        if self.max_new_tokens:
+            for key in ("max_tokens", "max_completion_tokens"):  # the second for reasoning models
+                if key not in self.dropped:
+                    body[key] = self.max_new_tokens
+                    break
+        if n > 1 and "n" not in self.dropped:
+            body["n"] = n
+        return body
+
+    def _call(self, prompt: str, n: int) -> dict[str, Any]:
+        """Returns the server's reply, dropping what it refuses and retrying what is passing.
+
+        Raises:
+            Outage: the endpoint is down after every retry, or refuses the key, model or path.
+            PermanentHTTPError: it refused this request (the proposals record why).
+        """
         retrying = Retrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self.attempts),
@@ -146,7 +207,26 @@ class OpenAIProposer:
             ),
             reraise=True,
         )
-        return retrying(self._post, body)
+        while True:
+            body = self._body(prompt, n)
+            try:
+                return retrying(self._post, body)
+            except PermanentHTTPError as exc:
+                refused = refused_parameter(exc.body, set(body)) if exc.status == 400 else None
+                if refused is None:
+                    if exc.status in UNUSABLE:
+                        raise Outage(
+                            f"the proposer's endpoint {self.base_url} refused: {exc}"
+                        ) from None
+                    raise
+                self.dropped.add(refused)
+                log.warning("openai: the server refused `%s`; not sent from now on", refused)
+            except (TransientHTTPError, requests.RequestException) as exc:
+                tried = f" after {self.attempts} attempts" if _transient(exc) else ""
+                raise Outage(
+                    f"the proposer's endpoint {self.base_url} failed{tried} "
+                    f"({type(exc).__name__}: {str(exc)[:200]})"
+                ) from None
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
         proposals: list[Proposal] = []
@@ -155,18 +235,17 @@ class OpenAIProposer:
             want = k - len(proposals)
             try:
                 reply = self._call(request.prompt, want)
-            except (TransientHTTPError, PermanentHTTPError, requests.RequestException) as exc:
+            except PermanentHTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 proposals += [Proposal(text="", error=error, model=self.model) for _ in range(want)]
                 break
             latency = time.perf_counter() - start
-            choices = [c["message"].get("content") or "" for c in reply["choices"]][:want]
-            usage = reply.get("usage") or {}
-            tokens_in, tokens_out = (
-                int(usage.get("prompt_tokens", 0)),
-                int(usage.get("completion_tokens", 0)),
-            )
-            for i, text in enumerate(choices):
+            choices = reply["choices"][:want]
+            usage = reply.get("usage") or {}  # some servers send none, or nulls
+            tokens_in = int(usage.get("prompt_tokens") or 0)
+            tokens_out = int(usage.get("completion_tokens") or 0)
+            for i, choice in enumerate(choices):
+                text = (choice.get("message") or {}).get("content") or ""
                 proposals.append(
                     Proposal(
                         text=text,
@@ -176,6 +255,7 @@ class OpenAIProposer:
                         + (tokens_out % len(choices) if i == 0 else 0),
                         latency=latency,
                         model=str(reply.get("model") or self.model),
+                        finish=str(choice.get("finish_reason") or ""),
                     )
                 )
         return proposals
