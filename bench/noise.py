@@ -10,7 +10,14 @@ rules get the same number of evaluations per trial:
 - selfprog: the seed is evaluated with `noise_seeds` seeds to measure the
   noise; the generation's best-looking child, if it looks better than the
   champion but not yet clearly, is re-evaluated up to `confirm_seeds` seeds and kept only when its mean is better beyond `z`
-  standard errors of the difference (selfprog.selection.clearly_better).
+  standard errors of the difference (selfprog.selection.clearly_better). The
+  noise floor is pooled over every candidate evaluated more than once
+  (selfprog.selection.noise_floor), re-estimated before each decision.
+
+How the noise falls (`--noise`): `even`, every evaluation spreads by NOISE;
+`busy-seed`, the seed's evaluations spread 20 times more (a busy machine while
+the seed is scored, issue 11); `noisy-children`, one child in ten is a
+genuinely noisy program whose evaluations spread 8 times more.
 
 A false keep is a kept child whose true score is not better than the true
 score of the champion it replaced. The last line reads
@@ -18,8 +25,9 @@ score of the champion it replaced. The last line reads
 greedy's; D is greedy's final true score minus selfprog's (positive: selfprog
 ended better).
 
-    python bench/noise.py            # 300 trials
-    python bench/noise.py --quick    # 60 trials, for CI
+    python bench/noise.py                       # 300 trials
+    python bench/noise.py --quick               # 60 trials, for CI
+    python bench/noise.py --noise busy-seed     # the seed scored on a busy machine
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from selfprog.selection import Member, clearly_better, needs_confirmation, select
+from selfprog.selection import Member, clearly_better, needs_confirmation, noise_floor, select
 
 SEED_TRUE = 3.0
 NOISE = 0.04  # per-evaluation spread, as seen between seeds on tinylm
@@ -58,6 +66,18 @@ def step_smooth(rng: random.Random) -> float:
 LANDSCAPES = {"tinylm": step_tinylm, "smooth": step_smooth}
 step = step_tinylm
 
+# how many times NOISE the seed's and a child's evaluations spread, per --noise:
+# (seed factor, share of noisy children, their factor)
+NOISES = {"even": (1.0, 0.0, 1.0), "busy-seed": (20.0, 0.0, 1.0), "noisy-children": (1.0, 0.1, 8.0)}
+seed_factor, noisy_share, noisy_factor = NOISES["even"]
+
+
+def child_spread(rng: random.Random) -> float:
+    """A child's per-evaluation spread (a draw of its own, so `even` keeps the landscape's stream)."""
+    if noisy_share and rng.random() < noisy_share:
+        return NOISE * noisy_factor
+    return NOISE
+
 
 @dataclass
 class Outcome:
@@ -66,19 +86,19 @@ class Outcome:
     false_keeps: int
 
 
-def observe(true: float, rng: random.Random) -> float:
-    return true + rng.gauss(0.0, NOISE)
+def observe(true: float, rng: random.Random, spread: float = NOISE) -> float:
+    return true + rng.gauss(0.0, spread)
 
 
 def classic(trial: int, budget: int) -> Outcome:
     """The keep/discard rule on single observations."""
-    rng = random.Random(trial)
-    champion_true, champion_obs = SEED_TRUE, observe(SEED_TRUE, rng)
+    rng, spread_rng = random.Random(trial), random.Random(trial + 20_000)
+    champion_true, champion_obs = SEED_TRUE, observe(SEED_TRUE, rng, NOISE * seed_factor)
     used, keeps, false_keeps = 1, 0, 0
     while used < budget:
         for _ in range(min(POPULATION, budget - used)):
             child_true = champion_true + step(rng)
-            child_obs = observe(child_true, rng)
+            child_obs = observe(child_true, rng, child_spread(spread_rng))
             used += 1
             child, champ = Member(used, (child_obs,)), Member(0, (champion_obs,))
             if clearly_better(child, champ, noise=0.0, z=0.0, minimize=True):
@@ -92,11 +112,10 @@ def noise_aware(
     trial: int, budget: int, policy: str, noise_seeds: int, confirm_seeds: int, z: float
 ) -> Outcome:
     """selfprog's rule: measure the noise, re-evaluate what looks better, keep what is clearly better."""
-    rng = random.Random(trial)
-    truth = {1: SEED_TRUE}
-    scores = {1: [observe(SEED_TRUE, rng) for _ in range(noise_seeds)]}
+    rng, spread_rng = random.Random(trial), random.Random(trial + 20_000)
+    truth, spread = {1: SEED_TRUE}, {1: NOISE * seed_factor}
+    scores = {1: [observe(SEED_TRUE, rng, spread[1]) for _ in range(noise_seeds)]}
     children: dict[int, int] = {}
-    noise = statistics.stdev(scores[1]) if noise_seeds > 1 else 0.0
     accepted, used, keeps, false_keeps = [1], noise_seeds, 0, 0
     select_rng = random.Random(trial + 10_000)
     while used < budget:
@@ -110,17 +129,20 @@ def noise_aware(
                     break
                 child = max(truth) + 1
                 truth[child] = truth[parent] + step(rng)
-                scores[child] = [observe(truth[child], rng)]
+                spread[child] = child_spread(spread_rng)
+                scores[child] = [observe(truth[child], rng, spread[child])]
                 children[parent] = children.get(parent, 0) + 1
                 used += 1
                 born.append(child)
         if born:  # the loop re-evaluates the generation's best-looking child if it needs it
             child = min(born, key=lambda c: scores[c][0])
             a, b = Member(child, tuple(scores[child])), Member(champion, tuple(scores[champion]))
+            noise = noise_floor(scores.values()).sd
             if needs_confirmation(a, b, noise, z, minimize=True):
                 while len(scores[child]) < confirm_seeds and used < budget:
-                    scores[child].append(observe(truth[child], rng))
+                    scores[child].append(observe(truth[child], rng, spread[child]))
                     used += 1
+        noise = noise_floor(scores.values()).sd  # re-estimated with the confirmations
         for child in born:  # keep, in order, what is better clear of the noise
             best = accepted[-1]
             a, b = Member(child, tuple(scores[child])), Member(best, tuple(scores[best]))
@@ -144,9 +166,16 @@ def main() -> None:
         default="tinylm",
         help="how children differ (tinylm)",
     )
+    parser.add_argument(
+        "--noise",
+        choices=sorted(NOISES),
+        default="even",
+        help="how the noise falls on the seed and children (even)",
+    )
     args = parser.parse_args()
-    global step
+    global step, seed_factor, noisy_share, noisy_factor
     step = LANDSCAPES[args.landscape]
+    seed_factor, noisy_share, noisy_factor = NOISES[args.noise]
     trials = 60 if args.quick else args.trials
     results = {
         "greedy (keep/discard)": [classic(t, args.budget) for t in range(trials)],
@@ -158,7 +187,8 @@ def main() -> None:
         ],
     }
     print(
-        f"{trials} trials, {args.budget} evaluations each, noise sd {NOISE}, {args.landscape} landscape"
+        f"{trials} trials, {args.budget} evaluations each, noise sd {NOISE} ({args.noise}), "
+        f"{args.landscape} landscape"
     )
     print(f"{'rule':28s} {'keeps':>7s} {'false keeps':>12s} {'final true score':>17s}")
     for name, outcomes in results.items():

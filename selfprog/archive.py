@@ -12,18 +12,19 @@ import json
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
-from selfprog.schema import SCHEMA, SCHEMA_VERSION, migrate
+from selfprog.schema import SCHEMA, SCHEMA_VERSION, add_indexes, migrate
 from selfprog.states import FAILED, UNFINISHED, State
 
 ARCHIVE_FILE = "archive.sqlite"
 PENDING, RUNNING, DUPLICATE = State.PENDING.value, State.RUNNING.value, State.DUPLICATE.value
+CHUNK = 500  # ids per `IN (...)` query, well under SQLite's limit on bound parameters
 
 
 class ArchiveError(SelfprogError):
@@ -52,6 +53,23 @@ class Candidate:
     evals_needed: int
     accepted: bool | None  # better than the best before it, clear of the noise (None: undecided)
     node: str = ""  # where it was scored (the host, or the cluster node)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A candidate's id, state and score: what plotting a whole run reads of each."""
+
+    id: int
+    state: str
+    score: float | None
+
+
+def _chunks(ids: Iterable[int]) -> Iterator[tuple[list[int], str]]:
+    """Yields the distinct ids in order, CHUNK at a time, each with its `?, ?, ...` placeholders."""
+    chosen = sorted(set(ids))
+    for start in range(0, len(chosen), CHUNK):
+        part = chosen[start : start + CHUNK]
+        yield part, ", ".join("?" * len(part))
 
 
 def _hash(data: bytes) -> str:
@@ -83,6 +101,8 @@ class Archive:
             raise ArchiveError(f"{path}: not a selfprog archive ({exc})") from None
         if 1 <= version < SCHEMA_VERSION and not readonly:
             migrate(self.db)
+            version = SCHEMA_VERSION
+        self.version = version  # a reader may read an older schema, unmigrated
         if version > SCHEMA_VERSION:
             raise ArchiveError(
                 f"{path}: archive schema {version} is newer than this selfprog's ({SCHEMA_VERSION}); "
@@ -90,6 +110,8 @@ class Archive:
             )
         if version < 1:
             raise ArchiveError(f"{path}: not a selfprog archive (no schema version)")
+        if not readonly:
+            add_indexes(self.db)
 
     @classmethod
     def create(cls, path: Path, meta: Mapping[str, str]) -> Archive:
@@ -100,6 +122,7 @@ class Archive:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            add_indexes(db)
             rows = {"schema_version": str(SCHEMA_VERSION), "created": str(time.time()), **meta}
             db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
             db.commit()
@@ -126,12 +149,13 @@ class Archive:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def record_change(self, key: str, old: str, new: str) -> None:
-        """Records a change made to the run's config mid-run (`resume --set`), with its time."""
+    def record_changes(self, changes: Sequence[tuple[str, str, str]]) -> None:
+        """Records changes made to the run's config mid-run (`resume --set`): (key, old, new)."""
+        now = time.time()
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO changes (created, key, old, new) VALUES (?, ?, ?, ?)",
-                (time.time(), key, old, new),
+                [(now, key, old, new) for key, old, new in changes],
             )
 
     def changes(self) -> list[tuple[float, str, str, str]]:
@@ -280,17 +304,19 @@ class Archive:
         with self.transaction() as db:
             db.execute("UPDATE candidates SET node = ? WHERE id = ?", (node, candidate_id))
 
-    def mark_pending(self, candidate_ids: Sequence[int]) -> None:
+    def mark_pending(self, candidate_ids: Sequence[int], attempt: bool = False) -> None:
         """Puts candidates stopped on purpose back in the queue; that start was no attempt.
 
         `attempts` thus counts the starts that never ended: a driver (or node)
-        that died while the candidate ran.
+        that died while the candidate ran, or (attempt=True) an outage the
+        candidate may have caused.
         """
+        given_back = 0 if attempt else 1
         with self.transaction() as db:
             db.executemany(
                 "UPDATE candidates SET state = ?, started = NULL, node = NULL, "
-                "attempts = MAX(attempts - 1, 0) WHERE id = ?",
-                [(PENDING, i) for i in candidate_ids],
+                "attempts = MAX(attempts - ?, 0) WHERE id = ?",
+                [(PENDING, given_back, i) for i in candidate_ids],
             )
 
     def finish(self, candidate_id: int, result: Any, seed: int, node: str = "") -> None:
@@ -333,14 +359,31 @@ class Archive:
         )
         return [float(r[0]) for r in rows]
 
+    def repeated_scores(self) -> dict[int, list[float]]:
+        """Returns the `ok` scores of every candidate with more than one, oldest first: the noise's sample."""
+        rows = self.db.execute(
+            "SELECT candidate_id, score FROM evaluations WHERE state = 'ok' AND candidate_id IN "
+            "(SELECT candidate_id FROM evaluations WHERE state = 'ok' "
+            "GROUP BY candidate_id HAVING COUNT(*) > 1) ORDER BY candidate_id, id"
+        )
+        repeats: dict[int, list[float]] = {}
+        for candidate_id, score in rows:
+            repeats.setdefault(int(candidate_id), []).append(float(score))
+        return repeats
+
     def set_evals_needed(self, candidate_id: int, n: int) -> None:
         with self.transaction() as db:
             db.execute("UPDATE candidates SET evals_needed = ? WHERE id = ?", (n, candidate_id))
 
     def set_accepted(self, candidate_id: int, accepted: bool) -> None:
+        self.set_accepted_many({candidate_id: accepted})
+
+    def set_accepted_many(self, decisions: Mapping[int, bool]) -> None:
+        """Records whether each candidate was accepted, all in one transaction."""
         with self.transaction() as db:
-            db.execute(
-                "UPDATE candidates SET accepted = ? WHERE id = ?", (int(accepted), candidate_id)
+            db.executemany(
+                "UPDATE candidates SET accepted = ? WHERE id = ?",
+                [(int(accepted), i) for i, accepted in decisions.items()],
             )
 
     def children_counts(self) -> dict[int, int]:
@@ -351,13 +394,91 @@ class Archive:
 
     # -- named questions ------------------------------------------------------
 
-    def _select(self, where: str = "", args: Sequence[Any] = ()) -> list[Candidate]:
+    def _select(self, where: str = "", args: Sequence[Any] = (), limit: int = 0) -> list[Candidate]:
         query = "SELECT * FROM candidates" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        query += f" LIMIT {int(limit)}" if limit else ""
         return [_candidate(row) for row in self.db.execute(query, args)]
 
-    def candidates(self) -> list[Candidate]:
-        """Returns every candidate, in id order."""
-        return self._select()
+    def candidates(self, ids: Iterable[int] | None = None) -> list[Candidate]:
+        """Returns every candidate (or those with these ids), in id order.
+
+        Every row carries its diff and log tail: for counts, scores and states
+        at scale, ask count(), summaries() or scores_of() instead.
+        """
+        if ids is None:
+            return self._select()
+        return [c for part, marks in _chunks(ids) for c in self._select(f"id IN ({marks})", part)]
+
+    def count(self) -> int:
+        """Returns how many candidates the archive holds."""
+        return int(self.db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0])
+
+    def last_generation(self) -> int:
+        """Returns the latest generation that has a candidate (0 if none)."""
+        row = self.db.execute("SELECT MAX(generation) FROM candidates").fetchone()
+        return int(row[0] or 0)
+
+    def summaries(self, *states: str) -> list[Summary]:
+        """Returns every candidate (or those in any of these states) as a Summary, in id order."""
+        where = f" WHERE state IN ({', '.join('?' * len(states))})" if states else ""
+        cursor = self.db.cursor()
+        cursor.row_factory = None  # plain tuples, which sort fast
+        # unordered, since an index holds all three: no candidate's texts are read
+        rows = cursor.execute(f"SELECT id, state, score FROM candidates{where}", states).fetchall()
+        rows.sort()
+        return [Summary(*row) for row in rows]
+
+    def scored_metrics(self, keys: Sequence[str]) -> dict[int, dict[str, Any]]:
+        """Returns these metrics of every candidate that ended `ok` (those it reported), by id."""
+        values = "".join(", json_extract(metrics, ?)" for _ in keys)  # no key: the index alone
+        rows = self.db.execute(
+            f"SELECT id{values} FROM candidates WHERE state = ? ORDER BY id",
+            (*(f'$."{key}"' for key in keys), State.OK.value),
+        )
+        return {
+            int(row[0]): {k: v for k, v in zip(keys, row[1:], strict=True) if v is not None}
+            for row in rows
+        }
+
+    def scores_of(self, ids: Iterable[int] | None = None) -> dict[int, list[float]]:
+        """Returns the scores of the `ok` evaluations of every candidate (or of these), oldest first.
+
+        A candidate with no `ok` evaluation has no entry.
+        """
+        query = "SELECT candidate_id, score FROM evaluations WHERE state = 'ok'"
+        if ids is None:
+            rows = list(self.db.execute(query + " ORDER BY id"))
+        else:
+            rows = []
+            for part, marks in _chunks(ids):
+                rows += self.db.execute(f"{query} AND candidate_id IN ({marks}) ORDER BY id", part)
+        scores: dict[int, list[float]] = {}
+        for candidate_id, score in rows:
+            scores.setdefault(int(candidate_id), []).append(float(score))
+        return scores
+
+    def lineages(self, ids: Iterable[int]) -> set[int]:
+        """Returns these candidates and all their ancestors, back to the seed."""
+        found: set[int] = set()
+        for part, marks in _chunks(ids):
+            rows = self.db.execute(
+                f"WITH RECURSIVE line(id) AS (SELECT id FROM candidates WHERE id IN ({marks}) "
+                "UNION SELECT candidates.parent_id FROM candidates JOIN line "
+                "ON candidates.id = line.id WHERE candidates.parent_id IS NOT NULL) "
+                "SELECT id FROM line",
+                part,
+            )
+            found.update(int(r[0]) for r in rows)
+        return found
+
+    def revision(self) -> tuple[int, int]:
+        """Returns a value that changes whenever the archive does: an answer read from the
+        archive may be kept for as long as this stays the same.
+
+        It changes with every row this connection writes and every commit by another.
+        """
+        other = self.db.execute("PRAGMA data_version").fetchone()[0]
+        return self.db.total_changes, int(other)
 
     def candidate(self, candidate_id: int) -> Candidate:
         found = self._select("id = ?", (candidate_id,))
@@ -367,7 +488,7 @@ class Archive:
 
     def seed(self) -> Candidate | None:
         """Returns the seed program's candidate (generation 0), if recorded."""
-        found = self._select("generation = 0")
+        found = self._select("generation = 0", limit=1)
         return found[0] if found else None
 
     def in_states(self, *states: str) -> list[Candidate]:
@@ -392,7 +513,8 @@ class Archive:
         return self._select("accepted = 1")
 
     def accepted_ids(self) -> list[int]:
-        return [c.id for c in self.accepted()]
+        rows = self.db.execute("SELECT id FROM candidates WHERE accepted = 1 ORDER BY id")
+        return [int(r[0]) for r in rows]
 
     def unjudged_generations(self) -> list[int]:
         """Returns the generations that have candidates not yet judged, oldest first."""
@@ -414,10 +536,25 @@ class Archive:
         index) is never due again.
         """
         due = [(c, 0) for c in self.unfinished()]
-        for c in self._select("state = 'ok' AND evals_needed > 1"):
-            rows = self.db.execute("SELECT seed FROM evaluations WHERE candidate_id = ?", (c.id,))
-            recorded = {int(r[0]) - base_seed for r in rows}
-            due += [(c, i) for i in range(1, c.evals_needed) if i not in recorded]
+        recorded: dict[int, set[int]] = {}
+        needed: dict[int, int] = {}
+        # one query for all, through the index of the few confirming (`+` keeps it off the
+        # state index); only those with an evaluation missing are then read whole
+        rows = self.db.execute(
+            "SELECT candidates.id, candidates.evals_needed, evaluations.seed FROM candidates "
+            "LEFT JOIN evaluations ON evaluations.candidate_id = candidates.id "
+            "WHERE +candidates.state = 'ok' AND candidates.evals_needed > 1"
+        )
+        for candidate_id, n, seed in rows:
+            needed[candidate_id] = n
+            if seed is not None:
+                recorded.setdefault(candidate_id, set()).add(int(seed) - base_seed)
+        missing = {
+            i: [k for k in range(1, n) if k not in recorded.get(i, set())]
+            for i, n in needed.items()
+        }
+        for c in self.candidates(i for i, indexes in missing.items() if indexes):
+            due += [(c, k) for k in missing[c.id]]
         return sorted(due, key=lambda job: (job[0].id, job[1]))
 
     def recent_failures(self, n: int) -> list[Candidate]:
@@ -432,6 +569,19 @@ class Archive:
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM candidates GROUP BY state")
         return {str(state): int(n) for state, n in rows}
+
+    def ranked(self, states: Sequence[str], n: int, minimize: bool) -> list[Candidate]:
+        """Returns the first n candidates in these states: the scored ones best first (earlier
+        first among equals), then the unscored ones in id order."""
+        order = "ASC" if minimize else "DESC"
+        rows = self.db.execute(  # ids first: only the n rows chosen are read whole
+            f"SELECT id FROM candidates WHERE state IN ({', '.join('?' * len(states))}) "
+            f"ORDER BY score IS NULL, score {order}, id LIMIT ?",
+            (*states, n),
+        )
+        ids = [int(r[0]) for r in rows]
+        found = {c.id: c for c in self.candidates(ids)}
+        return [found[i] for i in ids]
 
     def best(self, minimize: bool, n: int = 1, accepted: bool = False) -> list[Candidate]:
         """Returns the n best scored candidates (only accepted ones if asked), earlier first among equals."""

@@ -149,7 +149,7 @@ class Breeder:
         limit = self.run.config.run.max_candidates
         if not limit:
             return k
-        return max(0, min(k, limit - len(self.archive.candidates())))
+        return max(0, min(k, limit - self.archive.count()))
 
     def _call(self, generation: int, parent: Candidate, k: int) -> Call:
         run = self.run

@@ -372,8 +372,8 @@ class RayScheduler:
                 f"the Ray cluster lost candidate {job.candidate_id} {RETRIES + 1} times: "
                 f"{_first_line(exc)}"
             ) from None
-        if ref in self._cancelled:
-            return replace(outcome, cancelled=True)
+        if ref in self._cancelled and outcome.result.state is not State.OK:
+            return replace(outcome, cancelled=True)  # one that ended `ok` as it was killed stands
         return outcome
 
     def cancel(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -110,6 +111,7 @@ _NON_NEGATIVE = {
     "max_candidates",
     "max_hours",
     "max_tokens",
+    "max_new_tokens",  # 0: the openai proposer leaves it to the server
     "seconds",
     "steps",
     "timeout",
@@ -153,6 +155,8 @@ def _coerce(table: str, key: str, value: Any, kind: type) -> Any:
     choices = _CHOICES.get((table, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, not {value}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         if value <= 0 and (table, key) in _POSITIVE:
             raise ConfigError(f"{where} must be above 0, not {value}")
@@ -201,6 +205,62 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
     return table, key.strip(), parsed
+
+
+# What may change in a run under way (`selfprog resume RUN --set`): what decides how far the run
+# goes, how fast, and who proposes. The rest decides what a score means or what the run is.
+STEERABLE: dict[str, frozenset[str]] = {
+    "run": frozenset(
+        {
+            "generations",
+            "population",
+            "workers",
+            "max_candidates",
+            "max_hours",
+            "max_tokens",
+            "on_interrupt",
+            "synchronous",
+        }
+    ),
+    "runner": frozenset({"memory", "address"}),  # cpus: kept when the workers change
+    "proposer": frozenset(f.name for f in fields(ProposerSection)),
+    "selection": frozenset({"policy", "confirm_seeds", "z", "sharpness"}),
+}
+_FIXED_WHY = {
+    "run.target": "the target is what the run improves",
+    "run.seed": "the seed decides every draw of the run",
+    "budget": "candidates trained to another budget would not be comparable",
+    "runner": "the sandbox decides what a score means; candidates scored in another one "
+    "would not be comparable",
+    "selection.noise_seeds": "the seed's repeated evaluations were fixed when the run began",
+}
+
+
+def steer(config: Config, overrides: list[str]) -> tuple[Config, list[tuple[str, Any, Any]]]:
+    """Returns a run's config with mid-run changes applied, and each change: (key, old, new).
+
+    Raises:
+        ConfigError: a key that may not change in a run under way (and why), or a bad value.
+    """
+    raw = config.to_json()
+    for text in overrides:
+        table, key, value = parse_override(text)
+        known = table in _SECTIONS and key in raw[table]
+        if known and key not in STEERABLE.get(table, frozenset()):
+            why = _FIXED_WHY.get(f"{table}.{key}") or _FIXED_WHY[table]
+            raise ConfigError(
+                f"--set {table}.{key}: cannot change in a run under way ({why}); start a new run"
+            )
+        raw.setdefault(table, {})[key] = value  # an unknown one is refused below, with a hint
+    steered = from_dict(raw, "--set")
+    old, new = config.to_json(), steered.to_json()
+    changes = [
+        (f"{table}.{key}", old[table][key], new[table][key])
+        for table in new
+        for key in new[table]
+        if new[table][key] != old[table][key]
+    ]
+    return steered, changes
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -67,6 +67,7 @@ class Judge:
         z, minimize = self.run.config.selection.z, self.population.minimize
         members = {m.id: m for m in self.population.members()}
         best, noise = self.population.champion(), self.population.noise()
+        decisions: dict[int, bool] = {}
         for c in self.archive.in_generation(generation):
             if c.accepted is not None:
                 continue
@@ -74,7 +75,11 @@ class Judge:
             better = member is not None and (
                 best is None or clearly_better(member, best, noise, z, minimize)
             )
-            self.archive.set_accepted(c.id, better)
+            decisions[c.id] = better
             if better and member is not None:
                 best = member
-                self.on_event({"event": "accepted", "candidate": c.id, "score": member.mean})
+        self.archive.set_accepted_many(decisions)  # the generation's decisions at once
+        for c_id, better in decisions.items():
+            if better:
+                event = {"event": "accepted", "candidate": c_id, "score": members[c_id].mean}
+                self.on_event(event)

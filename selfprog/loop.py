@@ -98,6 +98,7 @@ class Driver:
         self.in_flight: dict[tuple[int, int], Job] = {}
         self.call: Future[Call] | None = None
         self.killed = False
+        self.announced = False  # that the run is stopping (said here, never in a signal handler)
         self.held: dict[tuple[int, int], Outcome] = {}  # harness errors in a row, not yet recorded
         self.halted = ""  # why the run stops itself (an outage), once it does
 
@@ -106,27 +107,36 @@ class Driver:
         removed = self.scheduler.stop_all(self.run.labels)
         if removed:
             log.info("removed %d leftover sandbox(es) of this run", removed)
-        if not self.archive.candidates():
+        if not self.archive.count():
             self.breeder.add_seed()
         try:
             ended = self._loop()
             self.scheduler.stop_all(self.run.labels)  # what a dead node left and no retry reached
             return ended
         except Outage as exc:  # not the candidates' fault: nothing is recorded against them
-            log.error("%s", exc)
-            return f"stopped: {exc}"
+            self._halt(f"stopped: {exc}")
+            return self.halted
         finally:
             if self.in_flight:  # stopped at once: what was running runs again on resume
                 self.scheduler.cancel()
                 self.archive.mark_pending([c for c, i in self.in_flight if i == 0])
-            if self.halted:  # the errors of an outage are not the candidates': they run again
-                self.archive.mark_pending([c for c, i in self.held if i == 0])
-            else:
-                self._release()
+            if self.held:  # nothing showed these errors were the candidates' own: run again
+                # after an outage the start counts (a candidate that takes the engine down
+                # is given up after MAX_ATTEMPTS); after a stop it does not
+                held = [c for c, i in self.held if i == 0]
+                self.archive.mark_pending(held, attempt=bool(self.halted))
 
     def _loop(self) -> str:
         stalled = 0
         while True:
+            if self.stop.requested and not self.announced:
+                self.announced = True
+                how = "killing" if self.run.config.run.on_interrupt == "kill" else "finishing"
+                log.warning(
+                    "stopping (%s): %s the running candidates; again to stop at once",
+                    self.stop.reason,
+                    how,
+                )
             self.judge.settle(self.breeder.closed_through())
             if not self.stop.requested and not self.halted:
                 self._start_evaluations()
@@ -299,7 +309,8 @@ class Driver:
                     "the sandbox's engine running?) and resume"
                 )
             return
-        self._release()  # something else ended: the errors held were the candidates' own
+        if not self.halted:  # something else ended: the errors held were the candidates' own
+            self._release()
         self._finish(outcome)
 
     def _release(self) -> None:
@@ -333,7 +344,7 @@ class Driver:
 
     def _limit_reached(self) -> str:
         run = self.run.config.run
-        if run.max_candidates and len(self.archive.candidates()) >= run.max_candidates:
+        if run.max_candidates and self.archive.count() >= run.max_candidates:
             return f"reached max_candidates ({run.max_candidates})"
         if run.max_tokens and self.archive.tokens_used() >= run.max_tokens:
             return f"reached max_tokens ({run.max_tokens})"

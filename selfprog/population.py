@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-import statistics
 
 from selfprog.errors import SelfprogError
 from selfprog.rundir import Run
-from selfprog.selection import Member, champion, select
+from selfprog.selection import Member, NoiseFloor, champion, noise_floor, select
 from selfprog.states import UNFINISHED
 
 DESCRIPTORS = ("params", "context")  # the map-elites grid, from the metrics the target reports
@@ -27,23 +26,40 @@ class Population:
         self.run = run
         self.archive = run.archive
         self.minimize = run.target.minimize
+        self._members: tuple[tuple[int, int], list[Member]] | None = None
 
     def members(self) -> list[Member]:
-        """Returns every candidate that ended `ok`, with its scores and children so far."""
-        children = self.archive.children_counts()
-        members = []
-        for c in self.archive.scored():
-            scores = tuple(self.archive.scores(c.id))
-            if scores:
-                descriptors = {k: float(c.metrics[k]) for k in DESCRIPTORS if k in c.metrics}
-                members.append(Member(c.id, scores, children.get(c.id, 0), descriptors))
-        return members
+        """Returns every candidate that ended `ok`, with its scores and children so far.
+
+        Kept until the archive changes: the driver asks several times between two writes.
+        """
+        revision = self.archive.revision()
+        if self._members is None or self._members[0] != revision:
+            children = self.archive.children_counts()
+            scores = self.archive.scores_of()
+            members = []
+            keys = DESCRIPTORS if self.run.config.selection.policy == "map-elites" else ()
+            for cid, metrics in self.archive.scored_metrics(keys).items():
+                if cid in scores:
+                    descriptors = {k: float(v) for k, v in metrics.items()}
+                    members.append(
+                        Member(cid, tuple(scores[cid]), children.get(cid, 0), descriptors)
+                    )
+            self._members = (revision, members)
+        return list(self._members[1])
+
+    def noise_floor(self) -> NoiseFloor:
+        """Returns the noise floor now: pooled over every candidate evaluated more than once.
+
+        Read from the archive as it stands, so it is re-estimated with every
+        confirmation: one busy moment during the seed's evaluations no longer
+        sets the noise for the whole run.
+        """
+        return noise_floor(self.archive.repeated_scores().values())
 
     def noise(self) -> float:
-        """Returns the noise floor: the spread of the seed's scores over its evaluation seeds."""
-        seed = self.archive.seed()
-        scores = self.archive.scores(seed.id) if seed else []
-        return statistics.stdev(scores) if len(scores) > 1 else 0.0
+        """Returns the noise floor's standard deviation: the spread of one evaluation."""
+        return self.noise_floor().sd
 
     def champion(self) -> Member | None:
         """Returns the best candidate accepted clear of the noise, if any."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -36,7 +37,8 @@ class Reporter:
 
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
-            self.live.__exit__(None, None, None)
+            with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): nothing to redraw
+                self.live.__exit__(None, None, None)
 
     def best_text(self) -> str:
         best = self.archive.best(self.minimize, 1, accepted=True)

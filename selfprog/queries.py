@@ -51,15 +51,8 @@ def one_line(text: str, width: int = 60) -> str:
 
 def top(run: Run, n: int, states: Sequence[str]) -> list[dict[str, Any]]:
     """Returns the best n candidates in the given states (scored ones by score, then the rest)."""
-    minimize = run.target.minimize
-    chosen = [c for c in run.archive.candidates() if c.state in states]
-    scored = sorted(
-        (c for c in chosen if c.score is not None),
-        key=lambda c: (c.score if minimize else -(c.score or 0.0), c.id),
-    )
-    rest = [c for c in chosen if c.score is None]
     rows = []
-    for c in (scored + rest)[:n]:
+    for c in run.archive.ranked(states, n, run.target.minimize):
         count, sd = spread(run.archive, c.id)
         rows.append(
             {
@@ -99,6 +92,19 @@ def show(run: Run, candidate_id: int) -> dict[str, Any]:
             "slot",
         )
         proposer = dict(zip(keys, call, strict=True))
+        if run.archive.version >= 3:  # why the model stopped: "length" is an answer cut short
+            row = run.archive.db.execute(
+                "SELECT finish FROM proposals WHERE id = ?", (c.proposal_id,)
+            ).fetchone()
+            proposer["finish"] = row[0] or ""
+    created = run.archive.db.execute(
+        "SELECT created FROM candidates WHERE id = ?", (c.id,)
+    ).fetchone()[0]
+    steered = [  # the run's config as it was when this candidate was bred
+        {"time": when, "key": key, "old": old, "new": new}
+        for when, key, old, new in run.archive.changes()
+        if when <= created
+    ]
     return {
         "id": c.id,
         "generation": c.generation,
@@ -117,6 +123,7 @@ def show(run: Run, candidate_id: int) -> dict[str, Any]:
         "program_hash": c.program_hash,
         "diff": c.diff,
         "log_tail": c.log_tail,
+        "steered": steered,
     }
 
 

@@ -8,17 +8,24 @@ import io
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from selfprog.population import Population
 from selfprog.queries import one_line, top
 from selfprog.rundir import Run
 from selfprog.states import FAILED
 
 FAILED_COLOUR = "#d62728"
+PLOT_POINTS = 5000  # candidates drawn as points (scored, and failed); more: an even sample of them
+PLOT_LABELS = 12  # improvements labelled with their rationale; more: the largest of them
+TREE_NODES = 400  # candidates drawn in the tree; more: the lineages of the best and the accepted
 
 
-def improvements(run: Run) -> list[tuple[int, float]]:
-    """Returns (candidate, mean score) for each candidate accepted as better, clear of the noise."""
-    return [(c.id, c.score) for c in run.archive.accepted() if c.score is not None]
+def _even_sample(items: list[Any], n: int) -> list[Any]:
+    """Returns at most n of the items, evenly spaced in their order (all of them if there are fewer)."""
+    if len(items) <= n:
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def progress_plot(run: Run) -> bytes:
@@ -27,17 +34,31 @@ def progress_plot(run: Run) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    candidates = run.archive.candidates()
-    ok = [(c.id, c.score) for c in candidates if c.state == "ok" and c.score is not None]
-    failed = [c.id for c in candidates if c.state in FAILED]
+    candidates = run.archive.summaries()
+    ok = [(c.id, c.score) for c in candidates if c.score is not None and c.state == "ok"]
+    failing = frozenset(FAILED)
+    failed = [c.id for c in candidates if c.state in failing]
+    drawn = _even_sample(ok, PLOT_POINTS)  # the best line, the labels and the axes use them all
+    last = candidates[-1].id if candidates else 0
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     if ok:
-        xs, ys = zip(*ok, strict=True)
-        ax.scatter(xs, ys, s=22, color="#1f77b4", alpha=0.75, label="scored", zorder=3)
-        kept = improvements(run)
+        xs, ys = np.array(drawn).T
+        label = "scored" if len(drawn) == len(ok) else f"scored ({len(drawn)} of {len(ok)}, evenly)"
+        ax.scatter(
+            xs,
+            ys,
+            s=22 if len(drawn) < 500 else 6,
+            color="#1f77b4",
+            alpha=0.75,
+            label=label,
+            zorder=3,
+        )
+        accepted = run.archive.accepted()
+        kept = [(c.id, c.score) for c in accepted if c.score is not None]  # the improvements
         if kept:
-            steps_x = [x for x, _ in kept] + [max(c.id for c in candidates)]
+            steps_x = [x for x, _ in kept] + [last]
             steps_y = [y for _, y in kept] + [kept[-1][1]]
             ax.step(
                 steps_x,
@@ -48,9 +69,13 @@ def progress_plot(run: Run) -> bytes:
                 zorder=2,
                 label="best, clear of the noise",
             )
-        rationale = {c.id: c.rationale for c in candidates}
-        last = max(c.id for c in candidates)
-        for i, (x, y) in enumerate(kept[1:]):
+        rationale = {c.id: c.rationale for c in accepted}
+        steps = kept[1:]
+        if len(steps) > PLOT_LABELS:  # the largest gains over the best before each
+            gain = {x: abs(y - b) for (x, y), (_, b) in zip(steps, kept, strict=False)}
+            largest = set(sorted(gain, key=lambda x: -gain[x])[:PLOT_LABELS])
+            steps = [(x, y) for x, y in steps if x in largest]
+        for i, (x, y) in enumerate(steps):
             right_half = x > last / 2  # labels point inwards so they stay on the canvas
             ax.annotate(
                 one_line(rationale[x], 38),
@@ -62,20 +87,24 @@ def progress_plot(run: Run) -> bytes:
                 color="#2c662c",
                 arrowprops={"arrowstyle": "-", "color": "#9cc59c", "linewidth": 0.6},
             )
-        low, high = min(ys), max(ys)
+        scores = np.array([y for _, y in ok])
+        low, high = float(scores.min()), float(scores.max())
         pad = (high - low) * 0.08 or 0.05
         ax.set_ylim(low - pad, high + 3 * pad)
         edge = high + 2 * pad
     else:
         edge = 1.0
     if failed:
+        marks = _even_sample(failed, PLOT_POINTS)
         ax.scatter(
-            failed,
-            [edge] * len(failed),
+            np.array(marks),
+            np.full(len(marks), edge),
             marker="x",
             color=FAILED_COLOUR,
-            s=30,
-            label="failed (not scored)",
+            s=30 if len(marks) < 500 else 10,
+            label="failed (not scored)"
+            if len(marks) == len(failed)
+            else f"failed ({len(marks)} of {len(failed)}, evenly)",
             zorder=3,
         )
     direction = run.target.direction_text
@@ -99,25 +128,44 @@ def _colour(score: float, low: float, high: float, minimize: bool) -> str:
     return f"#{r:02x}{min(g, 230):02x}50"
 
 
-def lineage_svg(run: Run) -> str:
-    """Returns an inline SVG of the archive as a tree: generations left to right, parents to children."""
-    candidates = run.archive.candidates()
+def lineage_svg(run: Run, best_n: int = 10) -> str:
+    """Returns an inline SVG of the archive as a tree: generations left to right, parents to children.
+
+    A run of more than TREE_NODES candidates is drawn as the lineages of its
+    best_n best and its accepted candidates, and says so.
+    """
+    archive, note = run.archive, ""
+    total = archive.count()
+    if total > TREE_NODES:
+        heads = [c.id for c in archive.best(run.target.minimize, best_n)]
+        candidates = archive.candidates(archive.lineages(heads + archive.accepted_ids()))
+        note = (
+            f"the lineages of the {best_n} best and the accepted candidates: "
+            f"{len(candidates)} of {total} candidates"
+        )
+    else:
+        candidates = archive.candidates()
     by_generation: dict[int, list[int]] = {}
     for c in candidates:
         by_generation.setdefault(c.generation, []).append(c.id)
+    column = {generation: i for i, generation in enumerate(sorted(by_generation))}
     position: dict[int, tuple[float, float]] = {}
     for generation, ids in by_generation.items():
         for row, cid in enumerate(ids):
-            position[cid] = (60 + generation * 150, 30 + row * 30)
+            position[cid] = (60 + column[generation] * 150, 30 + row * 30)
     scores = [c.score for c in candidates if c.state == "ok" and c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    best = run.archive.best(run.target.minimize, 1, accepted=True)
+    best = archive.best(run.target.minimize, 1, accepted=True)
     best_id = best[0].id if best else None
-    width = 120 + 150 * max(by_generation, default=0)
+    width = 120 + 150 * max(len(column) - 1, 0)
     height = 60 + 30 * max((len(v) for v in by_generation.values()), default=1)
     parts = [
         f'<svg id="lineage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
     ]
+    if note:
+        parts.append(
+            f'<text class="gen" x="8" y="12" style="text-anchor: start">{html.escape(note)}</text>'
+        )
     for c in candidates:
         if c.parent_id in position:
             (x1, y1), (x2, y2) = position[c.parent_id], position[c.id]
@@ -141,9 +189,9 @@ def lineage_svg(run: Run) -> str:
             f'<g class="{cls}"><title>{title}</title><circle cx="{x}" cy="{y}" r="10" fill="{fill}"/>'
             f'<text x="{x}" y="{y + 3.5}">{c.id}</text></g>'
         )
-    for generation in by_generation:
+    for generation, i in column.items():
         parts.append(
-            f'<text class="gen" x="{60 + generation * 150}" y="{height - 8}">gen {generation}</text>'
+            f'<text class="gen" x="{60 + i * 150}" y="{height - 8}">gen {generation}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -195,8 +243,9 @@ def report_html(run: Run, best_n: int = 10) -> str:
         change=change,
         active_minutes=float(archive.meta("active_seconds") or 0) / 60,
         tokens=archive.tokens_used(),
+        noise=Population(run).noise_floor(),
         plot=base64.b64encode(progress_plot(run)).decode(),
-        lineage=lineage_svg(run),
+        lineage=lineage_svg(run, best_n),
         best=best,
         diffs=diffs,
     )

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.config import Config, freeze, parse_size, thaw
 from selfprog.data import Dataset, load_dataset, prepare_data
@@ -113,7 +115,7 @@ def discard_new_run(run_dir: Path) -> None:
     if archive.exists():
         try:
             reader = Archive(archive, readonly=True)
-            holds = bool(reader.candidates())
+            holds = reader.count() > 0
             reader.close()
         except ArchiveError:
             holds = True  # unreadable: not ours to judge, keep it
@@ -159,6 +161,31 @@ def open_run(run_dir: Path, readonly: bool = False) -> Run:
     )
 
 
+def pin_cpus(
+    run: Run, steered: Config, changes: list[tuple[str, Any, Any]]
+) -> tuple[Config, list[tuple[str, Any, Any]]]:
+    """Returns a steered config that keeps each candidate's CPUs when only the workers changed.
+
+    With `runner.cpus` unset, a candidate gets this machine's CPUs divided by
+    the workers: more workers would train each later candidate on fewer, and
+    hold it to time limits measured on more. The CPUs it had are written in.
+    """
+    kind = steered.runner.kind
+    if steered.run.workers == run.config.run.workers or steered.runner.cpus or kind == "ray":
+        return steered, changes
+    cpus = run.limits().cpus
+    pinned = dataclasses.replace(steered, runner=dataclasses.replace(steered.runner, cpus=cpus))
+    return pinned, [*changes, ("runner.cpus", run.config.runner.cpus, cpus)]
+
+
+def record_changes(run: Run, changes: list[tuple[str, Any, Any]]) -> None:
+    """Freezes a steered run's config (atomically) and records the changes, with their time."""
+    staged = run.root / f".{CONFIG_FILE}.new"
+    freeze(run.config, staged)
+    os.replace(staged, run.root / CONFIG_FILE)
+    run.archive.record_changes([(k, json.dumps(old), json.dumps(new)) for k, old, new in changes])
+
+
 def _holder(handle: IO[str]) -> dict[str, Any]:
     """Returns what the driver holding the lock wrote about itself (empty if unreadable)."""
     handle.seek(0)
@@ -191,9 +218,16 @@ def driver_lock(run_dir: Path) -> Iterator[None]:
         RunLocked: another process drives the run.
     """
     handle = (run_dir / LOCK_FILE).open("a+")
+    # a reader (`selfprog status`) holds the lock shared for an instant: that is not a driver
+    take = Retrying(
+        retry=retry_if_exception_type(BlockingIOError),
+        stop=stop_after_delay(1.0),
+        wait=wait_fixed(0.05),
+        reraise=True,
+    )
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            take(fcntl.flock, handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             info = _holder(handle)
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))

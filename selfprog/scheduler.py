@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import threading
+import time
 import traceback
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -23,12 +25,15 @@ from typing import Protocol
 from selfprog.data import Dataset
 from selfprog.rundir import Run
 from selfprog.runners import make_runner
-from selfprog.runners.base import Limits, Runner
+from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
 from selfprog.scoring import Result, score_program
 from selfprog.states import State
 from selfprog.target import Target
 
 log = logging.getLogger(__name__)
+
+POLL = 0.2  # seconds between kills while cancelled jobs end
+DRAIN = 3.0  # seconds close() waits for cancelled jobs' threads, killing their sandboxes
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,31 @@ def read_kept(names: tuple[str, ...], out: Path) -> dict[str, bytes]:
     return kept
 
 
+class Cancelled(Exception):
+    """A phase asked to start after its scheduler was cancelled."""
+
+
+class _Gate:
+    """The runner as a scheduler's jobs see it: once closed, no phase of theirs starts.
+
+    A job between its phases (trained, not yet evaluated) would otherwise
+    start a sandbox after the kill that was meant to end it.
+    """
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.name = runner.name
+        self.closed = threading.Event()
+
+    def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
+        if self.closed.is_set():
+            raise Cancelled("the run is stopping")
+        return self.runner.run(phase, limits, labels)
+
+    def stop_all(self, labels: Mapping[str, str]) -> int:
+        return self.runner.stop_all(labels)
+
+
 class ThreadScheduler:
     """Scores jobs on this machine, `slots` at once, with the run's runner."""
 
@@ -175,6 +205,7 @@ class ThreadScheduler:
         self.slots = slots
         self.work_root = work_root
         self.node = socket.gethostname()
+        self._gate = _Gate(runner)
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="slot")
         self._running: dict[Future[Outcome], Job] = {}
         self._placed: list[Event] = []
@@ -182,21 +213,22 @@ class ThreadScheduler:
 
     def submit(self, job: Job) -> None:
         work = self.work_root / f"{job.candidate_id}-{job.index}"
-        future = self._pool.submit(score_job, self.scoring, job, self.runner, work, self.node)
+        future = self._pool.submit(score_job, self.scoring, job, self._gate, work, self.node)
         self._running[future] = job
         self._placed.append(Placed(job, self.node))
 
     def wait(self, timeout: float) -> list[Event]:
         events, self._placed = self._placed, []
         if any(f in self._cancelled for f in self._running):
-            # a cancelled job between phases may start one more sandbox: kill it too
+            # a sandbox started just as the gate closed outlived the kill: kill it too
             self.runner.stop_all(self.scoring.labels)
         if self._running:
             done, _ = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
                 job = self._running.pop(future)
                 outcome = future.result()
-                if future in self._cancelled:
+                # a job that ended `ok` as it was killed had ended: its result stands
+                if future in self._cancelled and outcome.result.state is not State.OK:
                     outcome = Outcome(job, outcome.result, outcome.node, cancelled=True)
                 events.append(outcome)
         return events
@@ -204,12 +236,22 @@ class ThreadScheduler:
     def cancel(self) -> None:
         # what had already ended stands; only what was still running was killed by us
         self._cancelled |= {f for f in self._running if not f.done()}
+        self._gate.closed.set()
         self.runner.stop_all(self.scoring.labels)
 
     def stop_all(self, labels: Mapping[str, str]) -> int:
         return self.runner.stop_all(labels)
 
     def close(self) -> None:
+        """Lets the slots go; what was cancelled is killed until its thread has ended."""
+        deadline = time.monotonic() + DRAIN
+        while any(f in self._cancelled for f in self._running) and time.monotonic() < deadline:
+            self.wait(POLL)
+        if self._running:
+            log.warning(
+                "%d sandbox thread(s) did not end; resume removes what they left",
+                len(self._running),
+            )
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -46,6 +46,26 @@ CREATE INDEX candidates_by_program ON candidates(program_hash);
 CREATE INDEX evaluations_by_candidate ON evaluations(candidate_id);
 """
 
+# Indexes are no part of the format: every selfprog reads an archive with or without them, and
+# a writer adds those missing when it opens one, so an archive of any version gains them.
+# Each answers a question the driver asks all the time without reading a candidate's texts.
+INDEXES = {
+    "candidates_by_generation": "candidates(generation)",  # a generation's candidates, the latest
+    "candidates_by_parent": "candidates(parent_id)",  # children counts
+    "candidates_by_score": "candidates(state, score)",  # the best; every candidate's state and score
+    "candidates_by_verdict": "candidates(accepted, generation)",  # accepted ones; unjudged ones
+    "candidates_confirming": "candidates(id) WHERE evals_needed > 1",  # evaluations still due
+}
+
+
+def add_indexes(db: sqlite3.Connection) -> None:
+    """Creates the indexes the archive lacks (a fresh one, or one an older selfprog wrote)."""
+    present = {row[1] for row in db.execute("PRAGMA index_list(candidates)")}
+    with db:
+        for name, what in INDEXES.items():
+            if name not in present:
+                db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {what}")
+
 
 def migrate(db: sqlite3.Connection) -> None:
     """Brings an archive written by schema 1 or 2 to the current schema.

@@ -107,6 +107,9 @@ def _train_failure(
         return Result(
             State.TIMEOUT, reason=f"training ran past {outcome.seconds:.0f}s and was killed"
         )
+    gpu = gpu_oom(outcome.log_tail) if outcome.exit_code != 0 else ""
+    if gpu:  # before the host's: torch's OutOfMemoryError reads like a MemoryError
+        return Result(State.OOM, reason=f"training ran out of GPU memory: {gpu}")
     if outcome.oom:
         limit = limits.memory_bytes / 2**20
         return Result(State.OOM, reason=f"training ran out of memory (limit {limit:.0f} MiB)")
@@ -123,6 +126,14 @@ def _train_failure(
             State.TRAIN_FAILED, reason=f"its outputs could not be copied: {outcome.output_lost}"
         )
     return None
+
+
+def gpu_oom(log_tail: str) -> str:
+    """Returns the CUDA out-of-memory message a phase's log ends with, or "" (none)."""
+    for line in reversed(log_tail.splitlines()):
+        if "CUDA out of memory" in line or "CUDA error: out of memory" in line:
+            return line.strip()[:300]
+    return ""
 
 
 def parse_result(stdout: str, nonce: str) -> dict[str, Any] | None:
@@ -149,6 +160,9 @@ def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limit: float
         return Result(
             State.TIMEOUT, reason=f"evaluation ran past {outcome.seconds:.0f}s and was killed"
         )
+    gpu = gpu_oom(outcome.log_tail) if outcome.exit_code != 0 else ""
+    if gpu:
+        return Result(State.OOM, reason=f"evaluation ran out of GPU memory: {gpu}")
     if outcome.oom:
         return Result(State.OOM, reason="evaluation ran out of memory")
     found = parse_result(outcome.stdout_tail, nonce)

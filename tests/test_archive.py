@@ -70,7 +70,7 @@ def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path
     archive = Archive(path)
     archive.finish(1, Result(State.OK, score=1.0), 0, node="n1")
     assert archive.meta("schema_version") == "3" and archive.candidate(1).node == "n1"
-    archive.record_change("run.generations", "4", "6")  # schema 3 is there too
+    archive.record_changes([("run.generations", "4", "6")])  # schema 3 is there too
     archive.close()
     reopened = Archive(path)
     assert reopened.candidate(1).node == "n1"
@@ -119,3 +119,100 @@ def test_a_run_folder_named_with_uri_characters_works(tmp_path: Path, monkeypatc
         assert archive.meta("run_id") == "r"
         archive.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no stray database
+
+
+def _small_run(path: Path) -> Archive:
+    """A seed with three evaluations, its children in every kind of state, and a grandchild."""
+    archive = Archive.create(path, {})
+    with archive.transaction() as db:
+        seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
+    for i, score in enumerate((3.0, 3.2, 3.1)):
+        result = Result(State.OK, score=score, metrics={"params": 64, "context": 8})
+        if i == 0:
+            archive.finish(seed, result, seed=i)
+        else:
+            archive.add_evaluation(seed, result, seed=i)
+    with archive.transaction() as db:
+        ids = [
+            archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+            for _ in range(4)
+        ]
+        archive.add_candidate(db, generation=1, parent_id=seed, state="invalid", reason="junk")
+    archive.finish(ids[0], Result(State.OK, score=2.9, metrics={"params": 32}), seed=0)
+    archive.finish(ids[1], Result(State.OK, score=3.3), seed=0)
+    archive.finish(ids[2], Result(State.TRAIN_FAILED, reason="boom", log_tail="x" * 5000), 0)
+    with archive.transaction() as db:
+        archive.add_candidate(db, generation=2, parent_id=ids[0], state="pending")
+    return archive
+
+
+def test_the_questions_asked_at_scale_agree_with_the_whole_rows(tmp_path: Path) -> None:
+    archive = _small_run(tmp_path / "a.sqlite")
+    rows = archive.candidates()
+    assert archive.count() == len(rows) == 7
+    assert archive.last_generation() == max(c.generation for c in rows) == 2
+    assert [(s.id, s.state, s.score) for s in archive.summaries()] == [
+        (c.id, c.state, c.score) for c in rows
+    ]
+    assert [s.id for s in archive.summaries("ok", "invalid")] == [1, 2, 3, 6]
+    ok = [c for c in rows if c.state == "ok"]
+    assert archive.scores_of() == {c.id: archive.scores(c.id) for c in ok}
+    assert archive.scores_of([1, 5, 99]) == {1: [3.0, 3.2, 3.1]}
+    assert archive.scored_metrics(("params", "context")) == {
+        1: {"params": 64, "context": 8},
+        2: {"params": 32},
+        3: {},
+    }
+    assert archive.scored_metrics(()) == {1: {}, 2: {}, 3: {}}
+    assert [c.id for c in archive.candidates([7, 2, 2])] == [2, 7]
+    assert archive.lineages([7]) == {7, 2, 1} and archive.lineages([]) == set()
+    assert archive.children_counts() == {1: 5, 2: 1}
+    # scored ones best first, then the rest in id order, as `selfprog top` lists them
+    assert [c.id for c in archive.ranked(("ok", "train_failed"), 9, minimize=True)] == [2, 1, 3, 4]
+    assert [c.id for c in archive.ranked(("ok",), 2, minimize=False)] == [3, 1]
+    assert archive.ranked(("ok",), 1, minimize=True)[0] == archive.best(True)[0]
+
+
+def test_due_evaluations_and_verdicts_in_bulk(tmp_path: Path) -> None:
+    archive = _small_run(tmp_path / "a.sqlite")
+    assert [(c.id, i) for c, i in archive.due_evaluations(0)] == [(5, 0), (7, 0)]
+    archive.set_evals_needed(2, 3)
+    archive.add_evaluation(2, Result(State.OK, score=2.95), seed=2)  # index 2 made it first
+    due = archive.due_evaluations(0)
+    assert [(c.id, i) for c, i in due] == [(2, 1), (5, 0), (7, 0)]
+    assert due[0][0] == archive.candidate(2)  # the whole row, as before
+    before = archive.revision()
+    archive.set_accepted_many({1: True, 2: True, 3: False})
+    assert archive.revision() != before
+    assert archive.accepted_ids() == [1, 2] and archive.candidate(3).accepted is False
+    assert archive.unjudged_generations() == [1, 2]
+    reader = Archive(tmp_path / "a.sqlite", readonly=True)
+    seen = reader.revision()
+    assert reader.revision() == seen  # nothing changed in between
+    archive.set_accepted(4, False)  # a commit by another connection
+    assert reader.revision() != seen
+    assert reader.seed() == archive.candidate(1)
+
+
+def test_a_writer_adds_the_indexes_an_older_archive_lacks_and_a_reader_does_not(
+    tmp_path: Path,
+) -> None:
+    from selfprog.schema import INDEXES
+
+    path = tmp_path / "a.sqlite"
+    _small_run(path).close()
+    db = sqlite3.connect(path)
+    for name in INDEXES:
+        db.execute(f"DROP INDEX {name}")
+    db.commit()
+    db.close()
+
+    def indexes() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[1] for row in db.execute("PRAGMA index_list(candidates)")}
+
+    reader = Archive(path, readonly=True)
+    assert [c.id for c in reader.ranked(("ok",), 3, True)] == [2, 1, 3]  # slower, as right
+    assert not set(INDEXES) & indexes()
+    Archive(path).close()
+    assert set(INDEXES) <= indexes()

@@ -21,3 +21,21 @@ def test_noise_bench_quick_prints_its_ratio() -> None:
     last = done.stdout.strip().splitlines()[-1]
     print(f"\nbench/noise.py --quick: {last}")
     assert re.fullmatch(r"false_keep_ratio=\d+\.\d{3} true_score_delta=[+-]\d+\.\d{4}", last)
+
+
+def test_archive_bench_small_runs_every_command_and_step() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "archive.py"), "--candidates", "2000", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # a failed command exits non-zero
+    lines = done.stdout.strip().splitlines()
+    print(f"\nbench/archive.py --candidates 2000: {lines[-1]}")
+    assert lines[0].startswith("built 2000 candidates over 8 generations")
+    timed = {line.rsplit(maxsplit=2)[0] for line in lines[1:-1]}
+    verbs = {f"selfprog {verb}" for verb in ("status", "top", "show", "lineage", "report")}
+    steps = {"population.members", "population.select", "judge.settle", "breeder.next_call"}
+    assert verbs | steps <= timed
+    assert re.fullmatch(r"archive_100k slowest=\d+\.\d{3}", lines[-1])

@@ -51,3 +51,31 @@ def test_frozen_config_round_trips(tmp_path: Path) -> None:
     config = load_config(None, ["run.seed=4", "proposer.kind=openai"])
     freeze(config, tmp_path / "config.json")
     assert thaw(tmp_path / "config.json") == config
+
+
+def test_steering_changes_only_what_may_change_mid_run() -> None:
+    from selfprog.config import Config, steer
+
+    config = Config()
+    steered, changes = steer(config, ["run.generations=6", "runner.memory=8g", "run.workers=0"])
+    assert steered.run.generations == 6 and steered.runner.memory == "8g"
+    assert changes == [("run.generations", 4, 6), ("runner.memory", "4g", "8g")]  # no-ops dropped
+    for key, why in [
+        ("budget.steps=3", "another budget would not be comparable"),
+        ("run.seed=2", "decides every draw"),
+        ('runner.kind="local"', "the sandbox decides what a score means"),
+        ('runner.image="x"', "the sandbox decides what a score means"),
+        ("selection.noise_seeds=2", "fixed when the run began"),
+    ]:
+        with pytest.raises(ConfigError, match=f"cannot change in a run under way .*{why}"):
+            steer(config, [key])
+    with pytest.raises(ConfigError, match="did you mean 'generations'"):
+        steer(config, ["run.generatons=6"])
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        steer(config, ["run.workers=-1"])
+
+
+def test_not_a_number_is_refused() -> None:
+    for key in ("selection.z=nan", "run.max_hours=inf"):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            load_config(None, [key])

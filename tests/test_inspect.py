@@ -184,6 +184,31 @@ def test_plot_is_a_png(run_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_status_and_report_show_the_noise_floor(run_dir: Path, tmp_path: Path) -> None:
+    """The noise floor pooled over every candidate evaluated more than once, as the run stands."""
+    from selfprog.selection import noise_floor
+
+    db = sqlite3.connect(run_dir / ARCHIVE_FILE)
+    repeats: dict[int, list[float]] = {}
+    for candidate, score in db.execute(
+        "SELECT candidate_id, score FROM evaluations WHERE state = 'ok'"
+    ):
+        repeats.setdefault(candidate, []).append(score)
+    db.close()
+    expected = noise_floor(repeats.values())
+    assert expected.candidates >= 1 and expected.dof >= 2  # the seed's repeats at least
+    status = json.loads(ok("status", str(run_dir), "--json"))["noise_floor"]
+    assert status == {
+        "sd": pytest.approx(expected.sd),
+        "candidates": expected.candidates,
+        "dof": expected.dof,
+    }
+    assert f"noise floor {expected}" in ok("status", str(run_dir)).splitlines()
+    ok("report", str(run_dir), "-o", str(tmp_path / "report.html"))
+    page = (tmp_path / "report.html").read_text()
+    assert f'<p class="muted" id="noise-floor">noise floor {expected}:' in page
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -662,3 +662,225 @@ def test_a_lone_harness_error_is_the_candidates_own(tmp_path: Path) -> None:
     assert drive_within(Driver(run, MutateProposer(), scheduler)) == "finished"
     archive = check_complete(run.root, 2, 2)
     assert [c.id for c in archive.candidates() if c.state == "error"] == [3]
+
+
+def test_resume_steers_a_finished_run_further_and_refuses_what_would_change_scores(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "steer"
+    flags = ["--runner", "local", "--generations", "1", "--population", "1", "--budget-steps", "5"]
+    code, out = finish(
+        start("run", "--run-dir", str(run_dir), *flags, "--set", "selection.noise_seeds=1")
+    )
+    assert code == 0, out
+    frozen = (run_dir / "config.json").read_text()
+    refused = [
+        (["--set", "budget.steps=50"], "cannot change in a run under way (candidates trained"),
+        (["--set", 'proposer.kind="openai"'], "needs proposer.base_url"),  # found after the lock
+    ]
+    for steer, message in refused:
+        code, out = finish(start("resume", str(run_dir), *steer))
+        last = out.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("selfprog: error: ") and message in last, out
+        assert "Traceback" not in out, out
+    assert (run_dir / "config.json").read_text() == frozen  # nothing changed, nothing recorded
+
+    code, out = finish(start("resume", str(run_dir), "--generations", "2"))
+    assert code == 0 and "changed run.generations: 1 -> 2" in out, out
+    archive = check_complete(run_dir, 2, 1)
+    assert [c[1:] for c in archive.changes()] == [("run.generations", "1", "2")]
+    code, out = finish(start("status", str(run_dir)))
+    assert code == 0 and ": run.generations 1 -> 2" in out, out
+    assert json.loads((run_dir / "config.json").read_text())["run"]["generations"] == 2
+    code, out = finish(start("show", str(run_dir), "3"))  # bred after the change
+    assert code == 0 and "steered    before it was bred: run.generations 1 -> 2" in out, out
+    code, out = finish(start("show", str(run_dir), "2"))
+    assert code == 0 and "steered" not in out, out
+
+
+def test_a_status_reader_does_not_keep_a_driver_from_starting(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    from selfprog.rundir import LOCK_FILE
+
+    (tmp_path / LOCK_FILE).touch()
+    with (tmp_path / LOCK_FILE).open() as reader:
+        fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what `selfprog status` does, briefly
+        threading.Timer(0.3, fcntl.flock, (reader, fcntl.LOCK_UN)).start()
+        with driver_lock(tmp_path):
+            pass
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_with_nothing_left_running(
+    docker_runner, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "twice"
+    flags = ["--generations", "2", "--population", "2", "--workers", "2", "--budget-seconds", "60"]
+    driver = start("run", "--run-dir", str(run_dir), *flags)
+    wait_for(run_dir, done=0, running=2)
+    time.sleep(2)  # inside their containers
+    driver.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert driver.poll() is None  # the first Ctrl-C waits for what runs
+    started = time.monotonic()
+    driver.send_signal(signal.SIGINT)
+    code, out = finish(driver, timeout=60)
+    took = time.monotonic() - started
+    assert code == 130 and took < 5.0, (took, out)
+    assert "stopping (interrupted): finishing the running candidates" in out
+    assert containers_of(run_dir) == []
+    assert "running" not in states(run_dir)  # back in the queue for resume
+
+
+class EndsAsKilled:
+    """A runner whose training ends just as the run is cancelled; an evaluation runs till killed."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cancelled = threading.Event()
+        self.running: list[threading.Event] = []
+        self.evaluations = 0
+
+    def run(self, phase, limits, labels):  # type: ignore[no-untyped-def]
+        import threading
+
+        from selfprog.runners.base import PhaseOutcome
+
+        if phase.name == "train":
+            self.cancelled.wait(10)  # training ended in the instant of the kill
+            return PhaseOutcome(0, 1.0, "", "")
+        self.evaluations += 1
+        killed = threading.Event()
+        self.running.append(killed)
+        killed.wait(30)
+        return PhaseOutcome(-9, 1.0, "", "")
+
+    def stop_all(self, labels):  # type: ignore[no-untyped-def]
+        for killed in self.running:
+            killed.set()
+        return len(self.running)
+
+
+def test_no_sandbox_starts_after_a_cancel(tinylm, dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A job between its phases when the run is killed must not start its evaluation after it."""
+    from selfprog.runners.base import Limits
+    from selfprog.scheduler import Job, Scoring, ThreadScheduler
+
+    runner = EndsAsKilled()
+    files = {name: (tinylm.root / name).read_text() for name in tinylm.editable}
+    scoring = Scoring(tinylm, dataset, Limits(), 0.0, 5, {"selfprog.run": "r"})
+    scheduler = ThreadScheduler(runner, scoring, 1, tmp_path)  # type: ignore[arg-type]
+    scheduler.submit(Job(1, 0, files, 0))
+    time.sleep(0.5)  # training
+    scheduler.cancel()
+    runner.cancelled.set()
+    scheduler.close()
+    time.sleep(0.5)
+    assert runner.evaluations == 0
+
+
+class EndsOkAsKilled(EndsAsKilled):
+    """A runner whose evaluation ends `ok` in the instant the run is cancelled."""
+
+    def run(self, phase, limits, labels):  # type: ignore[no-untyped-def]
+        from selfprog.runners.base import PhaseOutcome
+        from selfprog.scoring import RESULT_MARKER
+
+        if phase.name == "train":
+            return PhaseOutcome(0, 1.0, "", "")
+        self.cancelled.wait(10)
+        nonce = phase.stdin.split(b"\n", 1)[0].decode()
+        line = f'{RESULT_MARKER} {nonce} {{"val_bpb": 2.5}}'
+        return PhaseOutcome(0, 1.0, line, line)
+
+
+def test_a_result_that_ended_ok_as_the_run_was_killed_is_kept(
+    tinylm, dataset, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from selfprog.runners.base import Limits
+    from selfprog.scheduler import Job, Outcome, Scoring, ThreadScheduler
+
+    runner = EndsOkAsKilled()
+    files = {name: (tinylm.root / name).read_text() for name in tinylm.editable}
+    scoring = Scoring(tinylm, dataset, Limits(), 0.0, 5, {"selfprog.run": "r"})
+    scheduler = ThreadScheduler(runner, scoring, 1, tmp_path)  # type: ignore[arg-type]
+    scheduler.submit(Job(1, 0, files, 0))
+    time.sleep(0.3)
+    scheduler.cancel()
+    runner.cancelled.set()
+    outcomes: list[Outcome] = []
+    while not outcomes:
+        outcomes = [e for e in scheduler.wait(1.0) if isinstance(e, Outcome)]
+    assert outcomes[0].result.score == 2.5 and not outcomes[0].cancelled
+    scheduler.close()
+
+
+def test_held_errors_stay_queued_whatever_ends_after_the_halt(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    ok = ok_unless(set())
+    # three errors trip the breaker, then an `ok` ends: they were still the outage's
+    run = make_run(
+        tmp_path / "a",
+        "run.population=4",
+        "run.workers=4",
+        "selection.noise_seeds=1",
+        "run.synchronous=true",
+    )
+    scheduler = FakeScheduler(
+        lambda j: harness_error(j) if j.candidate_id in (2, 3, 4) else ok(j), slots=4
+    )
+    assert drive_within(Driver(run, MutateProposer(), scheduler)).startswith("stopped: the harness")
+    states_now = {c.id: (c.state, c.attempts) for c in run.archive.candidates()}
+    assert [states_now[i] for i in (2, 3, 4)] == [("pending", 1)] * 3, states_now  # a start each
+    assert states_now[5][0] == "ok"
+
+    # a lost cluster after one harness error: that error goes back in the queue too
+    lost = make_run(tmp_path / "b", "run.population=2", "selection.noise_seeds=1")
+    scheduler = FakeScheduler(
+        lambda j: harness_error(j) if j.candidate_id == 2 else ok(j), outage_after=2
+    )
+    assert (
+        drive_within(Driver(lost, MutateProposer(), scheduler)) == "stopped: lost the fake cluster"
+    )
+    assert lost.archive.candidate(2).state == "pending"
+
+
+def test_a_stop_requeues_held_errors_rather_than_blaming_the_candidates(tmp_path: Path) -> None:
+    from selfprog.loop import Driver, StopRequest
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.population=2", "selection.noise_seeds=1")
+    stop = StopRequest()
+    ok = ok_unless(set())
+
+    def score(job):  # type: ignore[no-untyped-def]
+        if job.candidate_id == 2:
+            stop.request("interrupted")  # the engine died, and the user pressed Ctrl-C
+            return harness_error(job)
+        return ok(job)
+
+    assert drive_within(Driver(run, MutateProposer(), FakeScheduler(score), stop)) == "interrupted"
+    child = run.archive.candidate(2)
+    assert (child.state, child.attempts) == ("pending", 0)
+
+
+def test_more_workers_mid_run_keep_each_candidates_cpus(tmp_path: Path) -> None:
+    from selfprog.config import steer
+    from selfprog.rundir import pin_cpus
+
+    run = make_run(tmp_path, "run.workers=1")
+    before = run.limits().cpus
+    steered, changes = pin_cpus(run, *steer(run.config, ["run.workers=2"]))
+    assert steered.runner.cpus == before and ("runner.cpus", 0.0, before) in changes
+    run.config = steered
+    assert run.limits().cpus == before  # not halved: later candidates train as the earlier did

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -286,3 +287,35 @@ def test_mutate_edits_a_setting_on_a_line_with_non_ascii_text() -> None:
     assert [(lit.name, lit.value) for lit in literals] == [("σ_init", 0.5), ("lr", 3e-4)]
     changed = changed_files({"model.py": source}, [(literals[0], 0.25)])["model.py"]
     assert changed == "σ_init = 0.25  # naïve start\nlr = 3e-4\n"
+
+
+def test_a_400_that_only_mentions_a_parameter_drops_nothing() -> None:
+    from selfprog.proposers.openai import refused_parameter
+
+    sent = {"n", "temperature", "max_tokens"}
+    too_long = "'max_tokens' or 'max_completion_tokens' is too large: 2048. This model's maximum"
+    assert refused_parameter(json.dumps({"error": {"message": too_long}}), sent) is None
+    echoed = {"error": {"message": "validation error", "input": {"temperature": 0.8, "n": 2}}}
+    assert refused_parameter(json.dumps(echoed), sent) is None
+    other = {"error": {"message": "Unsupported parameter 'n'", "param": "response_format"}}
+    assert refused_parameter(json.dumps(other), sent) is None  # the server named another one
+    with FakeOpenAI([Reply(400, {"error": {"message": too_long}})]).running() as fake:
+        lm = proposer(fake.url)
+        assert "is too large" in lm.propose(request(), 1)[0].error
+    assert lm.dropped == set()
+
+
+def test_a_bad_key_or_url_is_a_config_error_that_never_shows_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    section = ProposerSection(kind="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    monkeypatch.setenv("OPENAI_API_KEY", "  sk-abc\n")
+    assert OpenAIProposer.from_config(section).api_key == "sk-abc"  # stripped
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-\u00e9t\u00e9")
+    with pytest.raises(ConfigError, match="characters no HTTP header can carry") as caught:
+        OpenAIProposer.from_config(section)
+    assert "sk-" not in str(caught.value)
+    with pytest.raises(ConfigError, match="must start with http"):
+        OpenAIProposer.from_config(
+            ProposerSection(kind="openai", base_url="localhost:8/v1", model="m")
+        )

@@ -157,3 +157,15 @@ def test_parse_result_takes_only_the_nonce_line() -> None:
     assert parse_result(stdout, "good") == {"val_bpb": 3.2}
     assert parse_result(stdout, "other") is None
     assert parse_result("SELFPROG_RESULT good [1]\n", "good") is None
+
+
+def test_training_out_of_gpu_memory_is_oom_with_the_cuda_message(
+    tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path, local_runner
+) -> None:  # type: ignore[no-untyped-def]
+    message = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    (seed_program / "train.py").write_text(
+        f"import sys\nprint({message!r}, file=sys.stderr)\nsys.exit(1)\n"
+    )
+    result = score(tinylm, seed_program, local_runner, dataset, tmp_path)
+    assert result.state is State.OOM
+    assert result.reason == f"training ran out of GPU memory: {message}"

@@ -110,7 +110,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         lines.append(
             f"proposer   {p['proposer']}{'' if p['model'] in ('', p['proposer']) else ' ' + p['model']} (sample {p['slot'] + 1} of {p['k']}, "
             f"prompt {p['prompt_chars']} chars, {p['tokens_in']} tokens in, {p['tokens_out']} out)"
+            + (" cut at the token limit" if p.get("finish") == "length" else "")
         )
+    if detail["steered"]:
+        changed = ", ".join(f"{s['key']} {s['old']} -> {s['new']}" for s in detail["steered"])
+        lines.append(f"steered    before it was bred: {changed}")
     if detail["diff"]:
         lines += ["", detail["diff"].rstrip()]
     if detail["state"] not in ("ok", "pending", "running") and detail["log_tail"]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selfprog.rundir import create_run, default_run_dir, discard_new_run
+    from selfprog.rundir import create_run, default_run_dir, discard_new_run, driver_lock
 
     settings = config.load_config(args.config, _run_overrides(args))
     if args.target is not None and Path(args.target).is_dir():
@@ -55,64 +58,90 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("new run in %s", run_dir)
     run = create_run(run_dir, settings)
     try:
-        return _drive(run)
+        with driver_lock(run.root):
+            return _drive(run)
     except SelfprogError:  # refused before anything ran (a runner, a proposer): nothing to keep
         run.archive.close()
         discard_new_run(run_dir)
         raise
 
 
+def _steer_overrides(args: argparse.Namespace) -> list[str]:
+    """Returns --set style overrides for the flags `resume` takes (--set beats them)."""
+    flags = {
+        "run.generations": args.generations,
+        "run.population": args.population,
+        "run.workers": args.workers,
+        "run.max_candidates": args.max_candidates,
+        "run.max_hours": args.max_hours,
+        "run.max_tokens": args.max_tokens,
+        "proposer.model": args.model,
+    }
+    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(
+        args.set or []
+    )
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
-    from selfprog.rundir import open_run
+    from selfprog.rundir import driver_lock, open_run, pin_cpus
 
-    run = open_run(Path(args.run_dir))
-    log.info("resuming %s", run.root)
-    return _drive(run)
+    root = Path(args.run_dir)
+    looked = open_run(root, readonly=True)  # a run, before anything is written into the folder
+    looked.archive.close()
+    steered, changes = config.steer(looked.config, _steer_overrides(args))
+    with driver_lock(root):
+        run = open_run(root)  # a migration of an older archive, too, happens under the lock
+        steered, changes = pin_cpus(run, steered, changes)
+        run.config = steered  # written into the run once it can be driven with it
+        log.info("resuming %s", run.root)
+        return _drive(run, changes)
 
 
-def _drive(run: Any) -> int:
+def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
+    """Drives a run whose driver lock the caller holds; returns the exit code."""
     import signal
 
     from selfprog.loop import Driver, StopRequest
     from selfprog.progress import Reporter
     from selfprog.proposers import make_proposer
-    from selfprog.rundir import driver_lock
+    from selfprog.rundir import record_changes
     from selfprog.scheduler import make_scheduler
 
     settings = run.config
     stop = StopRequest()
 
-    def on_signal(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:  # nothing but flags: the driver says it
         names: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}
         stop.request(names.get(signum, "terminated"))
-        if stop.count == 1:
-            how = "killing" if settings.run.on_interrupt == "kill" else "finishing"
-            print(
-                f"\nselfprog: stopping: {how} the running candidates (again to stop at once)",
-                file=sys.stderr,
-            )
-        else:
+        if stop.count > 1:
             raise KeyboardInterrupt
 
     minimize = run.target.minimize
-    with driver_lock(run.root):
-        scheduler = make_scheduler(run)  # a cluster that cannot serve the run fails here, first
-        # SIGHUP (a closed SSH session) stops the run like SIGTERM, never kills it uncleaned
-        stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {s: signal.signal(s, on_signal) for s in stopping}
-        try:
-            proposer = make_proposer(settings.proposer, run.target.base_model)
-            with Reporter(run.archive, run.target.metric, minimize) as reporter:
-                driver = Driver(run, proposer, scheduler, stop, reporter)
-                try:
-                    ended = driver.drive()
-                except KeyboardInterrupt:
-                    ended = "stopped at once"
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            scheduler.close()
-    print(summary(run.archive, run.target.metric, minimize, run.root, ended))
+    scheduler = make_scheduler(run)  # a cluster that cannot serve the run fails here, first
+    # SIGHUP (a closed SSH session) stops the run like SIGTERM, never kills it uncleaned
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in stopping}
+    try:
+        proposer = make_proposer(settings.proposer, run.target.base_model)
+        if changes:  # steered: only once the run can be driven with them, and by us alone
+            record_changes(run, changes)
+            for key, old, new in changes:
+                log.info("changed %s: %s -> %s", key, json.dumps(old), json.dumps(new))
+        with Reporter(run.archive, run.target.metric, minimize) as reporter:
+            driver = Driver(run, proposer, scheduler, stop, reporter)
+            try:
+                ended = driver.drive()
+            except KeyboardInterrupt:
+                ended = "stopped at once"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        scheduler.close()
+    with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) cannot be written to
+        print(summary(run.archive, run.target.metric, minimize, run.root, ended), flush=True)
+    if ended == "stopped at once":  # recorded and killed: no thread stuck in a hung call may
+        sys.stderr.flush()  # hold the exit (the second Ctrl-C's promise)
+        os._exit(130)
     if ended.startswith("stopped:"):  # an outage: the run stopped itself, resume continues
         return 2
     return 0 if ended == "finished" or ended.startswith("reached") else 130
@@ -140,11 +169,13 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from selfprog.population import Population
     from selfprog.rundir import lock_holder, open_run
 
     run = open_run(Path(args.run_dir), readonly=True)
     archive = run.archive
     minimize = run.target.minimize
+    floor = Population(run).noise_floor()
     best = archive.best(minimize, 1, accepted=True)
     seed = archive.seed()
     holder = lock_holder(run.root)
@@ -153,15 +184,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         "target": run.target.name,
         "driver": holder,
         "counts": archive.counts(),
-        "generation": max((c.generation for c in archive.candidates()), default=0),
+        "generation": archive.last_generation(),
         "generations": run.config.run.generations,
         "seed_score": seed.score if seed else None,
+        "noise_floor": dataclasses.asdict(floor),
         "best": {"candidate": best[0].id, "score": best[0].score, "rationale": best[0].rationale}
         if best
         else None,
         "running": [{"candidate": c.id, "node": c.node} for c in archive.running()],
         "tokens": archive.tokens_used(),
         "active_seconds": float(archive.meta("active_seconds") or 0),
+        "changes": [
+            {"time": when, "key": key, "old": json.loads(old or "null"), "new": json.loads(new)}
+            for when, key, old, new in archive.changes()
+        ],
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -178,12 +214,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if seed and seed.score is not None:
         lines.append(f"seed        {run.target.metric} {seed.score:.4f}")
+    lines.append(f"noise floor {floor}")
     running = [
         f"{r['candidate']}" + (f" on {r['node']}" if r["node"] else "") for r in report["running"]
     ]
     lines.append(f"running     {', '.join(running) or '-'}")
     lines.append(f"tokens      {report['tokens']}")
     lines.append(f"active      {report['active_seconds'] / 60:.1f} min")
+    for change in report["changes"]:  # steered mid-run: `selfprog resume RUN --set`
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(change["time"]))
+        old, new = json.dumps(change["old"]), json.dumps(change["new"])
+        lines.append(f"changed     {when}: {change['key']} {old} -> {new}")
     print("\n".join(lines))
     return 0
 
@@ -232,11 +273,24 @@ def add_verbs(verbs: Any) -> None:
 
     rs = verbs.add_parser(
         "resume",
-        help="continue a stopped or crashed run",
-        description="Continue a run after Ctrl-C, SIGTERM, kill -9 or a reboot: finished candidates "
-        "are kept, recorded proposals are not asked again, work in flight runs again.",
+        help="continue a stopped or crashed run, optionally steered",
+        description="Continue a run after Ctrl-C, SIGTERM, kill -9, an outage or a reboot: "
+        "finished candidates are kept, recorded proposals are not asked again, work in flight "
+        "runs again. The flags and --set change the run from now on (recorded in its archive): "
+        "its length and limits, workers, memory, the proposer and selection; what decides a "
+        "score (target, seed, budget, sandbox) cannot change.",
     )
     rs.add_argument("run_dir", help="the run folder")
+    rs.add_argument("--generations", type=int, help="generations after the seed, in all")
+    rs.add_argument("--population", type=int, help="children per generation, from now on")
+    rs.add_argument("--workers", type=int, help="candidates scored at once")
+    rs.add_argument("--max-candidates", type=int, help="stop after this many candidates")
+    rs.add_argument("--max-hours", type=float, help="stop after this much driving time")
+    rs.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
+    rs.add_argument("--model", help="the proposer's model")
+    rs.add_argument(
+        "--set", action="append", metavar="TABLE.KEY=VALUE", help="change a config value"
+    )
     rs.set_defaults(func=cmd_resume)
 
     st = verbs.add_parser(

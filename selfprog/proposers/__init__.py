@@ -14,6 +14,11 @@ def make_proposer(section: ProposerSection, base_model: str = "") -> Proposer:
 
     base_model is the target's model (`[model] base`), which the `self` proposer starts from.
     """
+    if section.kind in ("transformers", "self") and not section.max_new_tokens:
+        raise ConfigError(
+            "proposer.max_new_tokens = 0 (the server's own limit) is for the openai proposer; "
+            "a local model needs a number"
+        )
     if section.kind == "mutate":
         from selfprog.proposers.mutate import MutateProposer
 

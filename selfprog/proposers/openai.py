@@ -61,24 +61,38 @@ UNUSABLE = (401, 403, 404)  # the key, the model or the path: no call of the run
 OPTIONAL = ("n", "temperature", "max_tokens", "max_completion_tokens")  # what a server may refuse
 
 
-def refused_parameter(body: str, sent: set[str]) -> str | None:
-    """Returns the optional parameter a 400's body names as unsupported, if any.
+REFUSING = (
+    "unsupported",
+    "not supported",
+    "unrecognized",
+    "unknown parameter",
+    "not allowed",
+    "only one",
+)
 
-    Servers say it in `error.param` (OpenAI), or in the message, quoted; a
-    server that allows one choice only says "choice" (llama.cpp).
+
+def refused_parameter(body: str, sent: set[str]) -> str | None:
+    """Returns the optional parameter a 400's body says the server does not support, if any.
+
+    Servers name it in `error.param` (OpenAI: trusted as is), or quote it in a
+    message that says it is unsupported; a server that allows one choice only
+    says "only one ... choice" (llama.cpp). A 400 that merely mentions one (a
+    prompt too long for `max_tokens`, a request echoed back) is no refusal.
     """
     candidates = sent & set(OPTIONAL)
     try:
         error = json.loads(body).get("error")
-        param = error.get("param") if isinstance(error, dict) else None
     except (ValueError, AttributeError):
-        param = None
-    if param in candidates:
-        return str(param)
+        error = None
+    if isinstance(error, dict) and error.get("param"):
+        return str(error["param"]) if error["param"] in candidates else None
+    lowered = body.lower()
+    if not any(word in lowered for word in REFUSING):
+        return None
     for name in sorted(candidates, key=len, reverse=True):  # max_completion_tokens before n
         if any(f"{q}{name}{q}" in body for q in "'\"`"):
             return name
-    if "n" in candidates and "choice" in body.lower():
+    if "n" in candidates and "choice" in lowered:
         return "n"
     return None
 
@@ -92,7 +106,14 @@ def _retry_after(response: requests.Response) -> float | None:
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, TransientHTTPError | requests.Timeout | requests.ConnectionError)
+    return isinstance(
+        exc,
+        TransientHTTPError
+        | requests.Timeout
+        | requests.ConnectionError
+        | requests.exceptions.ChunkedEncodingError  # a server restarting mid-answer
+        | requests.exceptions.ContentDecodingError,
+    )
 
 
 class _WaitRetryAfter:
@@ -136,10 +157,19 @@ class OpenAIProposer:
                 "the openai proposer needs proposer.base_url and proposer.model "
                 "(e.g. --set proposer.base_url=http://localhost:8000/v1 --set proposer.model=NAME)"
             )
+        if not section.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"proposer.base_url must start with http:// or https://, not {section.base_url!r}"
+            )
+        api_key = (os.environ.get(section.api_key_env) or "").strip() or None
+        if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+            raise ConfigError(  # never the key itself: it would land in logs
+                f"the key in ${section.api_key_env} holds characters no HTTP header can carry"
+            )
         return cls(
             base_url=section.base_url.rstrip("/"),
             model=section.model,
-            api_key=os.environ.get(section.api_key_env) or None,
+            api_key=api_key,
             temperature=section.temperature,
             max_new_tokens=section.max_new_tokens,
             timeout=section.timeout,
@@ -222,10 +252,14 @@ class OpenAIProposer:
                 self.dropped.add(refused)
                 log.warning("openai: the server refused `%s`; not sent from now on", refused)
             except (TransientHTTPError, requests.RequestException) as exc:
-                tried = f" after {self.attempts} attempts" if _transient(exc) else ""
+                if not _transient(exc):  # a URL or header requests refuses: ours to fix
+                    raise ConfigError(
+                        f"cannot ask the proposer's endpoint {self.base_url}: "
+                        f"{type(exc).__name__} (check proposer.base_url and the key)"
+                    ) from None
                 raise Outage(
-                    f"the proposer's endpoint {self.base_url} failed{tried} "
-                    f"({type(exc).__name__}: {str(exc)[:200]})"
+                    f"the proposer's endpoint {self.base_url} failed after {self.attempts} "
+                    f"attempts ({type(exc).__name__}: {str(exc)[:200]})"
                 ) from None
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
