@@ -48,7 +48,8 @@ class RunnerSection:
     image: str = ""
     memory: str = "4g"
     cpus: float = 0.0
-    gpus: str = ""
+    gpus: str = ""  # per candidate: "" one each where the machine has GPUs, "0" none, N, all
+    share_gpus: bool = False  # let candidates share a GPU (a wall-clock budget is then unfair)
     address: str = "auto"  # ray: the cluster
     sandbox: str = "docker"  # ray: the sandbox on each node
 

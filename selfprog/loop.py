@@ -320,6 +320,10 @@ class Driver:
 
     def _finish(self, outcome: Outcome) -> None:
         job, result = outcome.job, outcome.result
+        if result.metrics.get("train_device") == "cpu" and getattr(self.scheduler, "gpu_slots", 0):
+            log.warning(
+                "candidate %d trained on the CPU, though it was given a GPU", job.candidate_id
+            )
         if job.index == 0:
             self._keep_outputs(job.candidate_id, outcome.kept)
             self.archive.finish(job.candidate_id, result, job.seed, outcome.node)

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from selfprog import gpus
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.config import Config, freeze, parse_size, thaw
 from selfprog.data import Dataset, load_dataset, prepare_data
@@ -49,15 +50,29 @@ class Run:
 
     @property
     def workers(self) -> int:
-        """Returns the candidates scored at once on this machine (0 in the config: one)."""
-        return self.config.run.workers or 1
+        """Returns the candidates scored at once on this machine (0 in the config: one per GPU
+        group where candidates get GPUs, else one)."""
+        if self.config.run.workers or self.config.runner.kind == "ray":
+            return self.config.run.workers or 1
+        return gpus.default_workers(self.config.runner.gpus, gpus.visible())
 
     def limits(self) -> Limits:
+        """Returns each candidate's limits; on this machine its GPUs are its slot's (gpu_slots)."""
         section = self.config.runner
         cpus = section.cpus or max(1.0, (os.cpu_count() or 1) / self.workers)
         if section.kind != "ray":  # a cluster's nodes have their own
             cpus = cpus_here(cpus)
-        return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=section.gpus or None)
+        wanted = section.gpus if section.kind == "ray" and section.gpus != "0" else ""
+        return Limits(memory_bytes=parse_size(section.memory), cpus=cpus, gpus=wanted or None)
+
+    def gpu_slots(self) -> list[str]:
+        """Returns the GPUs of each slot on this machine ("device=0", ...), [] for none.
+
+        Raises:
+            ConfigError: GPUs this machine does not have, or sharing not asked for.
+        """
+        section = self.config.runner
+        return gpus.slot_devices(section.gpus, self.workers, section.share_gpus, gpus.visible())
 
     def budget(self) -> tuple[float, int]:
         """Returns the training budget (seconds, steps): the config's if it sets one, else the target's."""

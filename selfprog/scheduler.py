@@ -10,19 +10,21 @@ wherever it lands.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from selfprog.data import Dataset
+from selfprog.errors import RunnerError
 from selfprog.rundir import Run
 from selfprog.runners import make_runner
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
@@ -199,22 +201,37 @@ class _Gate:
 class ThreadScheduler:
     """Scores jobs on this machine, `slots` at once, with the run's runner."""
 
-    def __init__(self, runner: Runner, scoring: Scoring, slots: int, work_root: Path):
+    def __init__(
+        self,
+        runner: Runner,
+        scoring: Scoring,
+        slots: int,
+        work_root: Path,
+        gpu_slots: Sequence[str] = (),
+    ):
         self.runner = runner
         self.scoring = scoring
         self.slots = slots
         self.work_root = work_root
+        self.gpu_slots = list(gpu_slots)  # each slot's GPUs ("device=0"), or none
         self.node = socket.gethostname()
         self._gate = _Gate(runner)
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="slot")
         self._running: dict[Future[Outcome], Job] = {}
+        self._slot: dict[Future[Outcome], int] = {}
         self._placed: list[Event] = []
         self._cancelled: set[Future[Outcome]] = set()
 
     def submit(self, job: Job) -> None:
         work = self.work_root / f"{job.candidate_id}-{job.index}"
-        future = self._pool.submit(score_job, self.scoring, job, self._gate, work, self.node)
+        slot = min(set(range(self.slots)) - set(self._slot.values()))
+        scoring = self.scoring
+        if self.gpu_slots:  # pinned: no two candidates share a device unless asked to
+            limits = dataclasses.replace(scoring.limits, gpus=self.gpu_slots[slot])
+            scoring = dataclasses.replace(scoring, limits=limits)
+        future = self._pool.submit(score_job, scoring, job, self._gate, work, self.node)
         self._running[future] = job
+        self._slot[future] = slot
         self._placed.append(Placed(job, self.node))
 
     def wait(self, timeout: float) -> list[Event]:
@@ -226,6 +243,7 @@ class ThreadScheduler:
             done, _ = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
                 job = self._running.pop(future)
+                self._slot.pop(future, None)
                 outcome = future.result()
                 # a job that ended `ok` as it was killed had ended: its result stands
                 if future in self._cancelled and outcome.result.state is not State.OK:
@@ -266,6 +284,27 @@ def make_scheduler(run: Run, runner: Runner | None = None) -> Scheduler:
         from selfprog.cluster import RayScheduler
 
         return RayScheduler.connect(run)
+    gpu_slots = run.gpu_slots()  # GPUs this machine lacks are refused before any sandbox
     runner = runner or make_runner(section.kind, section.image or None, run.root / "local")
+    if gpu_slots and not runner_gpus(runner, section.gpus):
+        gpu_slots = []
     scoring = Scoring(run.target, run.data, run.limits(), *run.budget(), labels=dict(run.labels))
-    return ThreadScheduler(runner, scoring, run.workers, run.root / "work")
+    return ThreadScheduler(runner, scoring, run.workers, run.root / "work", gpu_slots)
+
+
+def runner_gpus(runner: Runner, request: str) -> bool:
+    """Returns whether the runner can give candidates GPUs (Docker needs NVIDIA's runtime).
+
+    Raises:
+        RunnerError: GPUs were asked for by name and the runner cannot give them.
+    """
+    check = getattr(runner, "gpu_support", None)
+    if check is None or check():
+        return True
+    if request.strip():
+        raise RunnerError(
+            "runner.gpus asks for GPUs, and the Docker engine has no NVIDIA runtime (install "
+            "the NVIDIA Container Toolkit), or use --runner local"
+        )
+    log.warning("this machine has GPUs, but the Docker engine cannot pass them: scoring on CPUs")
+    return False

@@ -128,6 +128,34 @@ def _train_failure(
     return None
 
 
+def train_stats(out_dir: Path) -> dict[str, Any]:
+    """Returns what the training program says it did (out/train.json), as `train_*` metrics.
+
+    The candidate wrote it, so it never scores and is kept to a few checked
+    fields: the device it trained on (a GPU given and not used is visible),
+    its steps, and its throughput.
+    """
+    path = out_dir / "train.json"
+    try:
+        if path.is_symlink() or path.stat().st_size > 4096:
+            return {}
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    stats: dict[str, Any] = {}
+    device = raw.get("device")
+    if isinstance(device, str) and device in ("cpu", "cuda", "mps", "xpu"):
+        stats["train_device"] = device
+    numbers = {k: raw.get(k) for k in ("steps", "bytes", "seconds")}
+    if all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in numbers.values()):
+        stats["train_steps"] = int(numbers["steps"])  # type: ignore[arg-type]
+        if numbers["seconds"]:
+            stats["train_bytes_per_s"] = float(numbers["bytes"]) / float(numbers["seconds"])  # type: ignore[arg-type]
+    return stats
+
+
 def gpu_oom(log_tail: str) -> str:
     """Returns the CUDA out-of-memory message a phase's log ends with, or "" (none)."""
     for line in reversed(log_tail.splitlines()):
@@ -265,6 +293,8 @@ def score_program(
     timings["evaluate"] = evaluated.seconds
     timings["total"] = time.perf_counter() - start
     result = _eval_result(target, evaluated, nonce, eval_timeout)
+    if result.state is State.OK:
+        result = dataclasses.replace(result, metrics={**result.metrics, **train_stats(out_dir)})
     log_tail = trained.log_tail if result.state is State.OK else evaluated.log_tail
     return _finish(result, data, timings, log_tail)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -39,3 +40,20 @@ def test_archive_bench_small_runs_every_command_and_step() -> None:
     steps = {"population.members", "population.select", "judge.settle", "breeder.next_call"}
     assert verbs | steps <= timed
     assert re.fullmatch(r"archive_100k slowest=\d+\.\d{3}", lines[-1])
+
+
+def test_gpu_bench_runs_on_cpus_and_says_where_it_trained() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--skip-default"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU path, on any machine
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    print(f"\nbench/gpu.py --skip-default: {lines[-1]}")
+    assert (
+        "1-step candidate (the fixed cost): ok" in done.stdout and "trained on cpu" in done.stdout
+    )
+    assert re.fullmatch(r"mfu=0\.0000 fixed_cost_s=\d+\.\d\d bytes_per_s=0", lines[-1])

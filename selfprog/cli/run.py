@@ -19,27 +19,34 @@ from selfprog.errors import SelfprogError
 log = logging.getLogger("selfprog")
 
 
-def _run_overrides(args: argparse.Namespace) -> list[str]:
-    """Returns --set style overrides for the run flags given (flags beat the file, --set beats both)."""
-    flags = {
-        "run.target": args.target,
-        "run.generations": args.generations,
-        "run.population": args.population,
-        "run.workers": args.workers,
-        "run.seed": args.seed,
-        "run.max_candidates": args.max_candidates,
-        "run.max_hours": args.max_hours,
-        "run.max_tokens": args.max_tokens,
-        "proposer.kind": args.proposer,
-        "proposer.model": args.model,
-        "runner.kind": args.runner,
-        "budget.seconds": args.budget_seconds,
-        "budget.steps": args.budget_steps,
-    }
-    out = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    if args.budget_seconds is not None:
+# the flags `run` and `resume` share, and the config keys they set
+STEER_FLAGS = {
+    "generations": "run.generations",
+    "population": "run.population",
+    "workers": "run.workers",
+    "max_candidates": "run.max_candidates",
+    "max_hours": "run.max_hours",
+    "max_tokens": "run.max_tokens",
+    "model": "proposer.model",
+}
+RUN_FLAGS = {
+    **STEER_FLAGS,
+    "target": "run.target",
+    "seed": "run.seed",
+    "proposer": "proposer.kind",
+    "runner": "runner.kind",
+    "budget_seconds": "budget.seconds",
+    "budget_steps": "budget.steps",
+}
+
+
+def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """Returns --set style overrides for the flags given (flags beat the file, --set beats both)."""
+    given = {key: getattr(args, flag) for flag, key in flags.items()}
+    out = [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    if getattr(args, "budget_seconds", None) is not None:
         out.append("budget.steps=0")
-    if args.budget_steps is not None:
+    if getattr(args, "budget_steps", None) is not None:
         out.append("budget.seconds=0.0")
     return out + list(args.set or [])
 
@@ -47,7 +54,7 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from selfprog.rundir import create_run, default_run_dir, discard_new_run, driver_lock
 
-    settings = config.load_config(args.config, _run_overrides(args))
+    settings = config.load_config(args.config, _overrides(args, RUN_FLAGS))
     if args.target is not None and Path(args.target).is_dir():
         settings = dataclasses.replace(
             settings, run=dataclasses.replace(settings.run, target=str(Path(args.target).resolve()))
@@ -66,29 +73,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
 
 
-def _steer_overrides(args: argparse.Namespace) -> list[str]:
-    """Returns --set style overrides for the flags `resume` takes (--set beats them)."""
-    flags = {
-        "run.generations": args.generations,
-        "run.population": args.population,
-        "run.workers": args.workers,
-        "run.max_candidates": args.max_candidates,
-        "run.max_hours": args.max_hours,
-        "run.max_tokens": args.max_tokens,
-        "proposer.model": args.model,
-    }
-    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(
-        args.set or []
-    )
-
-
 def cmd_resume(args: argparse.Namespace) -> int:
     from selfprog.rundir import driver_lock, open_run, pin_cpus
 
     root = Path(args.run_dir)
     looked = open_run(root, readonly=True)  # a run, before anything is written into the folder
     looked.archive.close()
-    steered, changes = config.steer(looked.config, _steer_overrides(args))
+    steered, changes = config.steer(looked.config, _overrides(args, STEER_FLAGS))
     with driver_lock(root):
         run = open_run(root)  # a migration of an older archive, too, happens under the lock
         steered, changes = pin_cpus(run, steered, changes)

@@ -13,9 +13,11 @@ from selfprog.cli.common import EXIT_ERROR, EXIT_NOT_OK, parse_size, positive
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from selfprog import gpus
     from selfprog.data import prepare_data
     from selfprog.runners import Limits, make_runner
     from selfprog.runners.base import cpus_here
+    from selfprog.scheduler import runner_gpus
     from selfprog.scoring import State, score_program
     from selfprog.target import load_target
 
@@ -30,9 +32,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seconds, steps = args.budget_seconds, 0
     if args.budget_steps is not None:
         seconds, steps = 0, args.budget_steps
-    limits = Limits(memory_bytes=args.memory, cpus=cpus_here(args.cpus), gpus=args.gpus)
-    data = prepare_data(target, args.data_cache, args.corpus)
+    request = "0" if args.gpus is None else args.gpus  # eval: no GPU unless asked for
+    slots = gpus.slot_devices(request, 1, False, gpus.visible())
+    cpus = cpus_here(args.cpus)
     runner = make_runner(args.runner, args.image)
+    if slots and not runner_gpus(runner, request):
+        slots = []
+    limits = Limits(memory_bytes=args.memory, cpus=cpus, gpus=slots[0] if slots else None)
+    data = prepare_data(target, args.data_cache, args.corpus)
     with tempfile.TemporaryDirectory(prefix="selfprog-eval-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         result = score_program(
@@ -125,7 +132,9 @@ def add_verbs(verbs: Any) -> None:
     ev.add_argument("--timeout", type=positive(float), help="hard limit on training, seconds")
     ev.add_argument("--memory", type=parse_size, default=parse_size("4g"), help="memory limit (4g)")
     ev.add_argument("--cpus", type=positive(float), help="CPU limit (2, or all there are)")
-    ev.add_argument("--gpus", help="pass GPUs through: 'all' or a count (default: none)")
+    ev.add_argument(
+        "--gpus", help="GPUs for the program: a count, 'all' or device=IDS (default: none)"
+    )
     ev.add_argument("--seed", type=int, default=0, help="the training and evaluation seed (0)")
     ev.add_argument(
         "--image", help="the sandbox image (default: the offline image, built if missing)"

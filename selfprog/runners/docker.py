@@ -197,6 +197,10 @@ class DockerRunner:
     def stop_all(self, labels: Mapping[str, str]) -> int:
         return remove_leftovers(self.client, labels)
 
+    def gpu_support(self) -> bool:
+        """Returns whether the engine can pass NVIDIA GPUs into containers (NVIDIA's runtime)."""
+        return "nvidia" in (self.client.info().get("Runtimes") or {})
+
     @_retry
     def _create(self, config: dict[str, Any]) -> Any:
         api = self.client.api

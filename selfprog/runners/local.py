@@ -117,11 +117,19 @@ class LocalRunner:
                 "PATH": "/usr/bin:/bin",
                 "SELFPROG_DATA": str(data),
                 "SELFPROG_OUT": str(phase.out_dir),
+                # where this host's CUDA driver may live: no secret, and without it no GPU
+                **{k: os.environ[k] for k in ("LD_LIBRARY_PATH",) if k in os.environ},
             },
         )
 
+        # CUDA reserves far more address space than it uses: with a GPU, the limit is on data
+        # (private writable memory, what torch's host tensors take), else on address space
+        memory = (
+            resource.RLIMIT_AS if env.get("CUDA_VISIBLE_DEVICES") == "" else resource.RLIMIT_DATA
+        )
+
         def limit_resources() -> None:
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+            resource.setrlimit(memory, (limits.memory_bytes, limits.memory_bytes))
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes, limits.output_bytes))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 

@@ -100,7 +100,8 @@ def serve() -> None:
     model.load_state_dict(state)
     model.to(device).eval()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
-    out.write((json.dumps({"block_size": int(model.block_size)}) + "\n").encode())
+    hello = {"block_size": int(model.block_size), "device": device}
+    out.write((json.dumps(hello) + "\n").encode())
     out.flush()
     while True:
         rows, cols = struct.unpack("<II", _read_exact(inp, 8))
@@ -161,9 +162,12 @@ class ModelServer:
         if not header:
             raise RuntimeError(f"model server exited before it was ready{code}")
         try:
-            self.block_size = int(json.loads(header)["block_size"])
+            hello = json.loads(header)
+            self.block_size = int(hello["block_size"])
         except (ValueError, KeyError, TypeError):
             raise RuntimeError("the model server's first line is not its block size") from None
+        device = str(hello.get("device", ""))
+        self.device = device if device in ("cpu", "cuda") else "?"
         self.closed = False
 
     def _relay_stderr(self) -> None:
@@ -368,6 +372,7 @@ def score(heldout: bytes) -> dict:
         "eval_bytes": y.numel(),
         "context": context,
         "windows": len(x),
+        "device": first.device,  # where the model ran while it was scored
     }
 
 

@@ -122,3 +122,6 @@ out_dir.mkdir(parents=True, exist_ok=True)
 unwrapped = accelerator.unwrap_model(model)
 torch.save(unwrapped.state_dict(), out_dir / "model.pt")
 (out_dir / "model.json").write_text(json.dumps(model_config(unwrapped)))
+# what training did, for the run's log and metrics (not the score): the harness reads it
+stats = {"device": accelerator.device.type, "steps": step, "bytes": tokens, "seconds": elapsed}
+(out_dir / "train.json").write_text(json.dumps(stats))

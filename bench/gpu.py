@@ -1,0 +1,133 @@
+"""The seed on a GPU: throughput, model FLOP utilisation, fixed cost and candidates per GPU-hour.
+
+Run on a GPU machine (it runs on CPUs too, slowly, to check the script):
+
+    python bench/gpu.py                      # tinylm at its default budget, with default limits
+    python bench/gpu.py --budget-steps 2 --skip-default   # the fixed cost only
+
+Each candidate is scored end to end as a run scores it: the local runner,
+the default limits (4 GiB of memory, 2 CPUs), the GPU the run's plan gives
+the first slot. The fixed cost is a one-step candidate's wall time (start-up,
+CUDA, saving, both evaluation passes). Throughput is what the training
+program reports in train.json; model FLOPs are 6 x parameters per byte (the
+attention term is left out, so the MFU is a slight underestimate), against
+the card's dense bf16 peak.
+
+The last line reads `mfu=X fixed_cost_s=Y bytes_per_s=Z`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from selfprog import gpus
+from selfprog.data import prepare_data
+from selfprog.runners.base import Limits, cpus_here
+from selfprog.runners.local import LocalRunner
+from selfprog.scoring import Result, score_program
+from selfprog.target import load_target
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per card
+
+
+def card() -> tuple[str, float]:
+    """Returns the first GPU's name and its dense bf16 peak in FLOP/s (0 when unknown)."""
+    try:
+        name = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "no GPU", 0.0
+    peak = next((flops for key, flops in PEAK_BF16.items() if key in name), 0.0)
+    return name.strip(), peak
+
+
+def score(
+    target_name: str, seconds: float | None, steps: int | None, work: Path, train: str = ""
+) -> tuple[Result, float]:
+    target = load_target(target_name)
+    program = target.root
+    if train:  # a program of its own: the target's files with this train.py
+        program = work / "program"
+        shutil.copytree(target.root, program)
+        (program / "train.py").write_text(train)
+    data = prepare_data(target, work / "data")
+    slots = gpus.slot_devices("", 1, False, gpus.visible())  # the run's default plan
+    limits = Limits(cpus=cpus_here(None), gpus=slots[0] if slots else None)
+    start = time.perf_counter()
+    result = score_program(
+        target,
+        program,
+        LocalRunner(registry=work / "pids"),
+        data,
+        work / "score",
+        limits=limits,
+        budget_seconds=seconds,
+        budget_steps=steps,
+        labels={"selfprog.run": "bench-gpu"},
+    )
+    return result, time.perf_counter() - start
+
+
+def describe(label: str, result: Result, wall: float) -> None:
+    metrics = result.metrics
+    print(
+        f"{label}: {result.state.value} in {wall:.1f} s "
+        f"(train {result.timings.get('train', 0):.1f} s, evaluate {result.timings.get('evaluate', 0):.1f} s), "
+        f"val_bpb {result.score if result.score is not None else float('nan'):.4f}, "
+        f"trained on {metrics.get('train_device', '?')}, evaluated on {metrics.get('device', '?')}, "
+        f"{metrics.get('train_steps', 0)} steps, {metrics.get('train_bytes_per_s', 0):,.0f} bytes/s, "
+        f"{metrics.get('params', 0):,} parameters"
+        + ("" if result.score is not None else f"; {result.reason}: {result.log_tail[-400:]}")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="tinylm")
+    parser.add_argument("--budget-steps", type=int, default=1, help="the fixed-cost candidate's")
+    parser.add_argument("--skip-default", action="store_true", help="the fixed cost only")
+    parser.add_argument(
+        "--oom-check", action="store_true", help="also score a program that exhausts GPU memory"
+    )
+    args = parser.parse_args()
+
+    name, peak = card()
+    print(
+        f"card: {name} (dense bf16 peak {peak / 1e12:.0f} TFLOP/s); GPUs visible: {gpus.visible()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="selfprog-bench-gpu-") as tmp:
+        work = Path(tmp)
+        score(args.target, 0, 1, work / "warm")  # caches, data, the first CUDA start: not counted
+        fixed, fixed_wall = score(args.target, 0, args.budget_steps, work / "fixed")
+        describe(f"{args.budget_steps}-step candidate (the fixed cost)", fixed, fixed_wall)
+        if args.oom_check:
+            greedy = (
+                "import torch\nhoard = [torch.empty(2**34, device='cuda') for _ in range(64)]\n"
+            )
+            oom, _ = score(args.target, 0, 1, work / "oom", train=greedy)
+            print(f"a program that exhausts GPU memory: {oom.state.value}: {oom.reason}")
+        mfu = rate = 0.0
+        if not args.skip_default:
+            full, wall = score(args.target, None, None, work / "default")
+            describe("default budget", full, wall)
+            rate = float(full.metrics.get("train_bytes_per_s", 0.0))
+            params = float(full.metrics.get("params", 0.0))
+            mfu = 6 * params * rate / peak if peak else 0.0
+            print(
+                f"model FLOP utilisation {mfu:.1%} (6 x {params:,.0f} FLOPs per byte), "
+                f"{3600 / wall:.0f} candidates per GPU-hour at the default budget"
+            )
+    print(f"mfu={mfu:.4f} fixed_cost_s={fixed_wall:.2f} bytes_per_s={rate:.0f}")
+
+
+if __name__ == "__main__":
+    main()
