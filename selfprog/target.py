@@ -18,7 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TARGET_FILE = "target.toml"
-BUNDLED = ("tinylm", "selftune")
+BUNDLED = ("tinylm", "selftune", "gpulm")
 
 # the keys target.toml may hold, per table ("" is the top level)
 OPTIONAL_TABLES = ("model",)

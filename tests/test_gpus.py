@@ -193,3 +193,32 @@ def test_what_training_says_it_did_is_kept_checked(tmp_path: Path) -> None:
     assert train_stats(tmp_path) == {}
     (tmp_path / "train.json").write_text("x" * 5000)
     assert train_stats(tmp_path) == {}
+
+
+def test_the_gpu_seed_runs_on_cpus_at_a_cpu_size(local_runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """gpulm's own code (bf16 where there is a GPU, micro-batches where there is none, the
+    site-packages corpus, tinylm's evaluator), scaled down: at full size a CPU takes minutes
+    per step and per evaluation (bench/gpu.py measures it on a GPU)."""
+    import shutil
+
+    from selfprog.data import prepare_data
+    from selfprog.scoring import State, score_program
+    from selfprog.target import load_target
+
+    gpulm = load_target("gpulm")
+    data = prepare_data(gpulm, tmp_path / "data")
+    assert data.manifest["train_bytes"] > 20_000_000  # the stdlib and site-packages
+    program = tmp_path / "program"
+    program.mkdir()
+    for name in gpulm.files:
+        shutil.copyfile(gpulm.root / name, program / name)
+    train = program / "train.py"
+    sizes = "n_layer, n_head, n_embd = 8, 8, 512"
+    assert sizes in train.read_text()
+    text = train.read_text().replace(sizes, "n_layer, n_head, n_embd = 1, 2, 32")
+    train.write_text(text.replace("block_size = 512", "block_size = 64"))
+    result = score_program(
+        gpulm, program, local_runner, data, tmp_path / "work", budget_seconds=0, budget_steps=2
+    )
+    assert result.state is State.OK, (result.reason, result.log_tail)
+    assert result.metrics["train_device"] == "cpu" and result.metrics["train_steps"] == 2

@@ -8,9 +8,12 @@ Fixed file: the proposer never edits it. It runs twice over:
 By default the corpus is the Python standard library that ships with the
 running interpreter. The held-out split is whole stdlib packages that training
 and evaluation never import (HELDOUT_PACKAGES, those this Python has), so the
-sandbox can hide their folders from the candidate. With --corpus DIR the files
-of DIR are split by a hash of their path instead (DIR is never mounted into the
-sandbox).
+sandbox can hide their folders from the candidate. With --site-packages the
+training split also takes the .py files of the interpreter's site-packages
+(the sandbox can read them anyway: torch lives there), up to --max-train-bytes:
+enough for minutes of GPU training without repeating much. With --corpus DIR
+the files of DIR are split by a hash of their path instead (DIR is never
+mounted into the sandbox).
 """
 
 import hashlib
@@ -53,12 +56,12 @@ FILE_SEPARATOR = b"\n\n"
 # building the corpus (host side, once per run)
 
 
-def _python_files(root: Path) -> list[Path]:
+def _python_files(root: Path, skipped: tuple[str, ...] = SKIPPED_PACKAGES) -> list[Path]:
     """Returns the .py files under root in a fixed order, skipping tests and packages."""
     files = []
     for path in root.rglob("*.py"):
         relative = path.relative_to(root)
-        if any(part in SKIPPED_PACKAGES for part in relative.parts[:-1]):
+        if any(part in skipped for part in relative.parts[:-1]):
             continue
         files.append(path)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -96,15 +99,38 @@ def split_folder(corpus: Path) -> tuple[list[Path], list[Path], list[str]]:
     return train, heldout, []
 
 
-def build(out_dir: Path, corpus: Path | None = None, stdlib: Path | None = None) -> dict:
+def site_packages() -> list[Path]:
+    """Returns the .py files of this interpreter's site-packages, in a fixed order.
+
+    Packages named like a held-out one (a fork of lib2to3) are left out.
+    """
+    paths = sysconfig.get_paths()
+    roots = sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+    files = []
+    for root in roots:
+        for path in _python_files(root, ("test", "tests", "__pycache__")):
+            if not any(part in HELDOUT_PACKAGES for part in path.relative_to(root).parts):
+                files.append(path)
+    return files
+
+
+def build(
+    out_dir: Path,
+    corpus: Path | None = None,
+    stdlib: Path | None = None,
+    with_site_packages: bool = False,
+    max_train_bytes: int = TRAIN_MAX_BYTES,
+) -> dict:
     """Writes train.bin, heldout.bin and manifest.json into out_dir; returns the manifest."""
     if corpus is None:
         source = stdlib or Path(sysconfig.get_paths()["stdlib"])
         train_files, heldout_files, hidden = split_stdlib(source)
+        if with_site_packages:
+            train_files = train_files + site_packages()
     else:
         source = corpus
         train_files, heldout_files, hidden = split_folder(corpus)
-    train = _read_capped(train_files, TRAIN_MAX_BYTES)
+    train = _read_capped(train_files, max_train_bytes)
     heldout = _read_capped(heldout_files, HELDOUT_MAX_BYTES)
     if len(train) < MIN_TRAIN_BYTES or len(heldout) < MIN_HELDOUT_BYTES:
         found = ""
@@ -162,5 +188,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build the tinylm corpus.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--corpus", type=Path, help="a folder of .py files instead of the stdlib")
+    parser.add_argument(
+        "--site-packages", action="store_true", help="train on site-packages too (the GPU seed)"
+    )
+    parser.add_argument("--max-train-bytes", type=int, default=TRAIN_MAX_BYTES)
     args = parser.parse_args()
-    print(json.dumps(build(args.out_dir, args.corpus)))
+    manifest = build(
+        args.out_dir,
+        args.corpus,
+        with_site_packages=args.site_packages,
+        max_train_bytes=args.max_train_bytes,
+    )
+    print(json.dumps(manifest))
