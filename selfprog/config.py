@@ -66,6 +66,7 @@ class ProposerSection:
     prompt_tokens: int = 6000
     max_changes: int = 2
     edit_mode: str = "auto"
+    device: str = ""  # a local model's: "" a GPU no candidate uses (else the CPU), cpu, cuda:N
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,3 +107,27 @@ def default_workers(request: str, have: tuple[str, ...]) -> int:
     if each == 0 or request.startswith("device="):
         return 1
     return max(1, len(have) // each)
+
+
+def proposer_device(request: str, slots: list[str], have: tuple[str, ...]) -> str:
+    """Returns the torch device for the proposer's own model: one the candidates do not use.
+
+    "" picks the first GPU no slot holds, else the CPU: a model on a candidate's
+    GPU would take its memory and time. "cuda:N" counts as torch does, among
+    the GPUs this process sees.
+
+    Raises:
+        ConfigError: not cpu, cuda or cuda:N of a GPU this machine has.
+    """
+    if request in ("cpu", "cuda") or (
+        request.startswith("cuda:") and request[5:].isdigit() and int(request[5:]) < len(have)
+    ):
+        return request
+    if request:
+        raise ConfigError(
+            f"proposer.device must be cpu, cuda or cuda:N of the {len(have)} GPU(s) here, "
+            f"not {request!r}"
+        )
+    taken = {i for slot in slots for i in slot.removeprefix("device=").split(",")}
+    free = [i for i in have if i not in taken]
+    return f"cuda:{have.index(free[0])}" if free else "cpu"

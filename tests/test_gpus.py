@@ -222,3 +222,20 @@ def test_the_gpu_seed_runs_on_cpus_at_a_cpu_size(local_runner, tmp_path: Path) -
     )
     assert result.state is State.OK, (result.reason, result.log_tail)
     assert result.metrics["train_device"] == "cpu" and result.metrics["train_steps"] == 2
+
+
+def test_the_proposers_model_gets_a_gpu_no_candidate_uses() -> None:
+    assert gpus.proposer_device("", ["device=0", "device=1"], ("0", "1", "2")) == "cuda:2"
+    assert gpus.proposer_device("", ["device=0"], ("0",)) == "cpu"  # all taken: the CPU
+    assert gpus.proposer_device("", [], ()) == "cpu"
+    assert gpus.proposer_device("", ["device=2"], ("2", "3")) == "cuda:1"  # torch's numbering
+    assert gpus.proposer_device("cuda:0", ["device=0"], ("0",)) == "cuda:0"  # asked for
+    with pytest.raises(ConfigError, match=r"proposer\.device must be cpu, cuda or cuda:N"):
+        gpus.proposer_device("cuda:3", [], ("0",))
+
+
+def test_a_local_model_is_placed_where_it_is_told(tiny_model: Path) -> None:
+    from selfprog.proposers.transformers import TransformersProposer
+
+    lm = TransformersProposer.load(str(tiny_model), device="cpu")
+    assert str(lm.model.device) == "cpu"

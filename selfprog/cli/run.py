@@ -92,6 +92,7 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
     """Drives a run whose driver lock the caller holds; returns the exit code."""
     import signal
 
+    from selfprog import gpus
     from selfprog.loop import Driver, StopRequest
     from selfprog.progress import Reporter
     from selfprog.proposers import make_proposer
@@ -113,7 +114,10 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in stopping}
     try:
-        proposer = make_proposer(settings.proposer, run.target.base_model)
+        device = gpus.proposer_device(
+            settings.proposer.device, getattr(scheduler, "gpu_slots", []), gpus.visible()
+        )
+        proposer = make_proposer(settings.proposer, run.target.base_model, device)
         if changes:  # steered: only once the run can be driven with them, and by us alone
             record_changes(run, changes)
             for key, old, new in changes:

@@ -9,10 +9,11 @@ from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 __all__ = ["Proposal", "ProposalRequest", "Proposer", "make_proposer"]
 
 
-def make_proposer(section: ProposerSection, base_model: str = "") -> Proposer:
+def make_proposer(section: ProposerSection, base_model: str = "", device: str = "") -> Proposer:
     """Returns the proposer the config names, ready to propose.
 
-    base_model is the target's model (`[model] base`), which the `self` proposer starts from.
+    base_model is the target's model (`[model] base`), which the `self` proposer starts from;
+    device is where a local model runs ("" lets transformers place it).
     """
     if section.kind in ("transformers", "self") and not section.max_new_tokens:
         raise ConfigError(
@@ -30,9 +31,9 @@ def make_proposer(section: ProposerSection, base_model: str = "") -> Proposer:
     if section.kind == "transformers":
         from selfprog.proposers.transformers import TransformersProposer
 
-        return TransformersProposer.from_config(section)
+        return TransformersProposer.from_config(section, device)
     if section.kind == "self":
         from selfprog.proposers.selfmode import SelfProposer
 
-        return SelfProposer.for_target(section, base_model)
+        return SelfProposer.for_target(section, base_model, device)
     raise ConfigError(f"unknown proposer '{section.kind}'")

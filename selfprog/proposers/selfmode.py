@@ -38,14 +38,16 @@ class SelfProposer(TransformersProposer):
         self.base = self.base or self.model_name
 
     @classmethod
-    def for_target(cls, section: ProposerSection, base_model: str) -> SelfProposer:
+    def for_target(
+        cls, section: ProposerSection, base_model: str, device: str = ""
+    ) -> SelfProposer:
         if not base_model:
             raise ConfigError(
                 "the self proposer needs a target that fine-tunes a model ([model] base in "
                 "target.toml), such as --target selftune"
             )
         proposer = cls.load(
-            base_model, section.temperature, section.max_new_tokens, section.edit_mode
+            base_model, section.temperature, section.max_new_tokens, section.edit_mode, device
         )
         assert isinstance(proposer, SelfProposer)
         return proposer

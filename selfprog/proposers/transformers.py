@@ -69,14 +69,14 @@ class TransformersProposer:
         pass  # a fixed model; self mode's proposer follows the run
 
     @classmethod
-    def from_config(cls, section: ProposerSection) -> TransformersProposer:
+    def from_config(cls, section: ProposerSection, device: str = "") -> TransformersProposer:
         if not section.model:
             raise ConfigError(
                 "the transformers proposer needs proposer.model: a local folder, a fetched "
                 "alias (smollm2) or a model id"
             )
         return cls.load(
-            section.model, section.temperature, section.max_new_tokens, section.edit_mode
+            section.model, section.temperature, section.max_new_tokens, section.edit_mode, device
         )
 
     @classmethod
@@ -86,6 +86,7 @@ class TransformersProposer:
         temperature: float = 0.8,
         max_new_tokens: int = 2048,
         edit_mode: str = "auto",
+        device: str = "",
     ) -> TransformersProposer:
         """Returns the proposer with the model loaded and placed (no download when name is a folder).
 
@@ -99,8 +100,10 @@ class TransformersProposer:
         path = resolve(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=dtype)
+            on_gpu = device.startswith("cuda") or (not device and torch.cuda.is_available())
+            dtype = torch.bfloat16 if on_gpu else torch.float32
+            placed = {"": device} if device else "auto"
+            model = AutoModelForCausalLM.from_pretrained(path, device_map=placed, dtype=dtype)
         except OSError as exc:
             raise ConfigError(
                 f"cannot load the model {name!r}: {str(exc).splitlines()[0]}"
