@@ -257,8 +257,10 @@ class RayScheduler:
                 "--runner ray needs Ray on this machine and every node: pip install 'selfprog[ray]'"
             ) from None
         section = run.config.runner
-        if section.gpus == "all":
-            raise ConfigError("with --runner ray, runner.gpus is a count per candidate, not 'all'")
+        if section.gpus.strip() and not section.gpus.strip().isdigit():
+            raise ConfigError(
+                f"with --runner ray, runner.gpus is a count per candidate, not {section.gpus!r}"
+            )
         limits = replace(run.limits(), cpus=section.cpus or 1.0)
         address = section.address
         _check_reachable(address)  # ray.init waits minutes on an address where nothing listens

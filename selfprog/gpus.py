@@ -23,21 +23,37 @@ from selfprog.errors import ConfigError
 def visible() -> tuple[str, ...]:
     """Returns the ids of the NVIDIA GPUs selfprog may hand out (none without a driver).
 
-    CUDA_VISIBLE_DEVICES, where set to ids, narrows them, as it would for any CUDA program.
+    Ids are nvidia-smi's (PCI bus order; candidates and the proposer get
+    CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA counts alike).
+    CUDA_VISIBLE_DEVICES, where set, narrows them as it would for any CUDA
+    program: by index or by UUID; anything else ("-1", "") hides them all.
     """
+    uuids: dict[str, str] = {}
     try:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-        found = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
-        ids = tuple(str(i) for i in range(len(found)))
+        for line in listed.stdout.splitlines():
+            found = re.match(r"GPU (\d+):.*\(UUID: ([^)]+)\)", line)
+            if found:
+                uuids[found.group(1)] = found.group(2)
+            elif line.startswith("GPU "):
+                uuids[line.split()[1].rstrip(":")] = ""
+        ids = tuple(uuids)
     except (OSError, subprocess.SubprocessError):
         devices = [
             p.name for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)
         ]
         ids = tuple(sorted((d.removeprefix("nvidia") for d in devices), key=int))
     narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if narrowed is not None and re.fullmatch(r"[\d,]*", narrowed):
-        return tuple(i for i in narrowed.split(",") if i in ids)
-    return ids
+    if narrowed is None:
+        return ids
+    chosen = []
+    for entry in narrowed.split(","):
+        entry = entry.strip()
+        match = [i for i in ids if entry == i or (entry and uuids.get(i, "").startswith(entry))]
+        if not match:
+            break  # CUDA stops at the first entry it cannot use
+        chosen.append(match[0])
+    return tuple(dict.fromkeys(chosen))
 
 
 def per_candidate(request: str, have: tuple[str, ...]) -> int:
@@ -83,6 +99,7 @@ def slot_devices(request: str, workers: int, share: bool, have: tuple[str, ...])
     Raises:
         ConfigError: more GPUs than the machine has, or sharing that was not asked for.
     """
+    request = request.strip()
     each = per_candidate(request, have)
     if each == 0:
         return []

@@ -21,7 +21,7 @@ from selfprog import gpus
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.config import Config, freeze, parse_size, thaw
 from selfprog.data import Dataset, load_dataset, prepare_data
-from selfprog.errors import SelfprogError
+from selfprog.errors import ConfigError, SelfprogError
 from selfprog.runners.base import Limits, cpus_here
 from selfprog.target import TARGET_FILE, Target, load_target
 
@@ -54,7 +54,27 @@ class Run:
         group where candidates get GPUs, else one)."""
         if self.config.run.workers or self.config.runner.kind == "ray":
             return self.config.run.workers or 1
-        return gpus.default_workers(self.config.runner.gpus, gpus.visible())
+        return gpus.default_workers(self.gpu_request(), gpus.visible())
+
+    def gpu_request(self) -> str:
+        """Returns each candidate's GPUs: the config's, or what the run settled on at its start.
+
+        The default ("" : one each where the machine has GPUs) is settled once,
+        when the run first starts (settle_gpus), so that a resume elsewhere
+        cannot move later candidates between GPUs and CPUs unseen.
+        """
+        asked = self.config.runner.gpus
+        if asked or self.config.runner.kind == "ray":
+            return asked
+        return self.archive.meta("gpus") or ""
+
+    def settle_gpus(self, runner_can: bool) -> None:
+        """Records the default's GPUs for this run, once: one each if the machine and runner
+        can give them; none for a run that scored candidates before GPUs were a default."""
+        if self.config.runner.gpus or self.archive.meta("gpus") is not None:
+            return
+        scored_before = self.archive.count() > 0  # without GPUs: later ones stay comparable
+        self.archive.set_meta("gpus", "1" if runner_can and not scored_before else "0")
 
     def limits(self) -> Limits:
         """Returns each candidate's limits; on this machine its GPUs are its slot's (gpu_slots)."""
@@ -72,7 +92,16 @@ class Run:
             ConfigError: GPUs this machine does not have, or sharing not asked for.
         """
         section = self.config.runner
-        return gpus.slot_devices(section.gpus, self.workers, section.share_gpus, gpus.visible())
+        request = self.gpu_request()
+        try:
+            return gpus.slot_devices(request, self.workers, section.share_gpus, gpus.visible())
+        except ConfigError as exc:
+            if section.gpus:
+                raise
+            raise ConfigError(  # settled at the run's start, not asked for by the user
+                f"this run's candidates each had {request} GPU(s) when it started: {exc}; "
+                "resume it where they can have them"
+            ) from None
 
     def budget(self) -> tuple[float, int]:
         """Returns the training budget (seconds, steps): the config's if it sets one, else the target's."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from selfprog import gpus
 from selfprog.data import Dataset
 from selfprog.errors import RunnerError
 from selfprog.rundir import Run
@@ -284,9 +285,11 @@ def make_scheduler(run: Run, runner: Runner | None = None) -> Scheduler:
         from selfprog.cluster import RayScheduler
 
         return RayScheduler.connect(run)
-    gpu_slots = run.gpu_slots()  # GPUs this machine lacks are refused before any sandbox
     runner = runner or make_runner(section.kind, section.image or None, run.root / "local")
-    if gpu_slots and not runner_gpus(runner, section.gpus):
+    if not section.gpus and run.archive.meta("gpus") is None:  # the default, at the first start
+        run.settle_gpus(bool(gpus.visible()) and runner_gpus(runner, ""))
+    gpu_slots = run.gpu_slots()  # GPUs this machine lacks are refused before any sandbox
+    if gpu_slots and not runner_gpus(runner, run.gpu_request()):
         gpu_slots = []
     scoring = Scoring(run.target, run.data, run.limits(), *run.budget(), labels=dict(run.labels))
     return ThreadScheduler(runner, scoring, run.workers, run.root / "work", gpu_slots)

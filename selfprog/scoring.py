@@ -7,8 +7,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -133,27 +135,47 @@ def train_stats(out_dir: Path) -> dict[str, Any]:
 
     The candidate wrote it, so it never scores and is kept to a few checked
     fields: the device it trained on (a GPU given and not used is visible),
-    its steps, and its throughput.
+    its steps, and its throughput. Only a small regular file is read (a link
+    or a pipe left there is ignored, never followed or waited on).
     """
-    path = out_dir / "train.json"
     try:
-        if path.is_symlink() or path.stat().st_size > 4096:
+        fd = os.open(out_dir / "train.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
             return {}
-        raw = json.loads(path.read_text())
+        raw = json.loads(os.read(fd, 4096))
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
     if not isinstance(raw, dict):
         return {}
     stats: dict[str, Any] = {}
     device = raw.get("device")
     if isinstance(device, str) and device in ("cpu", "cuda", "mps", "xpu"):
         stats["train_device"] = device
-    numbers = {k: raw.get(k) for k in ("steps", "bytes", "seconds")}
-    if all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in numbers.values()):
-        stats["train_steps"] = int(numbers["steps"])  # type: ignore[arg-type]
-        if numbers["seconds"]:
-            stats["train_bytes_per_s"] = float(numbers["bytes"]) / float(numbers["seconds"])  # type: ignore[arg-type]
+    steps, size, seconds = (_count(raw.get(k)) for k in ("steps", "bytes", "seconds"))
+    if steps is not None:
+        stats["train_steps"] = int(steps)
+    if size is not None and seconds:
+        rate = size / seconds
+        if math.isfinite(rate) and rate < 1e12:  # beyond any device: not a rate
+            stats["train_bytes_per_s"] = rate
     return stats
+
+
+def _count(value: object) -> float | None:
+    """Returns a value read from candidate JSON if it is a plain, finite number in [0, 1e15)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return number if math.isfinite(number) and 0 <= number < 1e15 else None
 
 
 def gpu_oom(log_tail: str) -> str:

@@ -72,8 +72,10 @@ def test_the_gpus_visible_are_nvidia_smis_narrowed_by_cuda_visible_devices(
     try:
         assert gpus.visible() == FOUR
         gpus.visible.cache_clear()
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
-        assert gpus.visible() == ("1", "3")
+        for narrowed, expected in (("1,3", ("1", "3")), ("GPU-2", ("2",)), ("-1", ()), ("", ())):
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", narrowed)
+            gpus.visible.cache_clear()
+            assert gpus.visible() == expected, narrowed
     finally:
         gpus.visible.cache_clear()
 
@@ -166,9 +168,15 @@ def test_docker_without_nvidias_runtime() -> None:
 
 
 @pytest.mark.parametrize("verb", ["run", "eval"])
-def test_asking_for_gpus_this_machine_lacks_is_one_line(verb: str, tmp_path: Path) -> None:
-    env = fake_nvidia_smi(tmp_path / "bin", 1)
-    env["CUDA_VISIBLE_DEVICES"] = ""
+@pytest.mark.parametrize(
+    ("narrowed", "message"),
+    [("0", "asks for 2 GPUs per candidate; this machine has 1"), ("", "this machine has none")],
+    ids=["more-than-exist", "none"],
+)
+def test_asking_for_gpus_this_machine_lacks_is_one_line(
+    verb: str, narrowed: str, message: str, tmp_path: Path
+) -> None:
+    env = {**fake_nvidia_smi(tmp_path / "bin", 1), "CUDA_VISIBLE_DEVICES": narrowed}
     if verb == "run":
         run_dir = tmp_path / "run"
         done = selfprog(
@@ -177,7 +185,7 @@ def test_asking_for_gpus_this_machine_lacks_is_one_line(verb: str, tmp_path: Pat
         assert not run_dir.exists()
     else:
         done = selfprog("eval", "--runner", "local", "--gpus", "2", env=env)
-    assert_one_line_error(done, "runner.gpus asks for GPUs; this machine has none")
+    assert_one_line_error(done, message)
 
 
 def test_what_training_says_it_did_is_kept_checked(tmp_path: Path) -> None:
@@ -239,3 +247,67 @@ def test_a_local_model_is_placed_where_it_is_told(tiny_model: Path) -> None:
 
     lm = TransformersProposer.load(str(tiny_model), device="cpu")
     assert str(lm.model.device) == "cpu"
+
+
+def test_a_hostile_train_json_is_ignored_never_waited_on(tmp_path: Path) -> None:
+    stats = tmp_path / "train.json"
+    for hostile, kept in (
+        ({"steps": 10**400, "bytes": 1, "seconds": 1}, {"train_bytes_per_s": 1.0}),  # huge int
+        ({"device": "cuda", "bytes": 1e308, "seconds": 1e-300}, {"train_device": "cuda"}),
+        ({"steps": True, "bytes": float("nan"), "seconds": 1}, {}),
+    ):
+        stats.write_text(json.dumps(hostile))
+        assert train_stats(tmp_path) == kept
+    stats.unlink()
+    os.mkfifo(stats)  # a pipe nobody writes: reading it would wait for ever
+    done = threading.Event()
+    threading.Thread(target=lambda: (train_stats(tmp_path), done.set()), daemon=True).start()
+    assert done.wait(5), "train_stats waited on a pipe"
+
+
+def test_the_default_is_settled_once_so_a_resume_cannot_move_candidates_off_their_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfprog.config import load_config
+    from selfprog.rundir import create_run
+    from selfprog.runners.local import LocalRunner
+    from selfprog.scheduler import make_scheduler
+
+    for key, value in fake_nvidia_smi(tmp_path / "bin", 2).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus.visible.cache_clear()
+    try:
+        run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
+        scheduler = make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
+        assert run.archive.meta("gpus") == "1" and run.workers == 2
+        assert scheduler.gpu_slots == ["device=0", "device=1"]  # type: ignore[attr-defined]
+        scheduler.close()
+
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # resumed where there is no GPU
+        gpus.visible.cache_clear()
+        with pytest.raises(ConfigError, match="this run's candidates each had 1 GPU"):
+            make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
+
+        older = create_run(tmp_path / "older", load_config(None, ["runner.kind=local"]))
+        with older.archive.transaction() as db:  # scored before GPUs were a default
+            older.archive.add_candidate(db, generation=0, state="ok")
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        gpus.visible.cache_clear()
+        make_scheduler(older, LocalRunner(registry=tmp_path / "pids")).close()
+        assert older.archive.meta("gpus") == "0" and older.workers == 1
+    finally:
+        gpus.visible.cache_clear()
+
+
+def test_a_ray_run_takes_a_gpu_count_only(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="Ray is not installed here")
+    from selfprog.cluster import RayScheduler
+    from selfprog.config import load_config
+    from selfprog.rundir import create_run
+
+    for i, request in enumerate(("device=0", "all")):
+        settings = load_config(None, ["runner.kind=ray", f'runner.gpus="{request}"'])
+        run = create_run(tmp_path / f"run{i}", settings)
+        with pytest.raises(ConfigError, match=r"runner\.gpus is a count per candidate"):
+            RayScheduler.connect(run)

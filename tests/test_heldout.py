@@ -176,3 +176,25 @@ def test_the_offline_image_mounts_only_what_its_python_needs(python: str) -> Non
     # no prefix (for a distribution Python, /usr): other Pythons' held-out copies stay out
     assert all(Path(m) in on_path for m in mounts if Path(m).is_dir())
     assert str(Path(layout["stdlib"]).resolve()) in mounts
+
+
+def test_a_fork_of_a_heldout_package_in_site_packages_stays_out_of_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    heldout_files = prepare.split_stdlib(stdlib)[1]
+    site = tmp_path / "site-packages"
+    (site / "fork").mkdir(parents=True)
+    copied = heldout_files[len(heldout_files) // 2]
+    text = copied.read_bytes()
+    (site / "fork" / "renamed.py").write_bytes(b"# vendored, renamed\n" + text)
+    (site / "own").mkdir()
+    (site / "own" / "code.py").write_text("def own():\n    return 'nothing held out'\n" * 50)
+    monkeypatch.setattr(prepare, "site_packages", lambda: sorted(site.rglob("*.py")))
+    manifest = prepare.build(
+        tmp_path / "data", with_site_packages=True, max_train_bytes=200_000_000
+    )
+    train = (tmp_path / "data" / prepare.TRAIN_FILE).read_bytes()
+    assert b"nothing held out" in train  # site-packages did join the training split
+    assert text[:2000] not in train, f"{copied.name}'s fork was trained on"
+    assert manifest["train_files"] == len(prepare.split_stdlib(stdlib)[0]) + 1

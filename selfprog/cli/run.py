@@ -114,6 +114,7 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in stopping}
     try:
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # as nvidia-smi numbers them
         device = gpus.proposer_device(
             settings.proposer.device, getattr(scheduler, "gpu_slots", []), gpus.visible()
         )

@@ -198,8 +198,12 @@ class DockerRunner:
         return remove_leftovers(self.client, labels)
 
     def gpu_support(self) -> bool:
-        """Returns whether the engine can pass NVIDIA GPUs into containers (NVIDIA's runtime)."""
-        return "nvidia" in (self.client.info().get("Runtimes") or {})
+        """Returns whether the engine can pass NVIDIA GPUs into containers: NVIDIA's runtime is
+        registered, or its hook (which `--gpus` calls) is installed beside a local engine."""
+        if "nvidia" in (self.client.info().get("Runtimes") or {}):
+            return True
+        local = os.environ.get("DOCKER_HOST", "unix://").startswith("unix://")
+        return local and shutil.which("nvidia-container-runtime-hook") is not None
 
     @_retry
     def _create(self, config: dict[str, Any]) -> Any:

@@ -1,7 +1,9 @@
 """The local runner: plain subprocesses with resource limits and a process-group kill.
 
 It isolates far less than the docker runner: the candidate runs as your user,
-can read your files and reach the network. Its output limits are checked after
+can read your files and reach the network. With a GPU its memory limit is on
+private data only (CUDA reserves more address space than it uses), which
+shared mappings escape, and its GPUs are pinned by CUDA_VISIBLE_DEVICES alone. Its output limits are checked after
 each phase (only the per-file size limit holds during it), and an evaluator's
 isolation between its own processes is weaker. Use it where Docker is not
 available.
@@ -53,6 +55,7 @@ def harness_env(limits: Limits, extra: Mapping[str, str]) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = ""
     elif limits.gpus.startswith("device="):  # the GPUs a scheduler assigned, and no others
         env["CUDA_VISIBLE_DEVICES"] = limits.gpus.removeprefix("device=")
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # numbered as nvidia-smi numbers them
     env.update(extra)
     return env
 
@@ -117,8 +120,7 @@ class LocalRunner:
                 "PATH": "/usr/bin:/bin",
                 "SELFPROG_DATA": str(data),
                 "SELFPROG_OUT": str(phase.out_dir),
-                # where this host's CUDA driver may live: no secret, and without it no GPU
-                **{k: os.environ[k] for k in ("LD_LIBRARY_PATH",) if k in os.environ},
+                **_driver_path(limits),
             },
         )
 
@@ -180,6 +182,15 @@ class LocalRunner:
             oom=oom,
             output_exceeded=exceeded,
         )
+
+
+def _driver_path(limits: Limits) -> dict[str, str]:
+    """Returns where this host's CUDA driver lives (LD_LIBRARY_PATH), for a phase with a GPU.
+
+    Only absolute folders: an empty entry would search the program's own folder.
+    """
+    folders = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p.startswith("/")]
+    return {"LD_LIBRARY_PATH": ":".join(folders)} if limits.gpus and folders else {}
 
 
 def _feed(proc: subprocess.Popen[bytes], payload: bytes) -> None:

@@ -114,6 +114,20 @@ def site_packages() -> list[Path]:
     return files
 
 
+def _shingles(text: bytes, width: int = 6) -> set[int]:
+    """Returns hashes of each run of `width` non-blank lines (stripped): a text's fingerprint."""
+    lines = [hash(line.strip()) for line in text.splitlines() if line.strip()]
+    return {hash(tuple(lines[i : i + width])) for i in range(len(lines) - width + 1)}
+
+
+def _copies(path: Path, heldout: set[int]) -> bool:
+    """Returns whether a file copies held-out text: a fifth of its fingerprint (a fork of a
+    held-out package under another name, such as black's blib2to3 of lib2to3)."""
+    mine = _shingles(path.read_bytes())
+    shared = len(mine & heldout)
+    return shared >= 3 and shared * 5 >= len(mine)
+
+
 def build(
     out_dir: Path,
     corpus: Path | None = None,
@@ -126,7 +140,8 @@ def build(
         source = stdlib or Path(sysconfig.get_paths()["stdlib"])
         train_files, heldout_files, hidden = split_stdlib(source)
         if with_site_packages:
-            train_files = train_files + site_packages()
+            seen = set().union(*(_shingles(f.read_bytes()) for f in heldout_files))
+            train_files = train_files + [f for f in site_packages() if not _copies(f, seen)]
     else:
         source = corpus
         train_files, heldout_files, hidden = split_folder(corpus)
