@@ -3,15 +3,16 @@
 Run on a GPU machine (it runs on CPUs too, slowly, to check the script):
 
     python bench/gpu.py                      # tinylm at its default budget, with default limits
+    python bench/gpu.py --target gpulm       # the GPU seed
     python bench/gpu.py --budget-steps 2 --skip-default   # the fixed cost only
 
 Each candidate is scored end to end as a run scores it: the local runner,
 the default limits (4 GiB of memory, 2 CPUs), the GPU the run's plan gives
 the first slot. The fixed cost is a one-step candidate's wall time (start-up,
 CUDA, saving, both evaluation passes). Throughput is what the training
-program reports in train.json; model FLOPs are 6 x parameters per byte (the
-attention term is left out, so the MFU is a slight underestimate), against
-the card's dense bf16 peak.
+program reports in train.json; model FLOPs per byte are 6 x parameters plus
+attention's 12 x layers x width x context (PaLM's count), against the card's
+dense bf16 peak.
 
 The last line reads `mfu=X fixed_cost_s=Y bytes_per_s=Z`.
 """
@@ -19,6 +20,7 @@ The last line reads `mfu=X fixed_cost_s=Y bytes_per_s=Z`.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import tempfile
@@ -77,6 +79,18 @@ def score(
     return result, time.perf_counter() - start
 
 
+def flops_per_byte(result: Result, config: Path) -> float:
+    """Returns the training FLOPs per byte: 6 per parameter, plus attention's 12 x layers x
+    width x context (as PaLM counts model FLOPs), where the saved model config says them."""
+    per_byte = 6 * float(result.metrics.get("params", 0.0))
+    try:
+        sizes = json.loads(config.read_text())
+        per_byte += 12 * sizes["n_layer"] * sizes["n_embd"] * sizes["block_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        print("(the model config gives no layers, width or context: attention left out)")
+    return per_byte
+
+
 def describe(label: str, result: Result, wall: float) -> None:
     metrics = result.metrics
     print(
@@ -120,10 +134,10 @@ def main() -> None:
             full, wall = score(args.target, None, None, work / "default")
             describe("default budget", full, wall)
             rate = float(full.metrics.get("train_bytes_per_s", 0.0))
-            params = float(full.metrics.get("params", 0.0))
-            mfu = 6 * params * rate / peak if peak else 0.0
+            per_byte = flops_per_byte(full, work / "default" / "score" / "out" / "model.json")
+            mfu = per_byte * rate / peak if peak else 0.0
             print(
-                f"model FLOP utilisation {mfu:.1%} (6 x {params:,.0f} FLOPs per byte), "
+                f"model FLOP utilisation {mfu:.1%} ({per_byte / 1e6:.1f} M FLOPs per byte), "
                 f"{3600 / wall:.0f} candidates per GPU-hour at the default budget"
             )
     print(f"mfu={mfu:.4f} fixed_cost_s={fixed_wall:.2f} bytes_per_s={rate:.0f}")
