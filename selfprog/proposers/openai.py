@@ -1,5 +1,8 @@
 """The `openai` proposer: any OpenAI-compatible chat endpoint (vLLM, llama.cpp, Ollama, hosted).
 
+It speaks through the official `openai` client (any base_url), with the
+client's own retries off: tenacity is the one retry policy.
+
 Rate limits (429), server errors (5xx), timeouts and dropped connections are
 retried with exponential backoff and jitter, waiting at least as long as a
 Retry-After header asks. When the retries run out, or the server refuses the
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
+import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
@@ -97,7 +100,8 @@ def refused_parameter(body: str, sent: set[str]) -> str | None:
     return None
 
 
-def _retry_after(response: requests.Response) -> float | None:
+def _retry_after(response: Any) -> float | None:
+    """Returns the seconds a response's Retry-After asks for, if it gives a number."""
     value = response.headers.get("Retry-After")
     try:
         return max(0.0, float(value)) if value is not None else None
@@ -106,14 +110,8 @@ def _retry_after(response: requests.Response) -> float | None:
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(
-        exc,
-        TransientHTTPError
-        | requests.Timeout
-        | requests.ConnectionError
-        | requests.exceptions.ChunkedEncodingError  # a server restarting mid-answer
-        | requests.exceptions.ContentDecodingError,
-    )
+    # a connection refused or dropped, a server restarting mid-answer, a timeout
+    return isinstance(exc, TransientHTTPError | openai.APIConnectionError)
 
 
 class _WaitRetryAfter:
@@ -146,6 +144,7 @@ class OpenAIProposer:
     name: str = "openai"
     template: str = "propose.md"
     dropped: set[str] = field(default_factory=set)  # the optional parameters this server refused
+    client: openai.OpenAI | None = field(default=None, repr=False)  # made at the first call
 
     def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
         pass  # a served model does not follow the run
@@ -175,29 +174,31 @@ class OpenAIProposer:
             timeout=section.timeout,
         )
 
+    def _client(self) -> openai.OpenAI:
+        if self.client is None:
+            self.client = openai.OpenAI(
+                base_url=self.base_url,
+                api_key=self.api_key or "none",  # a local server takes any
+                timeout=self.timeout,
+                max_retries=0,  # tenacity retries, honouring Retry-After
+            )
+        return self.client
+
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        response = requests.post(
-            f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout
-        )
-        if response.status_code == 429 or response.status_code >= 500:
-            raise TransientHTTPError(
-                response.status_code, response.text[:200], _retry_after(response)
-            )
-        if response.status_code >= 400:
-            raise PermanentHTTPError(
-                f"HTTP {response.status_code}: {response.text[:300]}",
-                response.status_code,
-                response.text[:2000],
-            )
         try:
-            reply = response.json()
-            reply["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise PermanentHTTPError(f"not a chat completion: {response.text[:200]!r}") from None
-        return dict(reply)
+            reply = self._client().chat.completions.create(**body)
+        except openai.APIStatusError as exc:
+            status, text = exc.status_code, exc.response.text
+            if status == 429 or status >= 500:
+                raise TransientHTTPError(status, text[:200], _retry_after(exc.response)) from None
+            raise PermanentHTTPError(f"HTTP {status}: {text[:300]}", status, text[:2000]) from None
+        except openai.APIResponseValidationError as exc:
+            raise PermanentHTTPError(
+                f"not a chat completion: {exc.response.text[:200]!r}"
+            ) from None
+        if not isinstance(reply, openai.types.chat.ChatCompletion) or not reply.choices:
+            raise PermanentHTTPError(f"not a chat completion: {str(reply)[:200]!r}")
+        return reply.model_dump()
 
     def _body(self, prompt: str, n: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -251,12 +252,7 @@ class OpenAIProposer:
                     raise
                 self.dropped.add(refused)
                 log.warning("openai: the server refused `%s`; not sent from now on", refused)
-            except (TransientHTTPError, requests.RequestException) as exc:
-                if not _transient(exc):  # a URL or header requests refuses: ours to fix
-                    raise ConfigError(
-                        f"cannot ask the proposer's endpoint {self.base_url}: "
-                        f"{type(exc).__name__} (check proposer.base_url and the key)"
-                    ) from None
+            except (TransientHTTPError, openai.APIConnectionError) as exc:
                 raise Outage(
                     f"the proposer's endpoint {self.base_url} failed after {self.attempts} "
                     f"attempts ({type(exc).__name__}: {str(exc)[:200]})"
