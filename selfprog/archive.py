@@ -216,7 +216,7 @@ class Archive:
     ) -> int:
         cursor = db.execute(
             "INSERT INTO calls (generation, parent_id, proposer, model, k, prompt_chars, tokens_in, "
-            "tokens_out, latency, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "tokens_out, latency, created, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 generation,
                 parent_id,
@@ -228,6 +228,7 @@ class Archive:
                 fields.get("tokens_out", 0),
                 fields.get("latency", 0.0),
                 time.time(),
+                fields.get("cost"),
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -249,6 +250,13 @@ class Archive:
             (call_id, slot, response, rationale, tokens_out, error, finish or None),
         )
         return int(cursor.lastrowid or 0)
+
+    def cost_used(self) -> float:
+        """Returns the proposer's estimated spend so far (priced calls only), in the prices' unit."""
+        if self.version < 4:  # a reader of an older archive: nothing was priced
+            return 0.0
+        row = self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM calls").fetchone()
+        return float(row[0])
 
     def tokens_used(self) -> int:
         row = self.db.execute(

@@ -210,6 +210,7 @@ class Breeder:
                 tokens_in=sum(p.tokens_in for p in proposals),
                 tokens_out=sum(p.tokens_out for p in proposals),
                 latency=call.latency,
+                cost=self.cost(proposals),
             )
             for slot, proposal in enumerate(proposals):
                 proposal_id = self.archive.record_proposal(
@@ -223,6 +224,15 @@ class Breeder:
                     proposal.finish,
                 )
                 self._add_child(db, call, proposal, proposal_id)
+
+    def cost(self, proposals: list[Proposal]) -> float | None:
+        """Returns a call's estimated cost at the configured prices (None: unpriced)."""
+        section = self.run.config.proposer
+        if not (section.price_in or section.price_out):
+            return None
+        tokens_in = sum(p.tokens_in for p in proposals)
+        tokens_out = sum(p.tokens_out for p in proposals)
+        return (tokens_in * section.price_in + tokens_out * section.price_out) / 1e6
 
     def _add_child(self, db: Any, call: Call, proposal: Proposal, proposal_id: int) -> None:
         archive, target = self.archive, self.run.target

@@ -31,6 +31,7 @@ class RunSection:
     max_candidates: int = 0
     max_hours: float = 0.0
     max_tokens: int = 0
+    max_cost: float = 0.0  # the proposer's estimated spend (proposer.price_in/out) at which to stop
     on_interrupt: str = "finish"
     synchronous: bool = False
 
@@ -67,6 +68,8 @@ class ProposerSection:
     max_changes: int = 2
     edit_mode: str = "auto"
     device: str = ""  # a local model's: "" a GPU no candidate uses (else the CPU), cpu, cuda:N
+    price_in: float = 0.0  # per million prompt tokens, for the estimated cost (0: unpriced)
+    price_out: float = 0.0  # per million generated tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,9 @@ _NON_NEGATIVE = {
     "max_candidates",
     "max_hours",
     "max_tokens",
+    "max_cost",
+    "price_in",
+    "price_out",
     "max_new_tokens",  # 0: the openai proposer leaves it to the server
     "seconds",
     "steps",
@@ -220,6 +226,7 @@ STEERABLE: dict[str, frozenset[str]] = {
             "max_candidates",
             "max_hours",
             "max_tokens",
+            "max_cost",
             "on_interrupt",
             "synchronous",
         }

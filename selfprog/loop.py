@@ -286,6 +286,10 @@ class Driver:
                 self._halt(f"stopped: {exc}; resume once it is back")
                 return
             self.breeder.record(call)
+            spent = self._spend_reached()  # after every call: one generation may cost a lot
+            if spent and not self.breeder.exhausted:
+                log.info("%s: no more proposer calls; what was bred is scored", spent)
+                self.breeder.exhausted = spent
 
     def _halt(self, reason: str) -> None:
         if not self.halted:
@@ -350,10 +354,19 @@ class Driver:
         run = self.run.config.run
         if run.max_candidates and self.archive.count() >= run.max_candidates:
             return f"reached max_candidates ({run.max_candidates})"
-        if run.max_tokens and self.archive.tokens_used() >= run.max_tokens:
-            return f"reached max_tokens ({run.max_tokens})"
+        spent = self._spend_reached()
+        if spent:
+            return spent
         if run.max_hours and self.active_seconds() >= run.max_hours * 3600:
             return f"reached max_hours ({run.max_hours:g})"
+        return ""
+
+    def _spend_reached(self) -> str:
+        run = self.run.config.run
+        if run.max_tokens and self.archive.tokens_used() >= run.max_tokens:
+            return f"reached max_tokens ({run.max_tokens})"
+        if run.max_cost and self.archive.cost_used() >= run.max_cost:
+            return f"reached max_cost ({run.max_cost:g}, spent {self.archive.cost_used():.4g})"
         return ""
 
     def active_seconds(self) -> float:

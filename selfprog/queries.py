@@ -97,6 +97,13 @@ def show(run: Run, candidate_id: int) -> dict[str, Any]:
                 "SELECT finish FROM proposals WHERE id = ?", (c.proposal_id,)
             ).fetchone()
             proposer["finish"] = row[0] or ""
+        if run.archive.version >= 4:  # the call's estimated cost, where priced
+            row = run.archive.db.execute(
+                "SELECT calls.cost FROM proposals JOIN calls ON proposals.call_id = calls.id "
+                "WHERE proposals.id = ?",
+                (c.proposal_id,),
+            ).fetchone()
+            proposer["cost"] = row[0]
     created = run.archive.db.execute(
         "SELECT created FROM candidates WHERE id = ?", (c.id,)
     ).fetchone()[0]

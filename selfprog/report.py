@@ -243,6 +243,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
         change=change,
         active_minutes=float(archive.meta("active_seconds") or 0) / 60,
         tokens=archive.tokens_used(),
+        cost=archive.cost_used(),
         noise=Population(run).noise_floor(),
         plot=base64.b64encode(progress_plot(run)).decode(),
         lineage=lineage_svg(run, best_n),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3  # 2: the node each candidate and evaluation ran on; 3: steering, finish reasons
+SCHEMA_VERSION = 4  # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -17,7 +17,7 @@ CREATE TABLE calls (
     id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER NOT NULL,
     proposer TEXT NOT NULL, model TEXT, k INTEGER NOT NULL, prompt_chars INTEGER,
     tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
-    latency REAL, created REAL NOT NULL,
+    latency REAL, created REAL NOT NULL, cost REAL,
     UNIQUE (generation, parent_id)
 );
 CREATE TABLE proposals (
@@ -68,18 +68,25 @@ def add_indexes(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Brings an archive written by schema 1 or 2 to the current schema.
+    """Brings an archive written by schema 1, 2 or 3 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
     Schema 2 added the node each candidate and evaluation ran on; schema 3
     the changes made to a run's config mid-run, the finish reason of each
-    proposal, and an index of evaluations by candidate.
+    proposal, and an index of evaluations by candidate; schema 4 each proposer
+    call's estimated cost.
     """
-    for table, column in (("candidates", "node"), ("evaluations", "node"), ("proposals", "finish")):
+    columns_added = (
+        ("candidates", "node", "TEXT"),
+        ("evaluations", "node", "TEXT"),
+        ("proposals", "finish", "TEXT"),
+        ("calls", "cost", "REAL"),
+    )
+    for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in columns:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     with db:
         db.execute(
             "CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY, created REAL NOT NULL, "

@@ -69,7 +69,7 @@ def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path
     assert Archive(path, readonly=True).candidate(1).node == ""  # readers read it as it is
     archive = Archive(path)
     archive.finish(1, Result(State.OK, score=1.0), 0, node="n1")
-    assert archive.meta("schema_version") == "3" and archive.candidate(1).node == "n1"
+    assert archive.meta("schema_version") == "4" and archive.candidate(1).node == "n1"
     archive.record_changes([("run.generations", "4", "6")])  # schema 3 is there too
     archive.close()
     reopened = Archive(path)
@@ -84,14 +84,18 @@ def test_a_schema_2_archive_reads_without_changes_and_migrates(tmp_path: Path) -
 
     path = tmp_path / "v2.sqlite"
     db = sqlite3.connect(path)
-    schema_2 = _SCHEMA.split("CREATE TABLE changes")[0].replace(", finish TEXT", "")
+    schema_2 = (
+        _SCHEMA.split("CREATE TABLE changes")[0]
+        .replace(", finish TEXT", "")
+        .replace(", cost REAL", "")
+    )
     db.executescript(schema_2)
     db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     db.commit()
     db.close()
     assert Archive(path, readonly=True).changes() == []  # a reader of an unmigrated archive
     archive = Archive(path)
-    assert archive.meta("schema_version") == "3"
+    assert archive.meta("schema_version") == "4"
     with archive.transaction() as tx:
         call = archive.record_call(
             tx,

@@ -884,3 +884,31 @@ def test_more_workers_mid_run_keep_each_candidates_cpus(tmp_path: Path) -> None:
     assert steered.runner.cpus == before and ("runner.cpus", 0.0, before) in changes
     run.config = steered
     assert run.limits().cpus == before  # not halved: later candidates train as the earlier did
+
+
+def test_a_spend_limit_is_checked_after_every_call(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.queries import show
+    from tests.fakes import FakeOpenAI, FakeScheduler, chat
+    from tests.test_proposers import proposer
+
+    run = make_run(
+        tmp_path,
+        "run.generations=3",
+        "run.population=3",  # generation 2 makes two calls: the limit falls between them
+        "selection.noise_seeds=1",
+        "proposer.price_in=1000",  # per million tokens: each call below costs 0.2
+        "proposer.price_out=2000",
+        "run.max_cost=0.3",
+    )
+    replies = [
+        chat(variant(n), variant(n + 1), variant(n + 2), prompt_tokens=100, completion_tokens=50)
+        for n in range(1, 30, 3)
+    ]
+    with FakeOpenAI(replies).running() as fake:
+        ended = drive_within(Driver(run, proposer(fake.url), FakeScheduler(ok_unless(set()))))
+    assert ended == "reached max_cost (0.3, spent 0.4)"
+    assert run.archive.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 2
+    assert run.archive.cost_used() == pytest.approx(0.4)
+    assert show(run, 2)["proposer"]["cost"] == pytest.approx(0.2)
+    assert all(c.state not in ("pending", "running") for c in run.archive.candidates())

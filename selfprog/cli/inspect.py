@@ -111,6 +111,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"proposer   {p['proposer']}{'' if p['model'] in ('', p['proposer']) else ' ' + p['model']} (sample {p['slot'] + 1} of {p['k']}, "
             f"prompt {p['prompt_chars']} chars, {p['tokens_in']} tokens in, {p['tokens_out']} out)"
             + (" cut at the token limit" if p.get("finish") == "length" else "")
+            + (f", the call's estimated cost {p['cost']:.4g}" if p.get("cost") else "")
         )
     if detail["steered"]:
         changed = ", ".join(f"{s['key']} {s['old']} -> {s['new']}" for s in detail["steered"])

@@ -27,6 +27,7 @@ STEER_FLAGS = {
     "max_candidates": "run.max_candidates",
     "max_hours": "run.max_hours",
     "max_tokens": "run.max_tokens",
+    "max_cost": "run.max_cost",
     "model": "proposer.model",
 }
 RUN_FLAGS = {
@@ -189,6 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else None,
         "running": [{"candidate": c.id, "node": c.node} for c in archive.running()],
         "tokens": archive.tokens_used(),
+        "cost": archive.cost_used(),  # estimated, at proposer.price_in/out (0: unpriced)
         "active_seconds": float(archive.meta("active_seconds") or 0),
         "changes": [
             {"time": when, "key": key, "old": json.loads(old or "null"), "new": json.loads(new)}
@@ -215,7 +217,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{r['candidate']}" + (f" on {r['node']}" if r["node"] else "") for r in report["running"]
     ]
     lines.append(f"running     {', '.join(running) or '-'}")
-    lines.append(f"tokens      {report['tokens']}")
+    spent = f" (estimated cost {report['cost']:.4g})" if report["cost"] else ""
+    lines.append(f"tokens      {report['tokens']}{spent}")
     lines.append(f"active      {report['active_seconds'] / 60:.1f} min")
     for change in report["changes"]:  # steered mid-run: `selfprog resume RUN --set`
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(change["time"]))
@@ -263,6 +266,9 @@ def add_verbs(verbs: Any) -> None:
     rn.add_argument("--max-hours", type=float, help="stop after this much driving time")
     rn.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
     rn.add_argument(
+        "--max-cost", type=float, help="stop once the proposer's estimated spend reaches this"
+    )
+    rn.add_argument(
         "--set", action="append", metavar="TABLE.KEY=VALUE", help="override a config value"
     )
     rn.set_defaults(func=cmd_run)
@@ -283,6 +289,9 @@ def add_verbs(verbs: Any) -> None:
     rs.add_argument("--max-candidates", type=int, help="stop after this many candidates")
     rs.add_argument("--max-hours", type=float, help="stop after this much driving time")
     rs.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
+    rs.add_argument(
+        "--max-cost", type=float, help="stop once the proposer's estimated spend reaches this"
+    )
     rs.add_argument("--model", help="the proposer's model")
     rs.add_argument(
         "--set", action="append", metavar="TABLE.KEY=VALUE", help="change a config value"
