@@ -52,6 +52,20 @@ def test_requests_the_machine_cannot_meet_are_refused(
         gpus.slot_devices(request_, workers, False, have)
 
 
+@pytest.fixture
+def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Returns a function that makes this process see `count` GPUs (a fake nvidia-smi)."""
+
+    def with_gpus(count: int) -> None:
+        for key, value in fake_nvidia_smi(tmp_path / "bin", count).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        gpus.visible.cache_clear()
+
+    yield with_gpus
+    gpus.visible.cache_clear()
+
+
 def fake_nvidia_smi(folder: Path, count: int) -> dict[str, str]:
     """Returns an environment whose PATH finds an nvidia-smi that lists `count` GPUs."""
     folder.mkdir(exist_ok=True)
@@ -63,21 +77,14 @@ def fake_nvidia_smi(folder: Path, count: int) -> dict[str, str]:
 
 
 def test_the_gpus_visible_are_nvidia_smis_narrowed_by_cuda_visible_devices(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for key, value in fake_nvidia_smi(tmp_path / "bin", 4).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    gpus.visible.cache_clear()
-    try:
-        assert gpus.visible() == FOUR
+    machine, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    machine(4)
+    assert gpus.visible() == FOUR
+    for narrowed, expected in (("1,3", ("1", "3")), ("GPU-2", ("2",)), ("-1", ()), ("", ())):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", narrowed)
         gpus.visible.cache_clear()
-        for narrowed, expected in (("1,3", ("1", "3")), ("GPU-2", ("2",)), ("-1", ()), ("", ())):
-            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", narrowed)
-            gpus.visible.cache_clear()
-            assert gpus.visible() == expected, narrowed
-    finally:
-        gpus.visible.cache_clear()
+        assert gpus.visible() == expected, narrowed
 
 
 class Recording:
@@ -266,38 +273,31 @@ def test_a_hostile_train_json_is_ignored_never_waited_on(tmp_path: Path) -> None
 
 
 def test_the_default_is_settled_once_so_a_resume_cannot_move_candidates_off_their_gpus(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     from selfprog.config import load_config
     from selfprog.rundir import create_run
     from selfprog.runners.local import LocalRunner
     from selfprog.scheduler import make_scheduler
 
-    for key, value in fake_nvidia_smi(tmp_path / "bin", 2).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    machine(2)
+    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
+    scheduler = make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
+    assert run.archive.meta("gpus") == "1" and run.workers == 2
+    assert scheduler.gpu_slots == ["device=0", "device=1"]  # type: ignore[attr-defined]
+    scheduler.close()
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # resumed where there is no GPU
     gpus.visible.cache_clear()
-    try:
-        run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
-        scheduler = make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
-        assert run.archive.meta("gpus") == "1" and run.workers == 2
-        assert scheduler.gpu_slots == ["device=0", "device=1"]  # type: ignore[attr-defined]
-        scheduler.close()
+    with pytest.raises(ConfigError, match="this run's candidates each had 1 GPU"):
+        make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
 
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # resumed where there is no GPU
-        gpus.visible.cache_clear()
-        with pytest.raises(ConfigError, match="this run's candidates each had 1 GPU"):
-            make_scheduler(run, LocalRunner(registry=tmp_path / "pids"))
-
-        older = create_run(tmp_path / "older", load_config(None, ["runner.kind=local"]))
-        with older.archive.transaction() as db:  # scored before GPUs were a default
-            older.archive.add_candidate(db, generation=0, state="ok")
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-        gpus.visible.cache_clear()
-        make_scheduler(older, LocalRunner(registry=tmp_path / "pids")).close()
-        assert older.archive.meta("gpus") == "0" and older.workers == 1
-    finally:
-        gpus.visible.cache_clear()
+    older = create_run(tmp_path / "older", load_config(None, ["runner.kind=local"]))
+    with older.archive.transaction() as db:  # scored before GPUs were a default
+        older.archive.add_candidate(db, generation=0, state="ok")
+    machine(2)
+    make_scheduler(older, LocalRunner(registry=tmp_path / "pids")).close()
+    assert older.archive.meta("gpus") == "0" and older.workers == 1
 
 
 def test_a_ray_run_takes_a_gpu_count_only(tmp_path: Path) -> None:

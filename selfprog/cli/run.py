@@ -233,6 +233,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_limits(parser: Any, set_help: str) -> None:
+    """Adds the flags `run` and `resume` share: when to stop, and --set."""
+    parser.add_argument("--max-candidates", type=int, help="stop after this many candidates")
+    parser.add_argument("--max-hours", type=float, help="stop after this much driving time")
+    parser.add_argument(
+        "--max-tokens", type=int, help="stop once the proposer used this many tokens"
+    )
+    parser.add_argument(
+        "--max-cost", type=float, help="stop once the proposer's estimated spend reaches this"
+    )
+    parser.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE", help=set_help)
+
+
 def add_verbs(verbs: Any) -> None:
     rn = verbs.add_parser(
         "run",
@@ -262,15 +275,7 @@ def add_verbs(verbs: Any) -> None:
     run_budget.add_argument("--budget-seconds", type=float, help="training seconds per candidate")
     run_budget.add_argument("--budget-steps", type=int, help="training steps per candidate")
     rn.add_argument("--seed", type=int, help="the run's seed")
-    rn.add_argument("--max-candidates", type=int, help="stop after this many candidates")
-    rn.add_argument("--max-hours", type=float, help="stop after this much driving time")
-    rn.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
-    rn.add_argument(
-        "--max-cost", type=float, help="stop once the proposer's estimated spend reaches this"
-    )
-    rn.add_argument(
-        "--set", action="append", metavar="TABLE.KEY=VALUE", help="override a config value"
-    )
+    _add_limits(rn, "override a config value")
     rn.set_defaults(func=cmd_run)
 
     rs = verbs.add_parser(
@@ -286,16 +291,8 @@ def add_verbs(verbs: Any) -> None:
     rs.add_argument("--generations", type=int, help="generations after the seed, in all")
     rs.add_argument("--population", type=int, help="children per generation, from now on")
     rs.add_argument("--workers", type=int, help="candidates scored at once")
-    rs.add_argument("--max-candidates", type=int, help="stop after this many candidates")
-    rs.add_argument("--max-hours", type=float, help="stop after this much driving time")
-    rs.add_argument("--max-tokens", type=int, help="stop once the proposer used this many tokens")
-    rs.add_argument(
-        "--max-cost", type=float, help="stop once the proposer's estimated spend reaches this"
-    )
     rs.add_argument("--model", help="the proposer's model")
-    rs.add_argument(
-        "--set", action="append", metavar="TABLE.KEY=VALUE", help="change a config value"
-    )
+    _add_limits(rs, "change a config value")
     rs.set_defaults(func=cmd_resume)
 
     st = verbs.add_parser(
