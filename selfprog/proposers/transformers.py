@@ -22,6 +22,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ class TransformersProposer:
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
         if self.edit_mode != "constrained":
             return self._generate(request.prompt, request.seed, k, self.max_new_tokens, None)
-        menu = Menu.of(request.files, request.known)
+        menu = Menu.of(request.files, request.known).shuffled(random.Random(request.seed))
         if not menu.settings:
             error = (
                 "constrained edits need a number assigned in the program's settings, with a "
@@ -273,14 +274,21 @@ class Menu:
         return cls(settings)
 
     def choice(self, answer: str) -> tuple[Literal, int | float] | None:
-        """Returns the setting and value an answer's first line chose, if it is on the menu."""
-        first = answer.strip().partition("\n")[0]
-        for lit, values, _ in self.settings:
-            key = self._key(lit) + " "
-            for value in values:
-                if first == key + str(value):
-                    return lit, value
+        """Returns the setting and value an answer's choice line names, if it is on the menu."""
+        for line in answer.strip().split("\n"):
+            for lit, values, _ in self.settings:
+                key = self._key(lit) + " "
+                for value in values:
+                    if line.strip() == key + str(value):
+                        return lit, value
         return None
+
+    def shuffled(self, rng: random.Random) -> Menu:
+        """Returns the menu in an order of its own: a small model leans to what it reads first."""
+        settings = [
+            (lit, rng.sample(values, len(values)), line) for lit, values, line in self.settings
+        ]
+        return Menu(rng.sample(settings, len(settings)))
 
     def without(self, answer: str) -> Menu:
         """Returns the menu less the choice an answer made (the same menu when it was the last)."""
@@ -304,8 +312,8 @@ class Menu:
         ]
         return (
             "# Settings you can change\n" + "\n".join(rows) + "\n\n# Answer\n"
-            "One line `file: name = value` with a setting and one of its values from the list, "
-            "then one line `Reason: ` and why you expect it to help."
+            "First one line `Reason: ` with what you expect to help this program and why, "
+            "then one line `file: name = value` with the setting and one of its values from the list."
         )
 
     @property
@@ -314,27 +322,28 @@ class Menu:
         return 24 + REASON_CHARS
 
     def grammar(self) -> str:
-        """Returns the Lark grammar of an answer: one listed setting and value, then a reason."""
+        """Returns the Lark grammar of an answer: a reason, then one listed setting and value."""
         choices = [
             f"{json.dumps(self._key(lit) + ' ')} ({' | '.join(json.dumps(str(v)) for v in values)})"
             for lit, values, _ in self.settings
         ]
         return (
-            'start: choice "\\nReason: " REASON "\\n"\n'
+            'start: "Reason: " REASON "\\n" choice "\\n"\n'
             f"choice: {' | '.join(choices)}\n"
             f"REASON: /[^\\n]{{1,{REASON_CHARS}}}/\n"
         )
 
     def proposal(self, files: Mapping[str, str], answer: Proposal) -> Proposal:
         """Returns the SEARCH/REPLACE proposal an answer chose, or the answer with an error."""
-        first, _, rest = answer.text.strip().partition("\n")
-        chosen = self.choice(first)
+        chosen = self.choice(answer.text)
         if chosen is None:
+            named = answer.text.strip().replace("\n", " | ")[:80]
             return dataclasses.replace(
-                answer, error=f"the answer names no listed setting and value: {first[:80]!r}"
+                answer, error=f"the answer names no listed setting and value: {named!r}"
             )
         edit = change(files, [chosen])
-        reason = rest.strip().removeprefix("Reason:").strip()
+        lines = answer.text.strip().split("\n")
+        reason = next((x.strip()[7:].strip() for x in lines if x.strip().startswith("Reason:")), "")
         why = f"{edit.rationale}: {reason}" if reason else edit.rationale
         return dataclasses.replace(answer, text=f"{why}\n\n{edit.text}", rationale=rationale(why))
 
