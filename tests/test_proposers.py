@@ -319,3 +319,20 @@ def test_a_bad_key_or_url_is_a_config_error_that_never_shows_the_key(
         OpenAIProposer.from_config(
             ProposerSection(kind="openai", base_url="localhost:8/v1", model="m")
         )
+
+
+def test_the_menu_is_shuffled_per_call_and_the_reason_comes_first(tinylm: Target) -> None:
+    import random
+
+    from selfprog.proposers.transformers import Menu
+
+    files = seed_files(tinylm)
+    menu = Menu.of(files)
+    orders = {seed: Menu.of(files).shuffled(random.Random(seed)).describe() for seed in (1, 2)}
+    assert orders[1] == menu.shuffled(random.Random(1)).describe()  # seeded
+    assert orders[1] != orders[2] and orders[1] != menu.describe()
+    assert menu.grammar().startswith('start: "Reason: " REASON')
+    lit, values, _ = menu.settings[0]
+    answer = Proposal(text=f"Reason: it should help\n{lit.path}: {lit.name} = {values[0]}")
+    chosen = menu.proposal(files, answer)
+    assert not chosen.error and chosen.rationale.endswith("it should help")
