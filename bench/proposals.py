@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from selfprog.archive import Candidate
 from selfprog.edits import EditError, apply_edits, parse_edits
 from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.proposers.mutate import tunable_literals
 from selfprog.proposers.transformers import TransformersProposer
+from selfprog.records import Candidate
 from selfprog.target import load_target
 
 

@@ -7,18 +7,24 @@ share it, and a program is identified by the hash of its files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
+from selfprog.records import (
+    Candidate,
+    Summary,
+    candidate_of,
+    content_hash,
+    insert_evaluation,
+    program_hash,
+)
 from selfprog.schema import SCHEMA, SCHEMA_VERSION, add_indexes, migrate
 from selfprog.states import FAILED, UNFINISHED, State
 
@@ -31,55 +37,12 @@ class ArchiveError(SelfprogError):
     """The archive is missing, foreign, or from a newer selfprog."""
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One row of the candidates table."""
-
-    id: int
-    generation: int
-    parent_id: int | None
-    proposal_id: int | None
-    program_hash: str | None
-    state: str
-    score: float | None
-    metrics: dict[str, Any]
-    reason: str
-    log_tail: str
-    timings: dict[str, float]
-    rationale: str
-    diff: str
-    duplicate_of: int | None
-    attempts: int
-    evals_needed: int
-    accepted: bool | None  # better than the best before it, clear of the noise (None: undecided)
-    node: str = ""  # where it was scored (the host, or the cluster node)
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """A candidate's id, state and score: what plotting a whole run reads of each."""
-
-    id: int
-    state: str
-    score: float | None
-
-
 def _chunks(ids: Iterable[int]) -> Iterator[tuple[list[int], str]]:
     """Yields the distinct ids in order, CHUNK at a time, each with its `?, ?, ...` placeholders."""
     chosen = sorted(set(ids))
     for start in range(0, len(chosen), CHUNK):
         part = chosen[start : start + CHUNK]
         yield part, ", ".join("?" * len(part))
-
-
-def _hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def program_hash(files: Mapping[str, str]) -> str:
-    """Returns the content address of a program (its files and their names)."""
-    manifest = {path: _hash(text.encode()) for path, text in sorted(files.items())}
-    return _hash(json.dumps(manifest, sort_keys=True).encode())
 
 
 class Archive:
@@ -173,7 +136,7 @@ class Archive:
         manifest = {}
         for path, text in sorted(files.items()):
             data = text.encode()
-            manifest[path] = digest = _hash(data)
+            manifest[path] = digest = content_hash(data)
             db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, data))
         phash = program_hash(files)
         db.execute("INSERT OR IGNORE INTO programs VALUES (?, ?)", (phash, json.dumps(manifest)))
@@ -347,12 +310,12 @@ class Archive:
                     candidate_id,
                 ),
             )
-            _insert_evaluation(db, candidate_id, result, seed, node)
+            insert_evaluation(db, candidate_id, result, seed, node)
 
     def add_evaluation(self, candidate_id: int, result: Any, seed: int, node: str = "") -> None:
         """Records one more evaluation; the candidate's score becomes the mean of its `ok` ones."""
         with self.transaction() as db:
-            _insert_evaluation(db, candidate_id, result, seed, node)
+            insert_evaluation(db, candidate_id, result, seed, node)
             db.execute(
                 "UPDATE candidates SET score = (SELECT AVG(score) FROM evaluations "
                 "WHERE candidate_id = ? AND state = 'ok') WHERE id = ?",
@@ -405,7 +368,7 @@ class Archive:
     def _select(self, where: str = "", args: Sequence[Any] = (), limit: int = 0) -> list[Candidate]:
         query = "SELECT * FROM candidates" + (f" WHERE {where}" if where else "") + " ORDER BY id"
         query += f" LIMIT {int(limit)}" if limit else ""
-        return [_candidate(row) for row in self.db.execute(query, args)]
+        return [candidate_of(row) for row in self.db.execute(query, args)]
 
     def candidates(self, ids: Iterable[int] | None = None) -> list[Candidate]:
         """Returns every candidate (or those with these ids), in id order.
@@ -572,7 +535,7 @@ class Archive:
             "ORDER BY id DESC LIMIT ?",
             (*FAILED, n),
         )
-        return [_candidate(row) for row in rows]
+        return [candidate_of(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM candidates GROUP BY state")
@@ -599,46 +562,4 @@ class Archive:
             f"SELECT * FROM candidates WHERE state = 'ok'{only} ORDER BY score {order}, id LIMIT ?",
             (n,),
         )
-        return [_candidate(row) for row in rows]
-
-
-def _insert_evaluation(
-    db: sqlite3.Connection, candidate_id: int, result: Any, seed: int, node: str
-) -> None:
-    db.execute(
-        "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created, "
-        "node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            candidate_id,
-            seed,
-            result.state.value,
-            result.score,
-            json.dumps(dict(result.metrics)),
-            result.data_hash,
-            time.time(),
-            node,
-        ),
-    )
-
-
-def _candidate(row: sqlite3.Row) -> Candidate:
-    return Candidate(
-        id=row["id"],
-        generation=row["generation"],
-        parent_id=row["parent_id"],
-        proposal_id=row["proposal_id"],
-        program_hash=row["program_hash"],
-        state=row["state"],
-        score=row["score"],
-        metrics=json.loads(row["metrics"]) if row["metrics"] else {},
-        reason=row["reason"] or "",
-        log_tail=row["log_tail"] or "",
-        timings=json.loads(row["timings"]) if row["timings"] else {},
-        rationale=row["rationale"] or "",
-        diff=row["diff"] or "",
-        duplicate_of=row["duplicate_of"],
-        attempts=row["attempts"],
-        evals_needed=row["evals_needed"],
-        accepted=None if row["accepted"] is None else bool(row["accepted"]),
-        node=(row["node"] or "") if "node" in row.keys() else "",  # noqa: SIM118 (a Row's `in` looks at values); schema 1, read-only
-    )
+        return [candidate_of(row) for row in rows]

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfprog.archive import DUPLICATE, PENDING, Candidate, program_hash
+from selfprog.archive import DUPLICATE, PENDING
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
 from selfprog.population import Population, derive_seed
 from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
+from selfprog.records import Candidate, program_hash
 from selfprog.rundir import MODELS, Run
 from selfprog.states import State
 

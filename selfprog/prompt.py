@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from string import Template
 
-from selfprog.archive import Candidate
+from selfprog.records import Candidate
 from selfprog.target import Target
 
 CHARS_PER_TOKEN = 4  # a conservative estimate for code; the budget is approximate

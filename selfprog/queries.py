@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError, Candidate
+from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.errors import SelfprogError
+from selfprog.records import Candidate
 from selfprog.rundir import Run
 
 

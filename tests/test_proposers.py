@@ -257,9 +257,9 @@ def test_constrained_answers_of_one_call_differ_and_skip_known_programs(
     tiny_model: Path, tinylm
 ) -> None:  # type: ignore[no-untyped-def]
     """No two answers of a call make the same edit, and none remakes a program the archive has."""
-    from selfprog.archive import program_hash
     from selfprog.proposers.mutate import changed_files, tunable_literals
     from selfprog.proposers.transformers import Menu, TransformersProposer
+    from selfprog.records import program_hash
 
     lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=512)
     files = {"train.py": (tinylm.root / "train.py").read_text()}

@@ -122,18 +122,23 @@ def test_only_an_ambiguous_child_is_evaluated_again() -> None:
     assert not needs_confirmation(Member(4, (3.10,)), best, 0.04, 2.0, True)  # looks worse
 
 
-def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Judge.confirm and accept on an archive with scripted evaluations (no training)."""
+def judged_run(tmp_path):  # type: ignore[no-untyped-def]
+    """Returns a fresh run's archive, population and judge: an archive to script evaluations in."""
     from selfprog.config import load_config
     from selfprog.judge import Judge
     from selfprog.population import Population
     from selfprog.rundir import create_run
-    from selfprog.scoring import Result, State
 
     run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
-    archive = run.archive
     population = Population(run)
-    judge = Judge(run, population, lambda event: None)
+    return run.archive, population, Judge(run, population, lambda event: None)
+
+
+def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Judge.confirm and accept on an archive with scripted evaluations (no training)."""
+    from selfprog.scoring import Result, State
+
+    archive, population, judge = judged_run(tmp_path)
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
         lucky = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
@@ -192,16 +197,9 @@ def test_a_seed_scored_on_a_busy_machine_does_not_block_every_child(tmp_path) ->
     the confirmed children, the noise floor falls as confirmations arrive; with
     two confirmed children the better one is accepted.
     """
-    from selfprog.config import load_config
-    from selfprog.judge import Judge
-    from selfprog.population import Population
-    from selfprog.rundir import create_run
     from selfprog.scoring import Result, State
 
-    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
-    archive = run.archive
-    population = Population(run)
-    judge = Judge(run, population, lambda event: None)
+    archive, population, judge = judged_run(tmp_path)
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
         first, also = (
