@@ -147,7 +147,7 @@ def train_stats(out_dir: Path) -> dict[str, Any]:
         if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
             return {}
         raw = json.loads(os.read(fd, 4096))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # deep nesting: json gives up by recursing
         return {}
     finally:
         os.close(fd)

@@ -265,6 +265,8 @@ def test_a_hostile_train_json_is_ignored_never_waited_on(tmp_path: Path) -> None
     ):
         stats.write_text(json.dumps(hostile))
         assert train_stats(tmp_path) == kept
+    stats.write_text("[" * 4000)  # nesting deep enough to exhaust json's recursion
+    assert train_stats(tmp_path) == {}
     stats.unlink()
     os.mkfifo(stats)  # a pipe nobody writes: reading it would wait for ever
     done = threading.Event()
