@@ -235,7 +235,8 @@ def test_constrained_decoding_makes_even_a_random_model_propose_valid_edits(
     tiny_model: Path, tinylm
 ) -> None:  # type: ignore[no-untyped-def]
     """The grammar, not the model, guarantees the form: a random model's answers all apply."""
-    from selfprog.proposers.transformers import Menu, TransformersProposer
+    from selfprog.proposers.menu import Menu
+    from selfprog.proposers.transformers import TransformersProposer
 
     lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=512)
     assert lm.edit_mode == "constrained" and lm.template == "choose.md"  # auto: a tiny model
@@ -257,8 +258,9 @@ def test_constrained_answers_of_one_call_differ_and_skip_known_programs(
     tiny_model: Path, tinylm
 ) -> None:  # type: ignore[no-untyped-def]
     """No two answers of a call make the same edit, and none remakes a program the archive has."""
+    from selfprog.proposers.menu import Menu
     from selfprog.proposers.mutate import changed_files, tunable_literals
-    from selfprog.proposers.transformers import Menu, TransformersProposer
+    from selfprog.proposers.transformers import TransformersProposer
     from selfprog.records import program_hash
 
     lm = TransformersProposer.load(str(tiny_model), 1.0, max_new_tokens=512)
@@ -324,7 +326,7 @@ def test_a_bad_key_or_url_is_a_config_error_that_never_shows_the_key(
 def test_the_menu_is_shuffled_per_call_and_the_reason_comes_first(tinylm: Target) -> None:
     import random
 
-    from selfprog.proposers.transformers import Menu
+    from selfprog.proposers.menu import Menu
 
     files = seed_files(tinylm)
     menu = Menu.of(files)

@@ -10,19 +10,35 @@ key, the model or the path (401, 403, 404), the endpoint is down for the
 run, not for one candidate: an `Outage` stops the run cleanly, the call is
 not recorded, and `selfprog resume` asks it again once the server is back.
 Any other 4xx is reported on the proposals, whose candidates end `invalid`,
-and the run goes on.
+and the run goes on, unless `FAILING` calls in a row are refused: a model
+the server does not serve or a prompt beyond its context fails every call,
+so that stops the run too, naming the server's answer.
 
 Servers differ: some refuse `n` > 1 (llama.cpp), reasoning models refuse
 `max_tokens` (they take `max_completion_tokens`) and `temperature`. A 400
 that names one of these optional parameters drops it for the rest of the
 run, with one warning, and the call is asked again at once.
+
+In `constrained` edit mode (`proposer.edit_mode`; `auto` chooses it when the
+model's name gives a size below a billion parameters, such as
+`SmolLM2-135M-Instruct` or `qwen2.5:0.5b`) the model chooses one setting and
+value from the parent's menu (selfprog.proposers.menu), and the request
+carries the menu's JSON schema as `response_format`, which vLLM, llama.cpp's
+server, SGLang and hosted APIs enforce. A server that refuses it is asked
+without it from then on; one that ignores it (`transformers serve`) is
+warned about once. Either way every answer is checked against the menu.
+Answers of one call that choose the same edit are asked again, with the
+menu less what was chosen, up to `ROUNDS` times.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +52,7 @@ from selfprog.config import ProposerSection
 from selfprog.edits import rationale
 from selfprog.errors import ConfigError, Outage
 from selfprog.proposers.base import Proposal, ProposalRequest
+from selfprog.proposers.menu import CHOOSE_SYSTEM, NO_SETTINGS, Menu
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +78,11 @@ class PermanentHTTPError(Exception):
 
 
 UNUSABLE = (401, 403, 404)  # the key, the model or the path: no call of the run can succeed
-OPTIONAL = ("n", "temperature", "max_tokens", "max_completion_tokens")  # what a server may refuse
+# what a server may refuse
+OPTIONAL = ("n", "temperature", "max_tokens", "max_completion_tokens", "response_format")
+SMALL_MODEL = 1_000_000_000  # parameters: below this, `auto` constrains the edits
+ROUNDS = 3  # calls that may ask again for answers that repeated a choice
+FAILING = 3  # calls in a row the server refuses: a misconfiguration, not bad luck
 
 
 REFUSING = (
@@ -98,6 +119,15 @@ def refused_parameter(body: str, sent: set[str]) -> str | None:
     if "n" in candidates and "choice" in lowered:
         return "n"
     return None
+
+
+def size_in_name(model: str) -> float | None:
+    """Returns the parameter count a model's name gives (`-135M`, `:0.5b`, `-8B`), if any."""
+    found = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)([mb])(?![a-z])", model.lower().replace("x", " "))
+    if not found:
+        return None
+    number, unit = found[-1]
+    return float(number) * (1e6 if unit == "m" else 1e9)
 
 
 def _retry_after(response: Any) -> float | None:
@@ -141,10 +171,17 @@ class OpenAIProposer:
     attempts: int = 6
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    edit_mode: str = "free"  # or "constrained"
     name: str = "openai"
-    template: str = "propose.md"
     dropped: set[str] = field(default_factory=set)  # the optional parameters this server refused
     client: openai.OpenAI | None = field(default=None, repr=False)  # made at the first call
+    unenforced: bool = False  # the server ignored a response_format once (warned)
+    refusals: int = 0  # calls refused in a row
+
+    @property
+    def template(self) -> str:
+        """The prompt template the loop fills for this proposer."""
+        return "choose.md" if self.edit_mode == "constrained" else "propose.md"
 
     def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
         pass  # a served model does not follow the run
@@ -165,6 +202,10 @@ class OpenAIProposer:
             raise ConfigError(  # never the key itself: it would land in logs
                 f"the key in ${section.api_key_env} holds characters no HTTP header can carry"
             )
+        edit_mode = section.edit_mode
+        if edit_mode == "auto":
+            size = size_in_name(section.model)
+            edit_mode = "constrained" if size is not None and size < SMALL_MODEL else "free"
         return cls(
             base_url=section.base_url.rstrip("/"),
             model=section.model,
@@ -172,6 +213,7 @@ class OpenAIProposer:
             temperature=section.temperature,
             max_new_tokens=section.max_new_tokens,
             timeout=section.timeout,
+            edit_mode=edit_mode,
         )
 
     def _client(self) -> openai.OpenAI:
@@ -200,26 +242,32 @@ class OpenAIProposer:
             raise PermanentHTTPError(f"not a chat completion: {str(reply)[:200]!r}")
         return reply.model_dump()
 
-    def _body(self, prompt: str, n: int) -> dict[str, Any]:
+    def _body(self, prompt: str, n: int, menu: Menu | None) -> dict[str, Any]:
+        system = SYSTEM if menu is None else CHOOSE_SYSTEM
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [
-                {"role": "system", "content": SYSTEM},
+                {"role": "system", "content": system},
                 {"role": "user", "content": prompt},
             ],
         }
+        if menu is not None and "response_format" not in self.dropped:
+            body["response_format"] = menu.json_schema()
         if "temperature" not in self.dropped:
             body["temperature"] = self.temperature
-        if self.max_new_tokens:
+        limit = self.max_new_tokens
+        if menu is not None:  # an answer is short: a reason and a choice in JSON
+            limit = min(limit or menu.max_tokens + 16, menu.max_tokens + 16)
+        if limit:
             for key in ("max_tokens", "max_completion_tokens"):  # the second for reasoning models
                 if key not in self.dropped:
-                    body[key] = self.max_new_tokens
+                    body[key] = limit
                     break
         if n > 1 and "n" not in self.dropped:
             body["n"] = n
         return body
 
-    def _call(self, prompt: str, n: int) -> dict[str, Any]:
+    def _call(self, prompt: str, n: int, menu: Menu | None = None) -> dict[str, Any]:
         """Returns the server's reply, dropping what it refuses and retrying what is passing.
 
         Raises:
@@ -239,7 +287,7 @@ class OpenAIProposer:
             reraise=True,
         )
         while True:
-            body = self._body(prompt, n)
+            body = self._body(prompt, n, menu)
             try:
                 return retrying(self._post, body)
             except PermanentHTTPError as exc:
@@ -252,6 +300,11 @@ class OpenAIProposer:
                     raise
                 self.dropped.add(refused)
                 log.warning("openai: the server refused `%s`; not sent from now on", refused)
+                if refused == "response_format":
+                    log.warning(
+                        "openai: constrained answers are asked for in the prompt only, "
+                        "and checked against the menu"
+                    )
             except (TransientHTTPError, openai.APIConnectionError) as exc:
                 raise Outage(
                     f"the proposer's endpoint {self.base_url} failed after {self.attempts} "
@@ -259,16 +312,69 @@ class OpenAIProposer:
                 ) from None
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:
+        if self.edit_mode == "constrained":
+            return self._choose(request, k)
+        return self._answers(request.prompt, k, None)
+
+    def _choose(self, request: ProposalRequest, k: int) -> list[Proposal]:
+        """Returns k proposals, each a setting and value the model chose from the parent's menu."""
+        menu = Menu.of(request.files, request.known).shuffled(random.Random(request.seed))
+        if not menu.settings:
+            return [Proposal(text="", error=NO_SETTINGS, model=self.model) for _ in range(k)]
+        proposals: list[Proposal] = []
+        left, spent_in, spent_out = menu, 0, 0  # the tokens of answers asked again
+        for round_ in range(ROUNDS):
+            prompt = f"{request.prompt}\n{left.describe(as_json=True)}"
+            answers = self._answers(prompt, k - len(proposals), left)
+            self._check_enforced(answers)
+            for answer in answers:
+                repeat = not answer.error and left.choice(answer.text) is None
+                if repeat and menu.choice(answer.text) and round_ < ROUNDS - 1:
+                    spent_in, spent_out = spent_in + answer.tokens_in, spent_out + answer.tokens_out
+                    continue  # asked again below
+                proposals.append(answer if answer.error else menu.proposal(request.files, answer))
+                left = left.without(answer.text)
+            if len(proposals) == k:
+                break
+        first = proposals[0]
+        proposals[0] = dataclasses.replace(
+            first, tokens_in=first.tokens_in + spent_in, tokens_out=first.tokens_out + spent_out
+        )
+        return proposals
+
+    def _check_enforced(self, answers: list[Proposal]) -> None:
+        """Warns once when the server answered a response_format with something not JSON."""
+        if self.unenforced or "response_format" in self.dropped:
+            return
+        for answer in answers:  # even one cut at the token limit starts as an object would
+            if not answer.error and not answer.text.lstrip().startswith("{"):
+                self.unenforced = True
+                log.warning(
+                    "openai: %s ignored response_format (an answer is not JSON); constrained "
+                    "answers are not enforced by this server, only checked against the menu",
+                    self.base_url,
+                )
+                return
+
+    def _answers(self, prompt: str, k: int, menu: Menu | None) -> list[Proposal]:
+        """Returns k answers to a prompt (under a menu's schema), as few calls as the server allows."""
         proposals: list[Proposal] = []
         while len(proposals) < k:  # servers that ignore n answer one choice per call
             start = time.perf_counter()
             want = k - len(proposals)
             try:
-                reply = self._call(request.prompt, want)
+                reply = self._call(prompt, want, menu)
             except PermanentHTTPError as exc:
+                self.refusals += 1
+                if self.refusals >= FAILING:
+                    raise Outage(
+                        f"the proposer's endpoint {self.base_url} refused {FAILING} calls in a "
+                        f"row, the last with {str(exc)[:300]}"
+                    ) from None
                 error = f"{type(exc).__name__}: {exc}"
                 proposals += [Proposal(text="", error=error, model=self.model) for _ in range(want)]
                 break
+            self.refusals = 0
             latency = time.perf_counter() - start
             choices = reply["choices"][:want]
             usage = reply.get("usage") or {}  # some servers send none, or nulls

@@ -18,13 +18,10 @@ Two edit modes (`proposer.edit_mode`):
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
-import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,20 +30,12 @@ from selfprog.config import ProposerSection
 from selfprog.edits import rationale
 from selfprog.errors import ConfigError
 from selfprog.proposers.base import Proposal, ProposalRequest
-from selfprog.proposers.mutate import (
-    Literal,
-    change,
-    changed_files,
-    neighbours,
-    tunable_literals,
-)
+from selfprog.proposers.menu import CHOOSE_SYSTEM, NO_SETTINGS, Menu
 from selfprog.proposers.openai import SYSTEM
 
 log = logging.getLogger(__name__)
 
 SMALL_MODEL = 1_000_000_000  # parameters: below this, `auto` constrains the edits
-CHOOSE_SYSTEM = "You are an expert ML engineer who tunes training programs one setting at a time."
-REASON_CHARS = 160
 
 
 @dataclass
@@ -149,11 +138,7 @@ class TransformersProposer:
             return self._generate(request.prompt, request.seed, k, self.max_new_tokens, None)
         menu = Menu.of(request.files, request.known).shuffled(random.Random(request.seed))
         if not menu.settings:
-            error = (
-                "constrained edits need a number assigned in the program's settings, with a "
-                "nearby value not tried yet; found none"
-            )
-            return [Proposal(text="", error=error, model=self.model_name) for _ in range(k)]
+            return [Proposal(text="", error=NO_SETTINGS, model=self.model_name) for _ in range(k)]
         prompt = f"{request.prompt}\n{menu.describe()}"
         budget = min(self.max_new_tokens, menu.max_tokens)
         answers = self._generate(prompt, request.seed, k, budget, menu)
@@ -239,113 +224,6 @@ class TransformersProposer:
             pad_token_id=self.tokenizer.pad_token_id,
             logits_processor=processors,
         )
-
-
-@dataclass(frozen=True)
-class Menu:
-    """The structured edit space of a parent: its settings and each one's nearby values."""
-
-    settings: list[tuple[Literal, list[int | float], str]]  # (setting, values, its line)
-
-    @classmethod
-    def of(
-        cls,
-        files: Mapping[str, str],
-        known: Callable[[Mapping[str, str]], bool] | None = None,
-    ) -> Menu:
-        """Returns the menu of a program; with known, values whose program exists are left out."""
-        settings = []
-        for path in sorted(files):
-            if not path.endswith(".py"):
-                continue
-            try:
-                found = tunable_literals(path, files[path])
-            except SyntaxError:
-                continue
-            lines = files[path].split("\n")
-            for lit in found:
-                values = [
-                    v
-                    for v in neighbours(lit.value)
-                    if known is None or not known(changed_files(files, [(lit, v)]))
-                ]
-                if values:
-                    settings.append((lit, values, lines[lit.line - 1].strip()))
-        return cls(settings)
-
-    def choice(self, answer: str) -> tuple[Literal, int | float] | None:
-        """Returns the setting and value an answer's choice line names, if it is on the menu."""
-        for line in answer.strip().split("\n"):
-            for lit, values, _ in self.settings:
-                key = self._key(lit) + " "
-                for value in values:
-                    if line.strip() == key + str(value):
-                        return lit, value
-        return None
-
-    def shuffled(self, rng: random.Random) -> Menu:
-        """Returns the menu in an order of its own: a small model leans to what it reads first."""
-        settings = [
-            (lit, rng.sample(values, len(values)), line) for lit, values, line in self.settings
-        ]
-        return Menu(rng.sample(settings, len(settings)))
-
-    def without(self, answer: str) -> Menu:
-        """Returns the menu less the choice an answer made (the same menu when it was the last)."""
-        chosen = self.choice(answer)
-        settings = []
-        for lit, values, line in self.settings:
-            left = [v for v in values if chosen != (lit, v)]
-            if left:
-                settings.append((lit, left, line))
-        return Menu(settings) if settings else self  # all taken: repeats are better than none
-
-    @staticmethod
-    def _key(lit: Literal) -> str:
-        return f"{lit.path}: {lit.name} ="
-
-    def describe(self) -> str:
-        """Returns the prompt's list of settings, their current lines and the values to choose from."""
-        rows = [
-            f"- {self._key(lit)} one of {', '.join(map(str, values))}   (now: {line})"
-            for lit, values, line in self.settings
-        ]
-        return (
-            "# Settings you can change\n" + "\n".join(rows) + "\n\n# Answer\n"
-            "First one line `Reason: ` with what you expect to help this program and why, "
-            "then one line `file: name = value` with the setting and one of its values from the list."
-        )
-
-    @property
-    def max_tokens(self) -> int:
-        """The new tokens an answer may need: a choice and a reason, a token a character at worst."""
-        return 24 + REASON_CHARS
-
-    def grammar(self) -> str:
-        """Returns the Lark grammar of an answer: a reason, then one listed setting and value."""
-        choices = [
-            f"{json.dumps(self._key(lit) + ' ')} ({' | '.join(json.dumps(str(v)) for v in values)})"
-            for lit, values, _ in self.settings
-        ]
-        return (
-            'start: "Reason: " REASON "\\n" choice "\\n"\n'
-            f"choice: {' | '.join(choices)}\n"
-            f"REASON: /[^\\n]{{1,{REASON_CHARS}}}/\n"
-        )
-
-    def proposal(self, files: Mapping[str, str], answer: Proposal) -> Proposal:
-        """Returns the SEARCH/REPLACE proposal an answer chose, or the answer with an error."""
-        chosen = self.choice(answer.text)
-        if chosen is None:
-            named = answer.text.strip().replace("\n", " | ")[:80]
-            return dataclasses.replace(
-                answer, error=f"the answer names no listed setting and value: {named!r}"
-            )
-        edit = change(files, [chosen])
-        lines = answer.text.strip().split("\n")
-        reason = next((x.strip()[7:].strip() for x in lines if x.strip().startswith("Reason:")), "")
-        why = f"{edit.rationale}: {reason}" if reason else edit.rationale
-        return dataclasses.replace(answer, text=f"{why}\n\n{edit.text}", rationale=rationale(why))
 
 
 class GrammarConstraint:

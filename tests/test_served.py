@@ -1,0 +1,234 @@
+"""Served models: constrained edits over an endpoint (a fake server for each fault), and a
+real `transformers serve` of SmolLM2 driven by a short run, free then constrained."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from selfprog import models
+from selfprog.cli import main
+from selfprog.config import ProposerSection
+from selfprog.edits import apply_edits, parse_edits
+from selfprog.errors import Outage
+from selfprog.proposers.base import ProposalRequest
+from selfprog.proposers.menu import Menu
+from selfprog.proposers.openai import OpenAIProposer
+from selfprog.target import Target
+from tests.fakes import FakeOpenAI, Reply, chat
+
+
+def files_of(target: Target) -> dict[str, str]:
+    return {name: (target.root / name).read_text() for name in target.editable}
+
+
+def chooser(url: str) -> OpenAIProposer:
+    return OpenAIProposer(
+        base_url=url, model="m", timeout=2.0, attempts=2, backoff_initial=0.05,
+        edit_mode="constrained",
+    )  # fmt: skip
+
+
+def answer(option: str, reason: str = "a smaller step is steadier") -> str:
+    return json.dumps({"reason": reason, "choice": option})
+
+
+def schema_enum(request: dict) -> list[str]:  # type: ignore[type-arg]
+    return request["body"]["response_format"]["json_schema"]["schema"]["properties"]["choice"][
+        "enum"
+    ]
+
+
+def test_constrained_answers_come_from_the_menus_schema_and_become_edits(tinylm: Target) -> None:
+    files = files_of(tinylm)
+    options = Menu.of(files).options
+    with FakeOpenAI([chat(answer(options[0]), answer(options[-1]))]).running() as fake:
+        proposals = chooser(fake.url).propose(ProposalRequest(1, files, "tune it", seed=3), 2)
+    body = fake.requests[0]["body"]
+    assert sorted(schema_enum(fake.requests[0])) == sorted(options)
+    assert body["n"] == 2 and body["max_tokens"] < 300  # a short answer, not 2048 tokens
+    assert body["messages"][1]["content"].rstrip().endswith("one of its values from the list.")
+    edited = []
+    for p in proposals:
+        assert not p.error, p.error
+        assert p.rationale.endswith("a smaller step is steadier")
+        after = apply_edits(files, parse_edits(p.text, tinylm.editable), tinylm.editable, [])
+        edited.append(after)
+    assert edited[0] != files and edited[1] != files and edited[0] != edited[1]
+
+
+def test_a_repeated_choice_is_asked_again_without_it_and_every_token_counted(
+    tinylm: Target,
+) -> None:
+    files = files_of(tinylm)
+    options = Menu.of(files).options
+    first = chat(answer(options[0]), answer(options[0]), prompt_tokens=900, completion_tokens=80)
+    second = chat(answer(options[1]), prompt_tokens=880, completion_tokens=30)
+    with FakeOpenAI([first, second]).running() as fake:
+        proposals = chooser(fake.url).propose(ProposalRequest(1, files, "tune it", seed=3), 2)
+    assert len(fake.requests) == 2
+    assert options[0] not in schema_enum(fake.requests[1])
+    assert options[0] not in fake.requests[1]["body"]["messages"][1]["content"].split("# Answer")[0]
+    assert [p.error for p in proposals] == ["", ""]
+    assert proposals[0].text != proposals[1].text
+    assert sum(p.tokens_in for p in proposals) == 1780
+    assert sum(p.tokens_out for p in proposals) == 110
+
+
+def test_a_server_refusing_structured_output_is_asked_without_it(
+    tinylm: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = files_of(tinylm)
+    options = Menu.of(files).options
+    refusal = Reply(
+        400,
+        {"error": {"message": "response_format is not supported", "param": "response_format"}},
+    )
+    lines = f"Reason: worth a try\n{options[2]}"
+    script = [refusal, chat(lines, "I would change the learning rate.")]
+    with caplog.at_level(logging.WARNING), FakeOpenAI(script).running() as fake:
+        lm = chooser(fake.url)
+        proposals = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 2)
+    assert "response_format" in fake.requests[0]["body"]
+    assert "response_format" not in fake.requests[1]["body"]
+    assert lm.dropped == {"response_format"}
+    assert "asked for in the prompt only" in caplog.text
+    assert proposals[0].error == "" and proposals[0].rationale.endswith("worth a try")
+    assert "names no listed setting and value" in proposals[1].error
+
+
+def test_a_server_ignoring_structured_output_is_warned_about_once(
+    tinylm: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = files_of(tinylm)
+    prose = chat("The next section is about what worked.", "Nothing yet.")
+    with caplog.at_level(logging.WARNING), FakeOpenAI([prose, prose]).running() as fake:
+        lm = chooser(fake.url)
+        first = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 2)
+        second = lm.propose(ProposalRequest(1, files, "tune it", seed=4), 2)
+    assert all("names no listed setting and value" in p.error for p in first + second)
+    assert caplog.text.count("ignored response_format") == 1
+    assert all("response_format" in r["body"] for r in fake.requests)  # still asked for
+
+
+def test_auto_constrains_a_model_whose_name_says_it_is_small() -> None:
+    def mode(model: str, edit_mode: str = "auto") -> str:
+        section = ProposerSection(
+            kind="openai", base_url="http://127.0.0.1:9/v1", model=model, edit_mode=edit_mode
+        )
+        return OpenAIProposer.from_config(section).edit_mode
+
+    assert mode("HuggingFaceTB/SmolLM2-135M-Instruct") == "constrained"
+    assert mode("qwen2.5:0.5b") == "constrained"
+    assert mode("meta-llama/Llama-3.1-8B-Instruct") == "free"
+    assert mode("gpt-4o") == "free"  # no size in the name
+    assert mode("gpt-4o", "constrained") == "constrained"
+    assert mode("SmolLM2-135M", "free") == "free"
+
+
+def test_a_menu_with_nothing_left_is_an_error_on_every_proposal_and_no_call() -> None:
+    with FakeOpenAI([]).running() as fake:
+        proposals = chooser(fake.url).propose(ProposalRequest(1, {"a.py": "X = 1\n"}, "p", 1), 2)
+    assert fake.requests == []
+    assert all("found none" in p.error for p in proposals)
+
+
+def test_calls_refused_in_a_row_stop_the_run_with_the_servers_words() -> None:
+    """A model the server does not serve fails every call: the third stops the run."""
+    pinned = Reply(400, {"detail": "Server is pinned to 'smollm2'; requested 'gpt-4o'."})
+    script = [pinned, pinned, chat("Reason: fine\nnothing"), pinned, pinned, pinned]
+    with FakeOpenAI(script).running() as fake:
+        lm = OpenAIProposer(base_url=fake.url, model="gpt-4o", timeout=2.0, attempts=2)
+        request = ProposalRequest(1, {}, "p", 1)
+        for _ in range(3):  # two refusals, then an answer: the streak starts again
+            assert len(lm.propose(request, 1)) == 1
+        assert all(p.error for p in lm.propose(request, 1) + lm.propose(request, 1))
+        with pytest.raises(Outage, match=r"refused 3 calls in a row.*pinned to 'smollm2'"):
+            lm.propose(request, 1)
+    assert len(fake.requests) == 6
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Yields the base_url and model name of `transformers serve` with SmolLM2 on loopback."""
+    folder = models.fetch("smollm2")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"transformers serve did not come up:\n{log.read_text()[-2000:]}")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1", str(folder)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_a_run_against_transformers_serve_free_then_constrained(
+    served: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole path through a real server: requests it takes, ignores or refuses, a token
+    ledger from its usage, every proposal recorded with its outcome, steering the edit mode."""
+    from selfprog.rundir import open_run
+
+    url, model = served
+    run_dir = tmp_path / "run"
+    settings = [f"proposer.base_url={url}", f"proposer.model={model}", "proposer.edit_mode=free"]
+    settings += [
+        "proposer.max_new_tokens=96",
+        "selection.noise_seeds=1",
+        "selection.confirm_seeds=1",
+    ]
+    args = ["run", "--run-dir", str(run_dir), "--runner", "local", "--proposer", "openai"]
+    args += ["--generations", "1", "--population", "2", "--budget-steps", "20"]
+    assert main(args + [f"--set={s}" for s in settings]) == 0
+    capsys.readouterr()
+    assert (
+        main(["resume", str(run_dir), "--generations=2", "--set=proposer.edit_mode=constrained"])
+        == 0
+    )
+    said = "".join(capsys.readouterr())
+    run = open_run(run_dir)
+    calls = run.archive.db.execute(
+        "SELECT generation, k, tokens_in, tokens_out, model FROM calls ORDER BY generation"
+    ).fetchall()
+    assert [(g, k) for g, k, *_ in calls] == [(1, 2), (2, 2)]
+    for _, _, tokens_in, tokens_out, served_model in calls:
+        assert tokens_in > 1000 and 0 < tokens_out <= 2 * 200, calls  # the server's own usage
+        assert served_model == model
+    proposals = run.archive.db.execute(
+        "SELECT calls.generation, proposals.response, proposals.error, proposals.finish "
+        "FROM proposals JOIN calls ON calls.id = proposals.call_id ORDER BY proposals.id"
+    ).fetchall()
+    assert len(proposals) == 4 and all(response or error for _, response, error, _ in proposals)
+    children = [c for c in run.archive.candidates() if c.generation > 0]
+    assert len(children) == 4
+    for child in children:  # each one scored, or refused with its reason: nothing lost
+        assert child.state in ("ok", "invalid", "duplicate", "failed", "over_budget"), child
+        assert child.state != "invalid" or child.reason, child
+    constrained = [c for c in children if c.generation == 2]
+    for child in constrained:
+        assert child.state != "invalid" or "names no listed setting" in (child.reason or "")
+    # transformers serve takes no response_format: the run says so, and goes on unconstrained
+    assert "ignored response_format" in said or all(c.state != "invalid" for c in constrained)
