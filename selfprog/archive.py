@@ -24,6 +24,7 @@ from selfprog.records import (
     content_hash,
     insert_evaluation,
     program_hash,
+    read_program,
 )
 from selfprog.schema import SCHEMA, SCHEMA_VERSION, add_indexes, migrate
 from selfprog.states import FAILED, UNFINISHED, State
@@ -143,13 +144,9 @@ class Archive:
         return phash
 
     def program(self, phash: str) -> dict[str, str]:
-        row = self.db.execute("SELECT files FROM programs WHERE hash = ?", (phash,)).fetchone()
-        if row is None:
+        files = read_program(self.db, phash)
+        if files is None:
             raise ArchiveError(f"program {phash[:12]} is not in the archive")
-        files = {}
-        for path, digest in json.loads(row[0]).items():
-            blob = self.db.execute("SELECT content FROM blobs WHERE hash = ?", (digest,)).fetchone()
-            files[path] = bytes(blob[0]).decode()
         return files
 
     # -- generations and proposals -----------------------------------------
@@ -236,6 +233,7 @@ class Archive:
             "parent_id",
             "proposal_id",
             "program_hash",
+            "program_key",
             "state",
             "reason",
             "diff",
@@ -254,11 +252,11 @@ class Archive:
         )
         return int(cursor.lastrowid or 0)
 
-    def find_program(self, phash: str) -> int | None:
-        """Returns the first candidate holding this exact program, if any."""
+    def find_program(self, key: str) -> int | None:
+        """Returns the first candidate holding the same program (by `program_key`), if any."""
         row = self.db.execute(
-            "SELECT id FROM candidates WHERE program_hash = ? AND state != ? ORDER BY id LIMIT 1",
-            (phash, DUPLICATE),
+            "SELECT id FROM candidates WHERE program_key = ? AND state != ? ORDER BY id LIMIT 1",
+            (key, DUPLICATE),
         ).fetchone()
         return None if row is None else int(row[0])
 

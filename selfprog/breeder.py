@@ -20,7 +20,7 @@ from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unifi
 from selfprog.population import Population, derive_seed
 from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
-from selfprog.records import Candidate, program_hash
+from selfprog.records import Candidate, program_key
 from selfprog.rundir import MODELS, Run
 from selfprog.states import State
 
@@ -80,6 +80,7 @@ class Breeder:
                 db,
                 generation=0,
                 program_hash=phash,
+                program_key=program_key(files),
                 state=PENDING,
                 rationale="the seed program",
                 evals_needed=self.run.config.selection.noise_seeds,  # they measure the noise floor
@@ -173,7 +174,7 @@ class Breeder:
             prompt=prompt,
             seed=derive_seed(run.config.run.seed, generation, parent.id),
             # read on the proposer's thread: a read of its own, never a write
-            known=lambda program: self._known(program_hash(program)),
+            known=lambda program: self._known(program_key(program)),
         )
         self.on_event({"event": "proposing", "generation": generation, "parent": parent.id, "k": k})
         return Call(generation, parent, files, request, k, self.weights_for(generation))
@@ -187,12 +188,12 @@ class Breeder:
         head = self.population.champion() if generation > 1 else None
         return (head.id, self.run.root / MODELS / str(head.id)) if head else (None, None)
 
-    def _known(self, phash: str) -> bool:
+    def _known(self, key: str) -> bool:
         from selfprog.archive import Archive
 
         reader = Archive(self.archive.path, readonly=True)  # sqlite connections stay in one thread
         try:
-            return reader.find_program(phash) is not None
+            return reader.find_program(key) is not None
         finally:
             reader.close()
 
@@ -252,8 +253,9 @@ class Breeder:
             archive.add_candidate(db, state=State.INVALID.value, reason=str(exc), **fields)
             return
         phash = archive.put_program(db, child)
-        fields.update(program_hash=phash, diff=unified_diff(call.files, child))
-        same = archive.find_program(phash)
+        key = program_key(child)
+        fields.update(program_hash=phash, program_key=key, diff=unified_diff(call.files, child))
+        same = archive.find_program(key)
         if same is not None:
             archive.add_candidate(
                 db,

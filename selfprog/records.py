@@ -6,6 +6,7 @@ archive (selfprog/archive.py) asks SQLite the questions that return them.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import sqlite3
@@ -57,6 +58,33 @@ def program_hash(files: Mapping[str, str]) -> str:
     """Returns the content address of a program (its files and their names)."""
     manifest = {path: content_hash(text.encode()) for path, text in sorted(files.items())}
     return content_hash(json.dumps(manifest, sort_keys=True).encode())
+
+
+def program_key(files: Mapping[str, str]) -> str:
+    """Returns what makes two programs the same program, for duplicates: each Python file's
+    syntax tree (`3.0e-4` and `3e-4` are one number, a comment or a blank line is nothing),
+    any other file's text. Trees are Python's own, so a resume under another Python may
+    miss a duplicate of an older candidate, never invent one."""
+    manifest = {}
+    for path, text in sorted(files.items()):
+        try:
+            tree = ast.dump(ast.parse(text)) if path.endswith(".py") else text
+        except (SyntaxError, ValueError):
+            tree = text
+        manifest[path] = content_hash(tree.encode())
+    return content_hash(json.dumps(manifest, sort_keys=True).encode())
+
+
+def read_program(db: sqlite3.Connection, phash: str) -> dict[str, str] | None:
+    """Returns a stored program's files by its hash, or None if the archive has no such program."""
+    row = db.execute("SELECT files FROM programs WHERE hash = ?", (phash,)).fetchone()
+    if row is None:
+        return None
+    files = {}
+    for path, digest in json.loads(row[0]).items():
+        blob = db.execute("SELECT content FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        files[path] = bytes(blob[0]).decode()
+    return files
 
 
 def insert_evaluation(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 4  # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost
+from selfprog.records import program_key, read_program
+
+# 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,7 +30,8 @@ CREATE TABLE proposals (
 );
 CREATE TABLE candidates (
     id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, parent_id INTEGER REFERENCES candidates(id),
-    proposal_id INTEGER UNIQUE REFERENCES proposals(id), program_hash TEXT, state TEXT NOT NULL,
+    proposal_id INTEGER UNIQUE REFERENCES proposals(id), program_hash TEXT, program_key TEXT,
+    state TEXT NOT NULL,
     score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
     diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
     evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
@@ -55,6 +59,7 @@ INDEXES = {
     "candidates_by_score": "candidates(state, score)",  # the best; every candidate's state and score
     "candidates_by_verdict": "candidates(accepted, generation)",  # accepted ones; unjudged ones
     "candidates_confirming": "candidates(id) WHERE evals_needed > 1",  # evaluations still due
+    "candidates_by_key": "candidates(program_key)",  # is a program new, by its meaning
 }
 
 
@@ -68,20 +73,22 @@ def add_indexes(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Brings an archive written by schema 1, 2 or 3 to the current schema.
+    """Brings an archive written by schema 1 to 4 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
     Schema 2 added the node each candidate and evaluation ran on; schema 3
     the changes made to a run's config mid-run, the finish reason of each
     proposal, and an index of evaluations by candidate; schema 4 each proposer
-    call's estimated cost.
+    call's estimated cost; schema 5 each candidate's `program_key`, filled in here
+    from the stored programs.
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
         ("evaluations", "node", "TEXT"),
         ("proposals", "finish", "TEXT"),
         ("calls", "cost", "REAL"),
+        ("candidates", "program_key", "TEXT"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -95,4 +102,15 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute(
             "CREATE INDEX IF NOT EXISTS evaluations_by_candidate ON evaluations(candidate_id)"
         )
+        unkeyed = db.execute(
+            "SELECT DISTINCT program_hash FROM candidates "
+            "WHERE program_hash IS NOT NULL AND program_key IS NULL"
+        ).fetchall()
+        for (phash,) in unkeyed:
+            files = read_program(db, phash)
+            if files is not None:
+                db.execute(
+                    "UPDATE candidates SET program_key = ? WHERE program_hash = ?",
+                    (program_key(files), phash),
+                )
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from selfprog.archive import Archive, ArchiveError
-from selfprog.records import program_hash
+from selfprog.records import program_hash, program_key
 from selfprog.scoring import Result, State
 
 
@@ -20,10 +20,38 @@ def test_sources_are_stored_once_and_programs_found_by_hash(tmp_path: Path) -> N
         h1 = archive.put_program(db, first)
         h2 = archive.put_program(db, second)
         archive.put_program(db, dict(first))
-        c1 = archive.add_candidate(db, generation=0, program_hash=h1, state="pending")
+        c1 = archive.add_candidate(
+            db, generation=0, program_hash=h1, program_key=program_key(first), state="pending"
+        )
     assert archive.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 3
     assert archive.program(h2) == second and h1 == program_hash(first) != h2
-    assert archive.find_program(h1) == c1 and archive.find_program(h2) is None
+    assert archive.find_program(program_key(first)) == c1
+    assert archive.find_program(program_key(second)) is None
+
+
+def test_programs_are_the_same_by_meaning_and_an_older_archive_learns_it(tmp_path: Path) -> None:
+    """`3.0e-4` for `3e-4`, or a comment, is the same program: a duplicate, not a candidate."""
+    seed = {"train.py": "lr = 3e-4\nsteps = 10\n", "notes.txt": "a"}
+    respelled = {"train.py": "lr = 3.0e-4  # the same\n\nsteps = 10\n", "notes.txt": "a"}
+    assert program_hash(seed) != program_hash(respelled)
+    assert program_key(seed) == program_key(respelled)
+    for other in ({"train.py": "lr = 3e-3\nsteps = 10\n", "notes.txt": "a"},
+                  {"train.py": "lr = 3e-4\nsteps = 10.0\n", "notes.txt": "a"},  # int to float
+                  {"train.py": "lr = 3e-4\nsteps = 10\n", "notes.txt": "b"}):  # fmt: skip
+        assert program_key(other) != program_key(seed), other
+    path = tmp_path / "v4.sqlite"
+    archive = Archive.create(path, {})
+    with archive.transaction() as db:  # as schema 4 wrote it: no program_key
+        phash = archive.put_program(db, seed)
+        archive.add_candidate(db, generation=0, program_hash=phash, state="ok")
+    archive.db.execute("DROP INDEX candidates_by_key")
+    archive.db.execute("ALTER TABLE candidates DROP COLUMN program_key")
+    archive.set_meta("schema_version", "4")
+    archive.close()
+    assert Archive(path, readonly=True).candidate(1).program_hash == phash
+    migrated = Archive(path)
+    assert migrated.meta("schema_version") == "5"
+    assert migrated.find_program(program_key(respelled)) == 1
 
 
 def test_results_and_every_evaluation_are_kept(tmp_path: Path) -> None:
@@ -70,7 +98,7 @@ def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path
     assert Archive(path, readonly=True).candidate(1).node == ""  # readers read it as it is
     archive = Archive(path)
     archive.finish(1, Result(State.OK, score=1.0), 0, node="n1")
-    assert archive.meta("schema_version") == "4" and archive.candidate(1).node == "n1"
+    assert archive.meta("schema_version") == "5" and archive.candidate(1).node == "n1"
     archive.record_changes([("run.generations", "4", "6")])  # schema 3 is there too
     archive.close()
     reopened = Archive(path)
@@ -96,7 +124,7 @@ def test_a_schema_2_archive_reads_without_changes_and_migrates(tmp_path: Path) -
     db.close()
     assert Archive(path, readonly=True).changes() == []  # a reader of an unmigrated archive
     archive = Archive(path)
-    assert archive.meta("schema_version") == "4"
+    assert archive.meta("schema_version") == "5"
     with archive.transaction() as tx:
         call = archive.record_call(
             tx,
