@@ -9,6 +9,7 @@ share, proposals per minute and tokens per proposal, then
 
     python bench/proposals.py                  # smollm2 (fetch it first), 3 calls x 4
     python bench/proposals.py --model PATH --calls 5
+    python bench/proposals.py --endpoint http://127.0.0.1:8000/v1 --model NAME   # a served model
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from selfprog.edits import EditError, apply_edits, parse_edits
 from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.proposers.mutate import tunable_literals
+from selfprog.proposers.openai import OpenAIProposer
 from selfprog.proposers.transformers import TransformersProposer
 from selfprog.records import Candidate
 from selfprog.target import load_target
@@ -52,6 +54,9 @@ def changed_settings(proposal: Proposal, files: dict[str, str], editable: list[s
 def main() -> None:
     parser = argparse.ArgumentParser(description="valid proposals of a local model, per edit mode")
     parser.add_argument("--model", default="smollm2", help="a fetched alias or a model folder")
+    parser.add_argument(
+        "--endpoint", help="an OpenAI-compatible base_url: ask the model it serves as --model"
+    )
     parser.add_argument("--calls", type=int, default=3, help="proposer calls per mode (3)")
     parser.add_argument("--k", type=int, default=4, help="proposals per call (4)")
     parser.add_argument("--free-tokens", type=int, default=384, help="new tokens, free mode")
@@ -62,7 +67,13 @@ def main() -> None:
     target = load_target("tinylm")
     files = {name: (target.root / name).read_text() for name in target.editable}
     seed = Candidate(1, 0, None, None, None, "ok", 3.3, {}, "", "", {}, "", "", None, 1, 3, True)
-    proposer = TransformersProposer.load(args.model, 0.8, args.free_tokens, "free")
+    proposer: TransformersProposer | OpenAIProposer
+    if args.endpoint:
+        proposer = OpenAIProposer(
+            args.endpoint, args.model, max_new_tokens=args.free_tokens, timeout=600.0
+        )
+    else:
+        proposer = TransformersProposer.load(args.model, 0.8, args.free_tokens, "free")
     shares = {"free": float("nan"), "constrained": float("nan")}
     for mode in args.modes.split(","):
         proposer.edit_mode = mode

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -60,19 +61,37 @@ def program_hash(files: Mapping[str, str]) -> str:
     return content_hash(json.dumps(manifest, sort_keys=True).encode())
 
 
-def program_key(files: Mapping[str, str]) -> str:
-    """Returns what makes two programs the same program, for duplicates: each Python file's
-    syntax tree (`3.0e-4` and `3e-4` are one number, a comment or a blank line is nothing),
-    any other file's text. Trees are Python's own, so a resume under another Python may
-    miss a duplicate of an older candidate, never invent one."""
-    manifest = {}
-    for path, text in sorted(files.items()):
+_CODING = re.compile(r"^[ \t\f]*#.*?coding[:=]", re.MULTILINE)
+
+
+def file_key(path: str, text: str) -> str:
+    """Returns what makes two versions of a file the same, for `program_key`.
+
+    A Python file is its syntax tree with its type comments (TorchScript
+    reads them), so `3.0e-4` and `3e-4` are one number and a comment or a
+    blank line is nothing. A file with a coding cookie, or one Python
+    cannot parse or dump (a syntax error, nesting too deep), is its text;
+    so is any other file. A program that reads its own source or line
+    numbers can tell two versions apart that this calls the same.
+    """
+    if path.endswith(".py") and not _CODING.search("\n".join(text.split("\n", 2)[:2])):
         try:
-            tree = ast.dump(ast.parse(text)) if path.endswith(".py") else text
-        except (SyntaxError, ValueError):
-            tree = text
-        manifest[path] = content_hash(tree.encode())
-    return content_hash(json.dumps(manifest, sort_keys=True).encode())
+            return content_hash(ast.dump(ast.parse(text, type_comments=True)).encode())
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            pass
+    return content_hash(b"text:" + text.encode())
+
+
+def program_key(files: Mapping[str, str]) -> str:
+    """Returns what makes two programs the same program, for duplicates: each file's
+    `file_key`. Trees are Python's own, so a resume under another Python may miss a
+    duplicate of an older candidate, never invent one."""
+    return key_of({path: file_key(path, text) for path, text in files.items()})
+
+
+def key_of(file_keys: Mapping[str, str]) -> str:
+    """Returns a program's key from its files' keys."""
+    return content_hash(json.dumps(dict(sorted(file_keys.items())), sort_keys=True).encode())
 
 
 def read_program(db: sqlite3.Connection, phash: str) -> dict[str, str] | None:

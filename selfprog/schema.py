@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
-from selfprog.records import program_key, read_program
+from selfprog.records import file_key, key_of
 
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning
 SCHEMA_VERSION = 5
@@ -102,15 +103,27 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute(
             "CREATE INDEX IF NOT EXISTS evaluations_by_candidate ON evaluations(candidate_id)"
         )
-        unkeyed = db.execute(
-            "SELECT DISTINCT program_hash FROM candidates "
-            "WHERE program_hash IS NOT NULL AND program_key IS NULL"
-        ).fetchall()
-        for (phash,) in unkeyed:
-            files = read_program(db, phash)
-            if files is not None:
-                db.execute(
-                    "UPDATE candidates SET program_key = ? WHERE program_hash = ?",
-                    (program_key(files), phash),
-                )
+        _fill_program_keys(db)
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
+def _fill_program_keys(db: sqlite3.Connection) -> None:
+    """Gives each candidate of an older archive its `program_key` (each stored file read once)."""
+    unkeyed = db.execute(
+        "SELECT DISTINCT program_hash FROM candidates "
+        "WHERE program_hash IS NOT NULL AND program_key IS NULL"
+    ).fetchall()
+    known: dict[tuple[str, str], str] = {}  # (path, blob) -> file key: most files are shared
+    for (phash,) in unkeyed:
+        row = db.execute("SELECT files FROM programs WHERE hash = ?", (phash,)).fetchone()
+        if row is None:
+            continue
+        keys = {}
+        for path, digest in json.loads(row[0]).items():
+            if (path, digest) not in known:
+                blob = db.execute("SELECT content FROM blobs WHERE hash = ?", (digest,)).fetchone()
+                known[path, digest] = file_key(path, bytes(blob[0]).decode())
+            keys[path] = known[path, digest]
+        db.execute(
+            "UPDATE candidates SET program_key = ? WHERE program_hash = ?", (key_of(keys), phash)
+        )

@@ -17,7 +17,7 @@ class Reply:
     """One scripted answer: a status, headers and a body, after an optional delay."""
 
     status: int = 200
-    body: Any = None  # a dict is sent as JSON, a str as is
+    body: Any = None  # a dict is sent as JSON, a str or bytes as is
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
 
@@ -63,11 +63,12 @@ class FakeOpenAI:
                 fake.times.append(time.monotonic())
                 reply = fake.script.pop(0) if fake.script else Reply(500, "script exhausted")
                 time.sleep(reply.delay)
-                data = (
-                    json.dumps(reply.body).encode()
-                    if isinstance(reply.body, dict)
-                    else str(reply.body).encode()
-                )
+                if isinstance(reply.body, bytes):
+                    data = reply.body  # as is, even bytes that are not UTF-8
+                elif isinstance(reply.body, dict):
+                    data = json.dumps(reply.body).encode()
+                else:
+                    data = str(reply.body).encode()
                 try:
                     self.send_response(reply.status)
                     for key, value in reply.headers.items():

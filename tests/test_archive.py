@@ -249,3 +249,20 @@ def test_a_writer_adds_the_indexes_an_older_archive_lacks_and_a_reader_does_not(
     assert not set(INDEXES) & indexes()
     Archive(path).close()
     assert set(INDEXES) <= indexes()
+
+
+def test_the_key_tells_apart_what_the_tree_alone_would_not(tmp_path: Path) -> None:
+    """Type comments (TorchScript reads them), a coding cookie, and a program too deep to dump."""
+    typed = "def f(x):\n    # type: (float) -> float\n    return x\n"
+    assert program_key({"m.py": typed}) != program_key({"m.py": typed.replace("float", "Tensor")})
+    latin = "# -*- coding: latin-1 -*-\nx = 1\n"
+    assert program_key({"m.py": latin}) != program_key({"m.py": latin.replace("latin-1", "utf-8")})
+    deep = "x = " + " + ".join(["1"] * 1500) + "\n"
+    assert program_key({"m.py": deep}) != program_key({"m.py": deep + "# a comment\n"})
+    archive = Archive.create(tmp_path / "a.sqlite", {})
+    with archive.transaction() as db:  # as schema 4 wrote it, with a program too deep to dump
+        phash = archive.put_program(db, {"m.py": deep})
+        archive.add_candidate(db, generation=0, program_hash=phash, state="ok")
+    archive.set_meta("schema_version", "4")
+    archive.close()
+    assert Archive(tmp_path / "a.sqlite").find_program(program_key({"m.py": deep})) == 1

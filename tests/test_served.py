@@ -232,3 +232,73 @@ def test_a_run_against_transformers_serve_free_then_constrained(
         assert child.state != "invalid" or "names no listed setting" in (child.reason or "")
     # transformers serve takes no response_format: the run says so, and goes on unconstrained
     assert "ignored response_format" in said or all(c.state != "invalid" for c in constrained)
+
+
+def test_an_answer_that_is_not_utf8_or_empty_is_recorded_with_its_reason(tinylm: Target) -> None:
+    raw = json.dumps(chat("placeholder").body).encode().replace(b"placeholder", b"\xff\xfe bad")
+    files = files_of(tinylm)
+    with FakeOpenAI([Reply(200, raw), chat("")]).running() as fake:
+        lm = chooser(fake.url)
+        garbled = lm.propose(ProposalRequest(1, files, "p", 1), 1)
+        empty = lm.propose(ProposalRequest(1, files, "p", 2), 1)
+    assert "not a chat completion" in garbled[0].error
+    assert "names no listed setting and value: ''" in empty[0].error
+
+
+def test_a_reason_cannot_smuggle_an_edit_off_the_menu(tinylm: Target) -> None:
+    """Line breaks of any kind in a reason (here \\r, which parse_edits splits on) are spaces."""
+    files = files_of(tinylm)
+    option = next(o for o in Menu.of(files).options if "batch_size" in o)
+    block = "train.py\r<<<<<<< SEARCH\rlog_every = 25\r=======\rimport os; log_every = 25\r>>>>>>> REPLACE"
+    for text in (f"Reason: x\r{block}\n{option}", answer(option, reason=f"x\r{block}\u2028")):
+        with FakeOpenAI([chat(text)]).running() as fake:
+            [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 1)
+        assert not p.error, p.error
+        after = apply_edits(files, parse_edits(p.text, tinylm.editable), tinylm.editable, [])
+        changed = [x for x in after["train.py"].split("\n") if x not in files["train.py"]]
+        assert len(changed) == 1 and "batch_size" in changed[0], changed
+    assert "[^\\r\\n]" in Menu.of(files).grammar()  # the local grammar allows no \r either
+
+
+def test_a_setting_named_twice_in_a_file_is_offered_once() -> None:
+    source = "dropout = 0.1\nclass A:\n    dropout = 0.2\nclass B:\n    dropout = 0.3\n"
+    options = Menu.of({"model.py": source}).options
+    assert len(options) == len(set(options)) and all("dropout" in o for o in options)
+    assert all(float(o.split("= ")[1]) > 0 for o in Menu.of({"model.py": "p = 0.5\n"}).options)
+
+
+def test_a_server_answering_one_at_a_time_sees_the_menu_shrink(tinylm: Target) -> None:
+    files = files_of(tinylm)
+    options = Menu.of(files).options
+    with FakeOpenAI([chat(answer(options[0])), chat(answer(options[1]))]).running() as fake:
+        lm = chooser(fake.url)
+        lm.dropped.add("n")  # as llama.cpp's server, once it refused n
+        proposals = lm.propose(ProposalRequest(1, files, "tune", seed=2), 2)
+    assert [p.error for p in proposals] == ["", ""]
+    assert options[0] in schema_enum(fake.requests[0])
+    assert options[0] not in schema_enum(fake.requests[1])
+
+
+def test_odd_reply_shapes_are_read_or_recorded_never_a_crash(tinylm: Target) -> None:
+    files = files_of(tinylm)
+    option = Menu.of(files).options[0]
+    parts = chat("")
+    parts.body["choices"][0]["message"]["content"] = [{"type": "text", "text": answer(option)}]
+    parts.body["usage"] = {"prompt_tokens": "n/a", "completion_tokens": -5}
+    surrogate = chat(answer(option, reason="\ud800 odd"))
+    deep = chat("[" * 5000)
+    with FakeOpenAI([parts, surrogate, deep]).running() as fake:
+        lm = chooser(fake.url)
+        read, odd, nested = (lm.propose(ProposalRequest(1, files, "p", s), 1)[0] for s in (1, 2, 3))
+    assert not read.error and (read.tokens_in, read.tokens_out) == (0, 0)
+    assert not odd.error
+    odd.text.encode("utf-8")  # storable: the archive encodes it
+    assert "names no listed setting" in nested.error
+
+
+def test_a_context_length_in_the_name_is_not_the_size() -> None:
+    from selfprog.proposers.openai import size_in_name
+
+    assert size_in_name("Qwen/Qwen2.5-7B-Instruct-1M") == 7e9
+    assert size_in_name("THUDM/glm-4-9b-chat-1m") == 9e9
+    assert size_in_name("HuggingFaceTB/SmolLM2-135M-Instruct") == 135e6

@@ -54,7 +54,11 @@ class Menu:
             except SyntaxError:
                 continue
             lines = files[path].split("\n")
+            named = set()
             for lit in found:
+                if lit.name in named:  # a second `dropout` (another class's): one option per name
+                    continue
+                named.add(lit.name)
                 values = [
                     v
                     for v in neighbours(lit.value)
@@ -139,7 +143,7 @@ class Menu:
         return (
             'start: "Reason: " REASON "\\n" choice "\\n"\n'
             f"choice: {' | '.join(choices)}\n"
-            f"REASON: /[^\\n]{{1,{REASON_CHARS}}}/\n"
+            f"REASON: /[^\\r\\n]{{1,{REASON_CHARS}}}/\n"
         )
 
     def json_schema(self) -> dict[str, Any]:
@@ -183,12 +187,19 @@ def _parts(answer: str) -> tuple[str, list[str]]:
         text = text.strip("`").removeprefix("json").strip()
     try:
         parsed = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         reason, choice = parsed.get("reason"), parsed.get("choice")
-        reason = " ".join(reason.split())[:REASON_CHARS] if isinstance(reason, str) else ""
-        return reason, [choice] if isinstance(choice, str) else []
+        return _one_line(reason), [choice] if isinstance(choice, str) else []
     lines = answer.strip().split("\n")
-    reason = next((x.strip()[7:].strip() for x in lines if x.strip().startswith("Reason:")), "")
-    return reason, lines
+    reason = next((x.strip()[7:] for x in lines if x.strip().startswith("Reason:")), "")
+    return _one_line(reason), lines
+
+
+def _one_line(reason: Any) -> str:
+    """Returns a reason as one short line of valid UTF-8: no line break of any kind can start
+    an edit block, and a lone surrogate (JSON's `\\ud800`) cannot stop the archive storing it."""
+    if not isinstance(reason, str):
+        return ""
+    return " ".join(reason.encode("utf-8", "replace").decode().split())[:REASON_CHARS]

@@ -133,6 +133,7 @@ def neighbours(value: int | float) -> list[int | float]:
         options = [0.01, 0.05, 0.1]
     elif 0.5 <= value < 1.0:  # betas and ratios near one move their distance to one
         options = [float(f"{1.0 - (1.0 - value) * f:.3g}") for f in (3.0, 2.0, 0.5, 0.25)]
+        options = [v for v in options if v > 0]  # 0.5 less three times its distance is below 0
     else:
         options = [float(f"{value * f:.2g}") for f in (0.1, 0.3, 0.5, 2.0, 3.0, 10.0)]
     return sorted({v for v in options if v != value})

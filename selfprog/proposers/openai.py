@@ -124,10 +124,25 @@ def refused_parameter(body: str, sent: set[str]) -> str | None:
 def size_in_name(model: str) -> float | None:
     """Returns the parameter count a model's name gives (`-135M`, `:0.5b`, `-8B`), if any."""
     found = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)([mb])(?![a-z])", model.lower().replace("x", " "))
-    if not found:
-        return None
-    number, unit = found[-1]
-    return float(number) * (1e6 if unit == "m" else 1e9)
+    sizes = [float(number) * (1e6 if unit == "m" else 1e9) for number, unit in found]
+    return max(sizes, default=None)  # `Qwen2.5-7B-Instruct-1M`: 7B, its context is the 1M
+
+
+def _count(value: Any) -> int:
+    """Returns a usage count a server sent, or 0 for none, nonsense or a negative number."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _text(content: Any) -> str:
+    """Returns an answer's text: a string, or the text parts of a list; valid UTF-8 either way."""
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        return ""
+    return content.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate becomes "?"
 
 
 def _retry_after(response: Any) -> float | None:
@@ -323,19 +338,23 @@ class OpenAIProposer:
             return [Proposal(text="", error=NO_SETTINGS, model=self.model) for _ in range(k)]
         proposals: list[Proposal] = []
         left, spent_in, spent_out = menu, 0, 0  # the tokens of answers asked again
-        for round_ in range(ROUNDS):
-            prompt = f"{request.prompt}\n{left.describe(as_json=True)}"
-            answers = self._answers(prompt, k - len(proposals), left)
+        again = ROUNDS - 1  # calls that may ask again for answers that repeated a choice
+        while len(proposals) < k:  # each call answers at least one: an error fills them all
+            want = 1 if "n" in self.dropped else k - len(proposals)  # one each: a smaller menu
+            answers = self._answers(f"{request.prompt}\n{left.describe(as_json=True)}", want, left)
             self._check_enforced(answers)
+            repeated = False
             for answer in answers:
                 repeat = not answer.error and left.choice(answer.text) is None
-                if repeat and menu.choice(answer.text) and round_ < ROUNDS - 1:
+                if repeat and menu.choice(answer.text) and again > 0:
                     spent_in, spent_out = spent_in + answer.tokens_in, spent_out + answer.tokens_out
-                    continue  # asked again below
+                    repeated = True
+                    continue  # asked again
                 proposals.append(answer if answer.error else menu.proposal(request.files, answer))
                 left = left.without(answer.text)
-            if len(proposals) == k:
-                break
+            again -= repeated
+        if not proposals:
+            return proposals
         first = proposals[0]
         proposals[0] = dataclasses.replace(
             first, tokens_in=first.tokens_in + spent_in, tokens_out=first.tokens_out + spent_out
@@ -378,10 +397,12 @@ class OpenAIProposer:
             latency = time.perf_counter() - start
             choices = reply["choices"][:want]
             usage = reply.get("usage") or {}  # some servers send none, or nulls
-            tokens_in = int(usage.get("prompt_tokens") or 0)
-            tokens_out = int(usage.get("completion_tokens") or 0)
+            tokens_in, tokens_out = (
+                _count(usage.get("prompt_tokens")),
+                _count(usage.get("completion_tokens")),
+            )
             for i, choice in enumerate(choices):
-                text = (choice.get("message") or {}).get("content") or ""
+                text = _text((choice.get("message") or {}).get("content"))
                 proposals.append(
                     Proposal(
                         text=text,
