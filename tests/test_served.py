@@ -43,9 +43,9 @@ def answer(option: str, reason: str = "a smaller step is steadier") -> str:
 
 
 def schema_enum(request: dict) -> list[str]:  # type: ignore[type-arg]
-    return request["body"]["response_format"]["json_schema"]["schema"]["properties"]["choice"][
-        "enum"
-    ]
+    form = request["body"]["response_format"]
+    schema = form["json_schema"]["schema"] if form["type"] == "json_schema" else form["schema"]
+    return schema["properties"]["choice"]["enum"]
 
 
 def test_constrained_answers_come_from_the_menus_schema_and_become_edits(tinylm: Target) -> None:
@@ -94,12 +94,13 @@ def test_a_server_refusing_structured_output_is_asked_without_it(
         {"error": {"message": "response_format is not supported", "param": "response_format"}},
     )
     lines = f"Reason: worth a try\n{options[2]}"
-    script = [refusal, chat(lines, "I would change the learning rate.")]
+    script = [refusal, refusal, chat(lines, "I would change the learning rate.")]
     with caplog.at_level(logging.WARNING), FakeOpenAI(script).running() as fake:
         lm = chooser(fake.url)
         proposals = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 2)
-    assert "response_format" in fake.requests[0]["body"]
-    assert "response_format" not in fake.requests[1]["body"]
+    forms = [r["body"].get("response_format", {}).get("type") for r in fake.requests]
+    assert forms == ["json_schema", "json_object", None]  # OpenAI's form, llama.cpp's, none
+    assert schema_enum(fake.requests[1]) == schema_enum(fake.requests[0])
     assert lm.dropped == {"response_format"}
     assert "asked for in the prompt only" in caplog.text
     assert proposals[0].error == "" and proposals[0].rationale.endswith("worth a try")
@@ -302,3 +303,18 @@ def test_a_context_length_in_the_name_is_not_the_size() -> None:
     assert size_in_name("Qwen/Qwen2.5-7B-Instruct-1M") == 7e9
     assert size_in_name("THUDM/glm-4-9b-chat-1m") == 9e9
     assert size_in_name("HuggingFaceTB/SmolLM2-135M-Instruct") == 135e6
+
+
+def test_a_validation_error_labelled_500_is_a_refusal_not_an_outage(tinylm: Target) -> None:
+    """llama-cpp-python's server answers a response_format it does not take with a 500."""
+    files = files_of(tinylm)
+    option = Menu.of(files).options[0]
+    message = (
+        "1 validation error: {'type': 'literal_error', 'loc': ('body', 'response_format', "
+        "'type'), 'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}"
+    )
+    script = [Reply(500, {"error": {"message": message}}), chat(answer(option))]
+    with FakeOpenAI(script).running() as fake:
+        [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 1)
+    assert not p.error and len(fake.requests) == 2  # not retried as a server error
+    assert fake.requests[1]["body"]["response_format"]["type"] == "json_object"

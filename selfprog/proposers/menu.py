@@ -147,8 +147,8 @@ class Menu:
         )
 
     def json_schema(self) -> dict[str, Any]:
-        """Returns the `response_format` of an answer: a reason, then one of the options."""
-        schema = {
+        """Returns the JSON schema of an answer: a reason, then one of the options."""
+        return {
             "type": "object",
             "properties": {
                 "reason": {"type": "string", "maxLength": REASON_CHARS},
@@ -156,10 +156,6 @@ class Menu:
             },
             "required": ["reason", "choice"],
             "additionalProperties": False,
-        }
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": "setting_choice", "strict": True, "schema": schema},
         }
 
     def proposal(self, files: Mapping[str, str], answer: Proposal) -> Proposal:

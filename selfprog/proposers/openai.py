@@ -24,9 +24,10 @@ model's name gives a size below a billion parameters, such as
 `SmolLM2-135M-Instruct` or `qwen2.5:0.5b`) the model chooses one setting and
 value from the parent's menu (selfprog.proposers.menu), and the request
 carries the menu's JSON schema as `response_format`, which vLLM, llama.cpp's
-server, SGLang and hosted APIs enforce. A server that refuses it is asked
-without it from then on; one that ignores it (`transformers serve`) is
-warned about once. Either way every answer is checked against the menu.
+server, SGLang and hosted APIs enforce: OpenAI's `json_schema` form first,
+then (refused) the `json_object` form with a `schema` that llama.cpp's and
+llama-cpp-python's servers take, then none, each for the rest of the run. One
+that ignores it (`transformers serve`) is warned about once. Either way every answer is checked against the menu.
 Answers of one call that choose the same edit are asked again, with the
 menu less what was chosen, up to `ROUNDS` times.
 """
@@ -92,7 +93,9 @@ REFUSING = (
     "unknown parameter",
     "not allowed",
     "only one",
+    "input should be",  # pydantic's words for a value a server's schema does not allow
 )
+VALIDATION = "validation error"  # a 5xx saying this is a refusal mislabelled (llama-cpp-python)
 
 
 def refused_parameter(body: str, sent: set[str]) -> str | None:
@@ -191,6 +194,7 @@ class OpenAIProposer:
     dropped: set[str] = field(default_factory=set)  # the optional parameters this server refused
     client: openai.OpenAI | None = field(default=None, repr=False)  # made at the first call
     unenforced: bool = False  # the server ignored a response_format once (warned)
+    schema_form: str = "json_schema"  # the response_format form this server takes, or "json_object"
     refusals: int = 0  # calls refused in a row
 
     @property
@@ -246,6 +250,8 @@ class OpenAIProposer:
             reply = self._client().chat.completions.create(**body)
         except openai.APIStatusError as exc:
             status, text = exc.status_code, exc.response.text
+            if status >= 500 and VALIDATION in text.lower():
+                status = 400  # the request, not the server: asking again cannot help
             if status == 429 or status >= 500:
                 raise TransientHTTPError(status, text[:200], _retry_after(exc.response)) from None
             raise PermanentHTTPError(f"HTTP {status}: {text[:300]}", status, text[:2000]) from None
@@ -267,7 +273,15 @@ class OpenAIProposer:
             ],
         }
         if menu is not None and "response_format" not in self.dropped:
-            body["response_format"] = menu.json_schema()
+            schema = menu.json_schema()
+            body["response_format"] = (
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": "setting_choice", "strict": True, "schema": schema},
+                }
+                if self.schema_form == "json_schema"
+                else {"type": "json_object", "schema": schema}
+            )
         if "temperature" not in self.dropped:
             body["temperature"] = self.temperature
         limit = self.max_new_tokens
@@ -313,6 +327,10 @@ class OpenAIProposer:
                             f"the proposer's endpoint {self.base_url} refused: {exc}"
                         ) from None
                     raise
+                if refused == "response_format" and self.schema_form == "json_schema":
+                    self.schema_form = "json_object"
+                    log.warning("openai: the server refused a json_schema; trying json_object")
+                    continue
                 self.dropped.add(refused)
                 log.warning("openai: the server refused `%s`; not sent from now on", refused)
                 if refused == "response_format":
