@@ -590,10 +590,10 @@ def test_a_candidate_that_kills_its_driver_is_given_up_after_three_tries(tmp_pat
 
 
 def variant(n: int) -> str:
-    """Returns an answer that makes any tinylm program a distinct one (a comment after a line)."""
+    """Returns an answer that makes any tinylm program a distinct one (a setting nothing reads)."""
     return (
         f"Variant {n}.\n\ntrain.py\n<<<<<<< SEARCH\ngrad_clip = 1.0\n=======\n"
-        f"grad_clip = 1.0\n# variant {n}\n>>>>>>> REPLACE\n"
+        f"grad_clip = 1.0\nVARIANT = {n}\n>>>>>>> REPLACE\n"
     )
 
 
