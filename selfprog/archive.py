@@ -8,6 +8,7 @@ share it, and a program is identified by the hash of its files.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -82,7 +83,11 @@ class Archive:
         """Returns a new, empty archive at path."""
         if path.exists():
             raise ArchiveError(f"{path}: an archive already exists here")
-        db = sqlite3.connect(path)
+        # written aside and renamed whole: a reader (`status` at the very start) never
+        # finds a file without its schema
+        partial = path.with_name(path.name + ".partial")
+        partial.unlink(missing_ok=True)
+        db = sqlite3.connect(partial)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
@@ -92,6 +97,7 @@ class Archive:
             db.commit()
         finally:
             db.close()
+        os.replace(partial, path)
         return cls(path)
 
     def close(self) -> None:

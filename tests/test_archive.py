@@ -266,3 +266,22 @@ def test_the_key_tells_apart_what_the_tree_alone_would_not(tmp_path: Path) -> No
     archive.set_meta("schema_version", "4")
     archive.close()
     assert Archive(tmp_path / "a.sqlite").find_program(program_key({"m.py": deep})) == 1
+
+
+def test_a_reader_never_sees_an_archive_half_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` at the instant a run starts found a file with no schema version yet."""
+    import selfprog.archive
+
+    path = tmp_path / "a.sqlite"
+    seen = []
+
+    def while_writing(db: sqlite3.Connection) -> None:
+        seen.append(path.exists())
+
+    monkeypatch.setattr(selfprog.archive, "add_indexes", while_writing)
+    Archive.create(path, {}).close()
+    assert seen[0] is False  # while its tables were made (then the writer's open checks them)
+    assert Archive(path, readonly=True).meta("schema_version") == "5"
+    assert not list(tmp_path.glob("*.partial"))
