@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
+from selfprog.ledger import Ledger
 from selfprog.records import (
     Candidate,
     Summary,
@@ -47,7 +48,7 @@ def _chunks(ids: Iterable[int]) -> Iterator[tuple[list[int], str]]:
         yield part, ", ".join("?" * len(part))
 
 
-class Archive:
+class Archive(Ledger):
     """A run's archive. Writers are the one driver; readers open it with readonly=True."""
 
     def __init__(self, path: Path, readonly: bool = False):
@@ -154,81 +155,6 @@ class Archive:
         if files is None:
             raise ArchiveError(f"program {phash[:12]} is not in the archive")
         return files
-
-    # -- generations and proposals -----------------------------------------
-
-    def generation_plan(self, generation: int) -> list[tuple[int, int]] | None:
-        """Returns the (parent, children) pairs recorded for a generation, if it was planned."""
-        row = self.db.execute(
-            "SELECT parents FROM generations WHERE generation = ?", (generation,)
-        ).fetchone()
-        return None if row is None else [(int(p), int(k)) for p, k in json.loads(row[0])]
-
-    def record_generation(self, generation: int, parents: Sequence[tuple[int, int]]) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO generations VALUES (?, ?, ?)",
-                (generation, json.dumps(list(parents)), time.time()),
-            )
-
-    def has_call(self, generation: int, parent_id: int) -> bool:
-        row = self.db.execute(
-            "SELECT 1 FROM calls WHERE generation = ? AND parent_id = ?", (generation, parent_id)
-        ).fetchone()
-        return row is not None
-
-    def record_call(
-        self, db: sqlite3.Connection, generation: int, parent_id: int, **fields: Any
-    ) -> int:
-        cursor = db.execute(
-            "INSERT INTO calls (generation, parent_id, proposer, model, k, prompt_chars, tokens_in, "
-            "tokens_out, latency, created, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                generation,
-                parent_id,
-                fields["proposer"],
-                fields.get("model", ""),
-                fields["k"],
-                fields.get("prompt_chars", 0),
-                fields.get("tokens_in", 0),
-                fields.get("tokens_out", 0),
-                fields.get("latency", 0.0),
-                time.time(),
-                fields.get("cost"),
-            ),
-        )
-        return int(cursor.lastrowid or 0)
-
-    def record_proposal(
-        self,
-        db: sqlite3.Connection,
-        call_id: int,
-        slot: int,
-        response: str,
-        rationale: str,
-        tokens_out: int,
-        error: str,
-        finish: str = "",
-    ) -> int:
-        cursor = db.execute(
-            "INSERT INTO proposals (call_id, slot, response, rationale, tokens_out, error, finish) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (call_id, slot, response, rationale, tokens_out, error, finish or None),
-        )
-        return int(cursor.lastrowid or 0)
-
-    def cost_used(self) -> float:
-        """Returns the proposer's estimated spend so far (priced calls only), in the prices' unit."""
-        if self.version < 4:  # a reader of an older archive: nothing was priced
-            return 0.0
-        row = self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM calls").fetchone()
-        return float(row[0])
-
-    def tokens_used(self) -> int:
-        row = self.db.execute(
-            "SELECT COALESCE(SUM(tokens_in + tokens_out), 0) FROM calls"
-        ).fetchone()
-        return int(row[0])
 
     # -- candidates ---------------------------------------------------------
 
