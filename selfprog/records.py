@@ -61,6 +61,7 @@ def program_hash(files: Mapping[str, str]) -> str:
     return content_hash(json.dumps(manifest, sort_keys=True).encode())
 
 
+MAX_DEPTH = 100  # syntax trees this deep are keyed by their text: the same key at any stack depth
 _CODING = re.compile(r"^[ \t\f]*#.*?coding[:=]", re.MULTILINE)
 
 
@@ -76,10 +77,22 @@ def file_key(path: str, text: str) -> str:
     """
     if path.endswith(".py") and not _CODING.search("\n".join(text.split("\n", 2)[:2])):
         try:
-            return content_hash(ast.dump(ast.parse(text, type_comments=True)).encode())
+            tree = ast.parse(text, type_comments=True)
+            if _depth(tree) <= MAX_DEPTH:  # dumping recurses: deeper would depend on the stack
+                return content_hash(ast.dump(tree).encode())
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             pass
     return content_hash(b"text:" + text.encode())
+
+
+def _depth(tree: ast.AST) -> int:
+    """Returns how deeply a syntax tree nests, walked without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def program_key(files: Mapping[str, str]) -> str:

@@ -285,3 +285,12 @@ def test_a_reader_never_sees_an_archive_half_created(
     assert seen[0] is False  # while its tables were made (then the writer's open checks them)
     assert Archive(path, readonly=True).meta("schema_version") == "5"
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_deep_program_has_one_key_however_deep_the_stack_that_computes_it() -> None:
+    files = {"m.py": "x = " + "-" * 390 + "1\n"}  # runs; dumping its tree nearly fills the stack
+
+    def at_depth(n: int) -> str:
+        return program_key(files) if n == 0 else at_depth(n - 1)
+
+    assert at_depth(0) == at_depth(600)
