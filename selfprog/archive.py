@@ -19,6 +19,7 @@ from typing import Any
 
 from selfprog.errors import SelfprogError
 from selfprog.ledger import Ledger
+from selfprog.phases import Phases
 from selfprog.records import (
     Candidate,
     Summary,
@@ -48,7 +49,7 @@ def _chunks(ids: Iterable[int]) -> Iterator[tuple[list[int], str]]:
         yield part, ", ".join("?" * len(part))
 
 
-class Archive(Ledger):
+class Archive(Ledger, Phases):
     """A run's archive. Writers are the one driver; readers open it with readonly=True."""
 
     def __init__(self, path: Path, readonly: bool = False):
@@ -215,7 +216,8 @@ class Archive(Ledger):
         given_back = 0 if attempt else 1
         with self.transaction() as db:
             db.executemany(
-                "UPDATE candidates SET state = ?, started = NULL, node = NULL, "
+                "UPDATE candidates SET state = ?, started = NULL, node = NULL, phase = NULL, "
+                "phase_started = NULL, "
                 "attempts = MAX(attempts - ?, 0) WHERE id = ?",
                 [(PENDING, given_back, i) for i in candidate_ids],
             )
@@ -226,7 +228,8 @@ class Archive(Ledger):
         with self.transaction() as db:
             db.execute(
                 "UPDATE candidates SET state = ?, score = ?, metrics = ?, reason = ?, log_tail = ?, "
-                "timings = ?, data_hash = ?, finished = ?, node = ? WHERE id = ?",
+                "timings = ?, data_hash = ?, finished = ?, node = ?, phase = NULL, "
+                "phase_started = NULL WHERE id = ?",
                 (
                     result.state.value,
                     result.score,
@@ -248,7 +251,8 @@ class Archive(Ledger):
             insert_evaluation(db, candidate_id, result, seed, node)
             db.execute(
                 "UPDATE candidates SET score = (SELECT AVG(score) FROM evaluations "
-                "WHERE candidate_id = ? AND state = 'ok') WHERE id = ?",
+                "WHERE candidate_id = ? AND state = 'ok'), phase = NULL, phase_started = NULL "
+                "WHERE id = ?",
                 (candidate_id, candidate_id),
             )
 

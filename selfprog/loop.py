@@ -37,7 +37,7 @@ from selfprog.judge import Judge
 from selfprog.population import Population, derive_seed
 from selfprog.proposers.base import Proposer
 from selfprog.rundir import MODELS, Run
-from selfprog.scheduler import Job, Outcome, Placed, Scheduler
+from selfprog.scheduler import Job, Outcome, Phased, Placed, Scheduler
 from selfprog.scoring import Result
 from selfprog.states import State
 
@@ -109,6 +109,7 @@ class Driver:
             log.info("removed %d leftover sandbox(es) of this run", removed)
         if not self.archive.count():
             self.breeder.add_seed()
+        self.archive.clear_phases()  # a dead driver's: none of its jobs runs now
         try:
             ended = self._loop()
             self.scheduler.stop_all(self.run.labels)  # what a dead node left and no retry reached
@@ -120,6 +121,7 @@ class Driver:
             if self.in_flight:  # stopped at once: what was running runs again on resume
                 self.scheduler.cancel()
                 self.archive.mark_pending([c for c, i in self.in_flight if i == 0])
+            self.archive.clear_phases()  # no job runs once the driver has stopped
             if self.held:  # nothing showed these errors were the candidates' own: run again
                 # after an outage the start counts (a candidate that takes the engine down
                 # is given up after MAX_ATTEMPTS); after a stop it does not
@@ -276,6 +278,18 @@ class Driver:
             if isinstance(event, Placed):
                 if event.job.index == 0:
                     self.archive.set_node(event.job.candidate_id, event.node)
+            elif isinstance(event, Phased):
+                if (event.candidate_id, event.index) in self.in_flight:  # not ended since
+                    self.archive.set_phase(event.candidate_id, event.phase, event.since)
+                    self.on_event(
+                        {
+                            "event": "phase",
+                            "candidate": event.candidate_id,
+                            "evaluation": event.index,
+                            "phase": event.phase,
+                            "since": event.since,
+                        }
+                    )
             else:
                 self._record(event)
         if self.call is not None and self.call.done():

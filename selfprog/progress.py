@@ -1,51 +1,81 @@
-"""Progress of a run: a live display on a terminal, one plain line per event otherwise."""
+"""Progress of a run: on a terminal, log lines scroll above a panel redrawn in place; else plain lines.
+
+The panel and the log share one rich console (`console()`, on stderr):
+a line logged while the panel is up is printed above it, never into it,
+and what third-party code writes to stdout or stderr goes through it too.
+Progress bars of other libraries (transformers' "Loading weights") are
+switched off while the panel is up: they would scroll a copy per redraw.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
-from selfprog.archive import Archive
+from selfprog.panel import Running, Snapshot, View, plain, snapshot
+from selfprog.rundir import Run, lock_holder
 
 log = logging.getLogger("selfprog.run")
 
+REFRESH = 2  # redraws per second
+FOLLOW = 1.0  # seconds between reads of a followed run's archive
+
+
+@functools.cache
+def console() -> Console:
+    """Returns the one console that the log and the panel share (stderr, resolved at each write)."""
+    return Console(stderr=True)
+
+
+def quiet_progress_bars() -> None:
+    """Switches off Hugging Face's progress bars, in this process and those it starts."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers.utils.logging" in sys.modules:  # imported already: tell it directly
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
+
 
 class Reporter:
-    """Receives the driver's events and shows them."""
+    """Receives the driver's events, logs them, and keeps the panel up to date."""
 
-    def __init__(self, archive: Archive, metric: str, minimize: bool, live: bool | None = None):
-        self.archive = archive
-        self.metric = metric
-        self.minimize = minimize
-        self.live_enabled = sys.stderr.isatty() if live is None else live
+    def __init__(self, run: Run, live: bool | None = None):
+        self.run = run
+        self.metric = run.target.metric
+        self.live_enabled = console().is_terminal if live is None else live
         self.generation = 0
-        self.running: dict[int, float] = {}
+        self.running: dict[tuple[int, int], Running] = {}
+        self.started = time.time()
+        self.active_before = float(run.archive.meta("active_seconds") or 0)
+        self.view = View(self._snapshot())
         self.live: Live | None = None
 
     def __enter__(self) -> Reporter:
         if self.live_enabled:
-            self.live = Live(self._panel(), console=Console(stderr=True), refresh_per_second=2)
+            quiet_progress_bars()
+            self.live = Live(self.view, console=console(), refresh_per_second=REFRESH)
             self.live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
+            self.view.snap = self._snapshot()  # the panel left on screen is the final one
             with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): nothing to redraw
                 self.live.__exit__(None, None, None)
 
     def best_text(self) -> str:
-        best = self.archive.best(self.minimize, 1, accepted=True)
+        best = self.run.archive.best(self.run.target.minimize, 1, accepted=True)
         return f"{self.metric} {best[0].score:.4f} (candidate {best[0].id})" if best else "none yet"
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
+        key = (event.get("candidate", 0), event.get("evaluation", 0))
         if kind == "generation":
             self.generation = event["generation"]
             log.info(
@@ -54,22 +84,23 @@ class Reporter:
         elif kind == "proposing":
             log.info("asking for %d children of candidate %d", event["k"], event["parent"])
         elif kind == "started":
-            self.running[event["candidate"]] = time.time()
-            again = (
-                f" again (evaluation {event['evaluation'] + 1})" if event.get("evaluation") else ""
-            )
-            log.info("candidate %d: scoring%s", event["candidate"], again)
+            self.running[key] = Running(key[0], "", time.time(), "")
+            again = f" again (evaluation {key[1] + 1})" if key[1] else ""
+            log.info("candidate %d: scoring%s", key[0], again)
+        elif kind == "phase" and key in self.running:
+            self.running[key] = Running(key[0], event["phase"], event["since"], "")
         elif kind == "finished":
-            started = self.running.pop(event["candidate"], time.time())
-            score = f" {self.metric} {event['score']:.4f}" if event["score"] is not None else ""
-            log.info(
-                "candidate %d: %s%s in %.0fs; best %s",
-                event["candidate"],
-                event["state"],
-                score,
-                time.time() - started,
-                self.best_text(),
-            )
+            started = self.running.pop(key, Running(key[0], "", time.time(), "")).since
+            if "state" in event:
+                score = f" {self.metric} {event['score']:.4f}" if event["score"] is not None else ""
+                log.info(
+                    "candidate %d: %s%s in %.0fs; best %s",
+                    key[0],
+                    event["state"],
+                    score,
+                    time.time() - started,
+                    self.best_text(),
+                )
         elif kind == "accepted":
             log.info(
                 "candidate %d is better clear of the noise: mean %.4f",
@@ -77,17 +108,44 @@ class Reporter:
                 event["score"],
             )
         if self.live is not None:
-            self.live.update(self._panel())
+            self.view.snap = self._snapshot()
 
-    def _panel(self) -> Table:
-        counts = self.archive.counts()
-        done = sum(n for state, n in counts.items() if state not in ("pending", "running"))
-        table = Table.grid(padding=(0, 2))
-        table.add_row("generation", str(self.generation))
-        table.add_row("candidates", f"{done} done of {sum(counts.values())}")
-        table.add_row("best", self.best_text())
-        running = ", ".join(
-            f"{c} ({time.time() - t:.0f}s)" for c, t in sorted(self.running.items())
+    def _snapshot(self) -> Snapshot:
+        return snapshot(
+            self.run,
+            self.generation,
+            sorted(self.running.values(), key=lambda r: (r.candidate, r.since)),
+            self.active_before + time.time() - self.started,
+            driver=f"pid {os.getpid()}",
         )
-        table.add_row("running", running or "-")
-        return table
+
+
+def follow(run: Run, every: float = FOLLOW) -> None:
+    """Shows the panel of a run driven elsewhere, read from its archive, until its driver ends.
+
+    On a terminal the panel is redrawn in place; otherwise a plain line is
+    printed whenever it changes. A run that no one drives is shown once.
+    """
+
+    def read() -> tuple[Snapshot, bool]:
+        holder = lock_holder(run.root)
+        driver = f"pid {holder.get('pid')}" if holder is not None else ""
+        running = run.archive.in_flight() if holder is not None else []  # else: a dead driver's
+        return snapshot(run, running=running, driver=driver), holder is not None
+
+    snap, driven = read()
+    if not console().is_terminal:
+        shown = ""
+        while True:
+            if plain(snap) != shown:
+                shown = plain(snap)
+                print(shown, flush=True)
+            if not driven:
+                return
+            time.sleep(every)
+            snap, driven = read()
+    view = View(snap)
+    with Live(view, console=console(), refresh_per_second=REFRESH):
+        while driven:
+            time.sleep(every)
+            view.snap, driven = read()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -11,6 +10,7 @@ from string import Template
 
 from selfprog.records import Candidate
 from selfprog.target import Target
+from selfprog.untrusted import ANSI, printable
 
 CHARS_PER_TOKEN = 4  # a conservative estimate for code; the budget is approximate
 
@@ -29,9 +29,6 @@ REASON = Cap(lines=4, chars=400, tail=True)
 RATIONALE = Cap(lines=6, chars=600, tail=False)
 DIFF = Cap(lines=80, chars=4000, tail=False)
 
-# CSI (colours, cursor moves), OSC (titles, links) and the two-byte escapes
-_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
-
 
 def estimate_tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1
@@ -47,14 +44,9 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
-def _printable(line: str) -> str:
-    # control and format characters (ESC, NUL, bidi overrides) can hide or reorder text
-    return "".join(ch for ch in line if ch == "\t" or unicodedata.category(ch) not in ("Cc", "Cf"))
-
-
 def _untrusted(label: str, text: str, cap: Cap, lang: str = "text") -> str:
     """Returns text, cleaned and trimmed to cap, in a fenced block labelled as untrusted data."""
-    clean = "\n".join(_printable(line).rstrip() for line in _ANSI.sub("", text).splitlines())
+    clean = "\n".join(printable(line).rstrip() for line in ANSI.sub("", text).splitlines())
     whole = clean.strip("\n")
     lines = whole.split("\n")
     body = "\n".join(lines[-cap.lines :] if cap.tail else lines[: cap.lines])

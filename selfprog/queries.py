@@ -17,6 +17,7 @@ from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
 from selfprog.errors import SelfprogError
 from selfprog.records import Candidate
 from selfprog.rundir import Run
+from selfprog.untrusted import one_line as one_line  # where the inspect verbs find it
 
 
 def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:
@@ -43,11 +44,6 @@ def spread(archive: Archive, candidate_id: int) -> tuple[int, float | None]:
     """Returns how many scored evaluations a candidate has and their standard deviation."""
     scores = [e["score"] for e in evaluations(archive, candidate_id) if e["score"] is not None]
     return len(scores), statistics.stdev(scores) if len(scores) > 1 else None
-
-
-def one_line(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def top(run: Run, n: int, states: Sequence[str]) -> list[dict[str, Any]]:

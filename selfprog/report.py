@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.population import Population
-from selfprog.queries import one_line, top
+from selfprog.queries import top
 from selfprog.rundir import Run
 from selfprog.states import FAILED
+from selfprog.untrusted import one_line
 
 FAILED_COLOUR = "#d62728"
 PLOT_POINTS = 5000  # candidates drawn as points (scored, and failed); more: an even sample of them

@@ -86,7 +86,17 @@ class Outcome:
     cancelled: bool = False  # stopped by us: the result is not the candidate's, it runs again
 
 
-Event = Placed | Outcome
+@dataclass(frozen=True, slots=True)
+class Phased:
+    """A job began a phase (train, evaluate), at `since`; schedulers that cannot tell say nothing."""
+
+    candidate_id: int
+    index: int
+    phase: str
+    since: float
+
+
+Event = Placed | Phased | Outcome
 
 
 class Scheduler(Protocol):
@@ -189,11 +199,27 @@ class _Gate:
         self.runner = runner
         self.name = runner.name
         self.closed = threading.Event()
+        self._phased: list[Phased] = []
+        self._lock = threading.Lock()
 
     def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
         if self.closed.is_set():
             raise Cancelled("the run is stopping")
+        began = Phased(
+            int(labels["selfprog.candidate"]),
+            int(labels["selfprog.evaluation"]),
+            phase.name,
+            time.time(),
+        )
+        with self._lock:
+            self._phased.append(began)
         return self.runner.run(phase, limits, labels)
+
+    def phased(self) -> list[Phased]:
+        """Returns the phases begun since the last call."""
+        with self._lock:
+            began, self._phased = self._phased, []
+        return began
 
     def stop_all(self, labels: Mapping[str, str]) -> int:
         return self.runner.stop_all(labels)
@@ -250,7 +276,8 @@ class ThreadScheduler:
                 if future in self._cancelled and outcome.result.state is not State.OK:
                     outcome = Outcome(job, outcome.result, outcome.node, cancelled=True)
                 events.append(outcome)
-        return events
+        # before the outcomes: a job's last phase is never reported after its end
+        return [*self._gate.phased(), *events]
 
     def cancel(self) -> None:
         # what had already ended stands; only what was still running was killed by us

@@ -7,8 +7,9 @@ import sqlite3
 
 from selfprog.records import file_key, key_of
 
-# 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning
-SCHEMA_VERSION = 5
+# 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
+# 6: the phase each running job is in
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,7 +37,8 @@ CREATE TABLE candidates (
     score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
     diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
     evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
-    created REAL NOT NULL, started REAL, finished REAL, node TEXT
+    created REAL NOT NULL, started REAL, finished REAL, node TEXT,
+    phase TEXT, phase_started REAL
 );
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
@@ -74,7 +76,7 @@ def add_indexes(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Brings an archive written by schema 1 to 4 to the current schema.
+    """Brings an archive written by schema 1 to 5 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
@@ -82,7 +84,8 @@ def migrate(db: sqlite3.Connection) -> None:
     the changes made to a run's config mid-run, the finish reason of each
     proposal, and an index of evaluations by candidate; schema 4 each proposer
     call's estimated cost; schema 5 each candidate's `program_key`, filled in here
-    from the stored programs.
+    from the stored programs; schema 6 the phase a candidate's job is in (train or
+    evaluate) and since when, for those who watch a run.
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -90,6 +93,8 @@ def migrate(db: sqlite3.Connection) -> None:
         ("proposals", "finish", "TEXT"),
         ("calls", "cost", "REAL"),
         ("candidates", "program_key", "TEXT"),
+        ("candidates", "phase", "TEXT"),
+        ("candidates", "phase_started", "REAL"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}

@@ -9,6 +9,7 @@ import pytest
 
 from selfprog.archive import Archive, ArchiveError
 from selfprog.records import program_hash, program_key
+from selfprog.schema import SCHEMA_VERSION
 from selfprog.scoring import Result, State
 
 
@@ -50,7 +51,7 @@ def test_programs_are_the_same_by_meaning_and_an_older_archive_learns_it(tmp_pat
     archive.close()
     assert Archive(path, readonly=True).candidate(1).program_hash == phash
     migrated = Archive(path)
-    assert migrated.meta("schema_version") == "5"
+    assert migrated.meta("schema_version") == str(SCHEMA_VERSION)
     assert migrated.find_program(program_key(respelled)) == 1
 
 
@@ -98,7 +99,9 @@ def test_a_schema_1_archive_is_migrated_even_after_a_crash_midway(tmp_path: Path
     assert Archive(path, readonly=True).candidate(1).node == ""  # readers read it as it is
     archive = Archive(path)
     archive.finish(1, Result(State.OK, score=1.0), 0, node="n1")
-    assert archive.meta("schema_version") == "5" and archive.candidate(1).node == "n1"
+    assert (
+        archive.meta("schema_version") == str(SCHEMA_VERSION) and archive.candidate(1).node == "n1"
+    )
     archive.record_changes([("run.generations", "4", "6")])  # schema 3 is there too
     archive.close()
     reopened = Archive(path)
@@ -124,7 +127,7 @@ def test_a_schema_2_archive_reads_without_changes_and_migrates(tmp_path: Path) -
     db.close()
     assert Archive(path, readonly=True).changes() == []  # a reader of an unmigrated archive
     archive = Archive(path)
-    assert archive.meta("schema_version") == "5"
+    assert archive.meta("schema_version") == str(SCHEMA_VERSION)
     with archive.transaction() as tx:
         call = archive.record_call(
             tx,
@@ -283,7 +286,7 @@ def test_a_reader_never_sees_an_archive_half_created(
     monkeypatch.setattr(selfprog.archive, "add_indexes", while_writing)
     Archive.create(path, {}).close()
     assert seen[0] is False  # while its tables were made (then the writer's open checks them)
-    assert Archive(path, readonly=True).meta("schema_version") == "5"
+    assert Archive(path, readonly=True).meta("schema_version") == str(SCHEMA_VERSION)
     assert not list(tmp_path.glob("*.partial"))
 
 

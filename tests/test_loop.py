@@ -912,3 +912,60 @@ def test_a_spend_limit_is_checked_after_every_call(tmp_path: Path) -> None:
     assert run.archive.cost_used() == pytest.approx(0.4)
     assert show(run, 2)["proposer"]["cost"] == pytest.approx(0.2)
     assert all(c.state not in ("pending", "running") for c in run.archive.candidates())
+
+
+class Gated:
+    """A runner whose phases each wait to be let through; evaluations score 2.5."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.go = threading.Semaphore(0)
+
+    def run(self, phase, limits, labels):  # type: ignore[no-untyped-def]
+        from selfprog.runners.base import PhaseOutcome
+        from selfprog.scoring import RESULT_MARKER
+
+        self.go.acquire(timeout=30)
+        if phase.name == "train":
+            return PhaseOutcome(0, 1.0, "", "")
+        nonce = phase.stdin.split(b"\n", 1)[0].decode()
+        line = f'{RESULT_MARKER} {nonce} {{"val_bpb": 2.5}}'
+        return PhaseOutcome(0, 1.0, line, line)
+
+    def stop_all(self, labels):  # type: ignore[no-untyped-def]
+        return 0
+
+
+def test_a_watcher_sees_each_running_job_in_its_phase(tmp_path: Path) -> None:
+    """What `status --follow` and the dashboard read: the driver's jobs, train then evaluate."""
+    import threading
+
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from selfprog.scheduler import make_scheduler
+
+    run = make_run(tmp_path, "run.generations=1", "run.population=1", "selection.noise_seeds=1")
+    runner = Gated()
+    driver = Driver(run, MutateProposer(), make_scheduler(run, runner))  # type: ignore[arg-type]
+    thread = threading.Thread(target=driver.drive, daemon=True)
+    thread.start()
+    watcher = Archive(run.root / ARCHIVE_FILE, readonly=True)
+
+    def shown(expected: list[tuple[int, str]]) -> bool:
+        for _ in range(300):
+            if [(r.candidate, r.phase) for r in watcher.in_flight()] == expected:
+                return True
+            time.sleep(0.05)
+        return False
+
+    assert shown([(1, "train")])
+    since = watcher.in_flight()[0].since
+    runner.go.release()
+    assert shown([(1, "evaluate")]) and watcher.in_flight()[0].since >= since
+    while thread.is_alive():  # the rest: the seed's evaluation, the child
+        runner.go.release()
+        thread.join(0.05)
+    assert watcher.in_flight() == [] and watcher.count() == 2

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from selfprog import __version__
-from selfprog.cli import inspect, model, run, score
+from selfprog.cli import inspect, model, run, score, serve
 from selfprog.cli.common import EXIT_ERROR, parse_size, setup_logging
 from selfprog.errors import SelfprogError
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_verbs(verbs)
     inspect.add_verbs(verbs)
     model.add_verbs(verbs)
+    serve.add_verbs(verbs)
     return parser
 
 

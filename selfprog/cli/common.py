@@ -38,14 +38,32 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 def setup_logging(verbose: bool) -> None:
     """Live, coloured output on a terminal; one plain line per event otherwise."""
     level = logging.DEBUG if verbose else logging.INFO
-    if sys.stderr.isatty():
+    from selfprog.progress import console
+
+    if console().is_terminal:  # the panel's console: its lines scroll above the panel
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler: logging.Handler = RichHandler(
+            console=console(), show_path=False, rich_tracebacks=False, markup=False
+        )
+        handler.setFormatter(CleanFormatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(CleanFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class CleanFormatter(logging.Formatter):
+    """Formats a record with no escapes or control characters and no giant lines in it.
+
+    Log messages quote candidate output (a failure's last line, a reason): an
+    ANSI escape in it must not reach the terminal, and a megabyte line must not
+    flood it.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        from selfprog.untrusted import clean
+
+        return clean(super().format(record))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,10 +174,54 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_mlflow(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from selfprog.tracker import default_uri, export
+
+    uri = args.mlflow or default_uri()
+    run = _open(args.run_dir)
+    # MLflow sets up its own logging when imported: only its warnings, unless asked for more
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    every = 100  # without a terminal: one line per this many candidates
+    with Progress(
+        *Progress.get_default_columns(),
+        console=Console(stderr=True),
+        disable=not sys.stderr.isatty(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("exporting candidates", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            if not sys.stderr.isatty() and done % every == 0:
+                print(f"exported {done} of {total} new candidates", file=sys.stderr, flush=True)
+
+        result = export(run, uri, progress)
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(result), "candidates": result.total}))
+        return 0
+    later = f"; {result.unfinished} still pending or running, left for the next export" * bool(
+        result.unfinished
+    )
+    print(
+        f"exported {result.total} candidates of {args.run_dir} to {uri} "
+        f"(experiment {result.experiment}): {result.new} new, {result.already} already there{later}"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from selfprog.queries import check_id, lineage, show, source
     from selfprog.target import TARGET_FILE
 
+    if args.mlflow is not None:
+        if args.id is not None:
+            raise SelfprogError("export --mlflow takes the run folder alone, no ID or DEST")
+        return _to_mlflow(args)
+    if args.id is None or args.dest is None:
+        raise SelfprogError("export needs a candidate ID and a DEST folder (or --mlflow [URI])")
     run = _open(args.run_dir)
     candidate_id = check_id(args.id)
     files = source(run, candidate_id)
@@ -294,11 +340,20 @@ def add_verbs(verbs: Any) -> None:
 
     ex = verbs.add_parser(
         "export",
-        help="write a candidate's whole program to a folder",
-        description="Write a candidate's full program (editable and fixed files, target.toml) to an empty folder, with a README of where it came from; `selfprog eval DIR --target DIR` scores it on its own.",
+        help="write a candidate's whole program to a folder, or the run to MLflow",
+        description="Write a candidate's full program (editable and fixed files, target.toml) to an empty folder, with a README of where it came from; `selfprog eval DIR --target DIR` scores it on its own. "
+        "With --mlflow, write the whole run to an MLflow tracker instead: a parent run and one nested run per finished candidate (params, every evaluation's score, diff, source, log tail); exporting again adds only what is new.",
     )
-    _candidate(ex)
-    ex.add_argument("dest", help="the folder to write")
+    ex.add_argument("run_dir", help="the run folder")
+    ex.add_argument("id", nargs="?", help="the candidate id")
+    ex.add_argument("dest", nargs="?", help="the folder to write")
+    ex.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="write the run to this MLflow tracking URI ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
+    )
     ex.add_argument("--json", action="store_true", help="print as JSON")
     ex.set_defaults(func=cmd_export)
 

@@ -124,7 +124,7 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
             record_changes(run, changes)
             for key, old, new in changes:
                 log.info("changed %s: %s -> %s", key, json.dumps(old), json.dumps(new))
-        with Reporter(run.archive, run.target.metric, minimize) as reporter:
+        with Reporter(run) as reporter:
             driver = Driver(run, proposer, scheduler, stop, reporter)
             try:
                 ended = driver.drive()
@@ -170,6 +170,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from selfprog.rundir import lock_holder, open_run
 
     run = open_run(Path(args.run_dir), readonly=True)
+    if args.follow:
+        from selfprog.progress import follow
+
+        if args.json:
+            raise SelfprogError("--follow shows a live panel: leave out --json")
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way out
+            follow(run)
+        return 0
     archive = run.archive
     minimize = run.target.minimize
     floor = Population(run).noise_floor()
@@ -303,6 +311,12 @@ def add_verbs(verbs: Any) -> None:
     )
     st.add_argument("run_dir", help="the run folder")
     st.add_argument("--json", action="store_true", help="print as JSON")
+    st.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep showing the run's live panel, read from its archive, until its driver ends "
+        "(or Ctrl-C); a plain line per change when not on a terminal",
+    )
     st.set_defaults(func=cmd_status)
 
     cf = verbs.add_parser(
