@@ -216,8 +216,7 @@ class Archive(Ledger, Phases):
         given_back = 0 if attempt else 1
         with self.transaction() as db:
             db.executemany(
-                "UPDATE candidates SET state = ?, started = NULL, node = NULL, phase = NULL, "
-                "phase_started = NULL, "
+                "UPDATE candidates SET state = ?, started = NULL, node = NULL, "
                 "attempts = MAX(attempts - ?, 0) WHERE id = ?",
                 [(PENDING, given_back, i) for i in candidate_ids],
             )
@@ -228,8 +227,7 @@ class Archive(Ledger, Phases):
         with self.transaction() as db:
             db.execute(
                 "UPDATE candidates SET state = ?, score = ?, metrics = ?, reason = ?, log_tail = ?, "
-                "timings = ?, data_hash = ?, finished = ?, node = ?, phase = NULL, "
-                "phase_started = NULL WHERE id = ?",
+                "timings = ?, data_hash = ?, finished = ?, node = ? WHERE id = ?",
                 (
                     result.state.value,
                     result.score,
@@ -251,8 +249,7 @@ class Archive(Ledger, Phases):
             insert_evaluation(db, candidate_id, result, seed, node)
             db.execute(
                 "UPDATE candidates SET score = (SELECT AVG(score) FROM evaluations "
-                "WHERE candidate_id = ? AND state = 'ok'), phase = NULL, phase_started = NULL "
-                "WHERE id = ?",
+                "WHERE candidate_id = ? AND state = 'ok') WHERE id = ?",
                 (candidate_id, candidate_id),
             )
 

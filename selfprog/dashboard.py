@@ -90,16 +90,11 @@ def proposal(run: Run, proposal_id: int | None) -> dict[str, str] | None:
 def summary(run: Run) -> dict[str, Any]:
     """Returns the run's headline numbers, with a revision that changes whenever any does."""
     from selfprog.population import Population
+    from selfprog.queries import headline
 
     archive = run.archive
     counts = archive.counts()
-    seed = archive.seed()
-    champion = archive.best(run.target.minimize, 1, accepted=True)  # the best clear of the noise
-    seed_score = seed.score if seed else None
-    best_score = champion[0].score if champion else None
-    change = None
-    if seed_score and best_score is not None:
-        change = (best_score - seed_score) / abs(seed_score) * 100
+    seed_score, champion, change = headline(run)  # the best is the one clear of the noise
     floor = Population(run).noise_floor()
     holder = lock_holder(run.root)
     numbers: dict[str, Any] = {
@@ -115,8 +110,8 @@ def summary(run: Run) -> dict[str, Any]:
         "counts": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         "seed_score": seed_score,
         "best": None
-        if not champion
-        else {"candidate": champion[0].id, "score": best_score, "rationale": champion[0].rationale},
+        if champion is None
+        else {"candidate": champion.id, "score": champion.score, "rationale": champion.rationale},
         "change_percent": change,
         "noise_floor": {"sd": floor.sd, "candidates": floor.candidates, "dof": floor.dof},
         "noise_floor_text": str(floor),
@@ -124,6 +119,15 @@ def summary(run: Run) -> dict[str, Any]:
         "cost": archive.cost_used(),
         "active_seconds": float(archive.meta("active_seconds") or 0),
         "plot": plot_key(run),
+        "running": [  # the jobs running now, each in its phase (none without a driver)
+            {
+                "candidate": r.candidate,
+                "evaluation": r.evaluation,
+                "phase": r.phase,
+                "since": r.since,
+            }
+            for r in (archive.in_flight() if holder is not None else [])
+        ],
     }
     numbers["revision"] = hashlib.sha256(
         json.dumps(numbers, sort_keys=True, default=str).encode()
@@ -264,6 +268,8 @@ class Dashboard:
         from selfprog.report import diff_html
 
         cid = int(request.path_params["cid"])
+        if cid >= 2**63:  # beyond SQLite's integers: no such candidate
+            raise HTTPException(404, f"no candidate {cid} in this run")
         with self.reading(request.path_params["name"]) as run:
             try:
                 detail = show(run, cid)

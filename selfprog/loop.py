@@ -280,7 +280,9 @@ class Driver:
                     self.archive.set_node(event.job.candidate_id, event.node)
             elif isinstance(event, Phased):
                 if (event.candidate_id, event.index) in self.in_flight:  # not ended since
-                    self.archive.set_phase(event.candidate_id, event.phase, event.since)
+                    self.archive.set_phase(
+                        event.candidate_id, event.index, event.phase, event.since
+                    )
                     self.on_event(
                         {
                             "event": "phase",
@@ -313,6 +315,7 @@ class Driver:
     def _record(self, outcome: Outcome) -> None:
         job = outcome.job
         self.in_flight.pop(job.key, None)
+        self.archive.end_job(*job.key)  # a held error too: it is not running any more
         if outcome.cancelled:  # killed by us: it runs again on resume
             if job.index == 0:
                 self.archive.mark_pending([job.candidate_id])

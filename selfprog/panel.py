@@ -91,10 +91,10 @@ def snapshot(
     seed = archive.seed()
     seconds, steps = run.budget()
     now_running = tuple(running if running is not None else archive.in_flight())
-    return Snapshot(
-        run=run.root.name,
-        target=run.target.name,
-        metric=run.target.metric,
+    return Snapshot(  # names are the user's, but a folder's name can hold an escape too
+        run=one_line(run.root.name, 80),
+        target=one_line(run.target.name, 40),
+        metric=one_line(run.target.metric, 40),
         generation=max(generation, archive.last_generation()),
         generations=settings.generations,
         done=sum(counts.values()) - unfinished,
@@ -137,7 +137,8 @@ def _running_text(snap: Snapshot, now: float) -> Text:
         elif r.phase == "train" and snap.budget_steps:
             elapsed += f" ({snap.budget_steps} steps)"
         where = f" on {one_line(r.node, 30)}" if r.node else ""
-        lines.append(f"{r.candidate:>5}  {phase:<8} {elapsed}{where}")
+        again = f" (repeat {r.evaluation})" if r.evaluation else ""
+        lines.append(f"{r.candidate:>5}  {phase:<8} {elapsed}{where}{again}")
     return Text("\n".join(lines))
 
 

@@ -11,7 +11,6 @@ since it started.
 from __future__ import annotations
 
 import sqlite3
-import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -20,16 +19,17 @@ PHASES_SINCE = 6  # the schema version that records phases
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A candidate that is being scored: its first evaluation, or a repeat of an `ok` one."""
+    """A job being scored: a candidate's first evaluation (0), or a repeat of an `ok` one."""
 
     candidate: int
+    evaluation: int
     phase: str  # "train", "evaluate", or "" (not reported yet, or by no one)
     since: float  # when the phase began (or the candidate's start, with no phase)
     node: str
 
 
 class Phases:
-    """The candidates table's phase columns, read and written through the archive's db."""
+    """The jobs table, read and written through the archive's db."""
 
     db: sqlite3.Connection
     version: int
@@ -37,30 +37,39 @@ class Phases:
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError  # the archive's
 
-    def set_phase(self, candidate_id: int, phase: str, since: float | None = None) -> None:
-        """Records that a job of this candidate began a phase (or ended, with phase "")."""
-        when = None if not phase else since or time.time()
+    def set_phase(self, candidate_id: int, evaluation: int, phase: str, since: float) -> None:
+        """Records that a job began a phase."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE candidates SET phase = ?, phase_started = ? WHERE id = ?",
-                (phase or None, when, candidate_id),
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)",
+                (candidate_id, evaluation, phase, since),
+            )
+
+    def end_job(self, candidate_id: int, evaluation: int) -> None:
+        """Records that a job ended (however it ended)."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM jobs WHERE candidate_id = ? AND evaluation = ?",
+                (candidate_id, evaluation),
             )
 
     def clear_phases(self) -> None:
-        """Forgets every phase: a driver that starts finds none of its own running yet."""
+        """Forgets every job: a driver that starts (or stops) has none running."""
         with self.transaction() as db:
-            db.execute("UPDATE candidates SET phase = NULL, phase_started = NULL")
+            db.execute("DELETE FROM jobs")
 
     def in_flight(self) -> list[Running]:
-        """Returns the candidates running now (as the archive says: a dead driver's too)."""
-        if self.version < PHASES_SINCE:  # a reader of an older, unmigrated archive
-            query = "SELECT id, NULL, started, node FROM candidates WHERE state = 'running'"
-        else:
-            query = (
-                "SELECT id, phase, COALESCE(phase_started, started), node FROM candidates "
-                "WHERE state = 'running' OR phase IS NOT NULL ORDER BY id"
+        """Returns the jobs running now: those with a phase, and running candidates without one
+        (a scheduler that reports no phases, or a dead driver's)."""
+        untracked = "SELECT id, 0, NULL, started, node FROM candidates WHERE state = 'running'"
+        if self.version >= PHASES_SINCE:  # else a reader of an older, unmigrated archive
+            untracked = (
+                "SELECT j.candidate_id, j.evaluation, j.phase, j.since, c.node FROM jobs j "
+                "JOIN candidates c ON c.id = j.candidate_id UNION ALL "
+                f"{untracked} AND id NOT IN (SELECT candidate_id FROM jobs WHERE evaluation = 0)"
             )
+        rows = self.db.execute(f"{untracked} ORDER BY 1, 2")
         return [
-            Running(int(c), str(phase or ""), float(since or 0.0), str(node or ""))
-            for c, phase, since, node in self.db.execute(query)
+            Running(int(c), int(i), str(phase or ""), float(since or 0.0), str(node or ""))
+            for c, i, phase, since, node in rows
         ]

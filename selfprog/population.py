@@ -10,8 +10,6 @@ from selfprog.rundir import Run
 from selfprog.selection import Member, NoiseFloor, champion, noise_floor, select
 from selfprog.states import UNFINISHED
 
-DESCRIPTORS = ("params", "context")  # the map-elites grid, from the metrics the target reports
-
 
 def derive_seed(*parts: object) -> int:
     """Returns a stable 32-bit seed from the parts (Python's hash() changes between processes)."""
@@ -26,6 +24,7 @@ class Population:
         self.run = run
         self.archive = run.archive
         self.minimize = run.target.minimize
+        self.descriptors = run.target.descriptors  # map-elites' grid: the target's to declare
         self._members: tuple[tuple[int, int], list[Member]] | None = None
 
     def members(self) -> list[Member]:
@@ -38,7 +37,7 @@ class Population:
             children = self.archive.children_counts()
             scores = self.archive.scores_of()
             members = []
-            keys = DESCRIPTORS if self.run.config.selection.policy == "map-elites" else ()
+            keys = self.descriptors if self.run.config.selection.policy == "map-elites" else ()
             for cid, metrics in self.archive.scored_metrics(keys).items():
                 if cid in scores:
                     descriptors = {k: float(v) for k, v in metrics.items()}
@@ -105,6 +104,6 @@ class Population:
             rng,
             self.minimize,
             self.archive.accepted_ids(),
-            DESCRIPTORS,
+            self.descriptors,
             config.selection.sharpness,
         )

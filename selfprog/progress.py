@@ -35,6 +35,12 @@ def console() -> Console:
     return Console(stderr=True)
 
 
+def interactive() -> bool:
+    """Returns whether stderr is a terminal a panel can be redrawn on (FORCE_COLOR alone, which
+    makes rich treat any file as one, is not: a log file would get a copy per redraw)."""
+    return sys.stderr.isatty() and console().is_terminal
+
+
 def quiet_progress_bars() -> None:
     """Switches off Hugging Face's progress bars, in this process and those it starts."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -48,7 +54,7 @@ class Reporter:
     def __init__(self, run: Run, live: bool | None = None):
         self.run = run
         self.metric = run.target.metric
-        self.live_enabled = console().is_terminal if live is None else live
+        self.live_enabled = interactive() if live is None else live
         self.generation = 0
         self.running: dict[tuple[int, int], Running] = {}
         self.started = time.time()
@@ -64,8 +70,13 @@ class Reporter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
+        if self.live is None:
+            return
+        try:
             self.view.snap = self._snapshot()  # the panel left on screen is the final one
+        except Exception as error:  # the driver's own error, if any, is the one to see
+            log.debug("the final panel could not be read: %s", error)
+        finally:
             with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): nothing to redraw
                 self.live.__exit__(None, None, None)
 
@@ -84,13 +95,13 @@ class Reporter:
         elif kind == "proposing":
             log.info("asking for %d children of candidate %d", event["k"], event["parent"])
         elif kind == "started":
-            self.running[key] = Running(key[0], "", time.time(), "")
+            self.running[key] = Running(*key, "", time.time(), "")
             again = f" again (evaluation {key[1] + 1})" if key[1] else ""
             log.info("candidate %d: scoring%s", key[0], again)
         elif kind == "phase" and key in self.running:
-            self.running[key] = Running(key[0], event["phase"], event["since"], "")
+            self.running[key] = Running(*key, event["phase"], event["since"], "")
         elif kind == "finished":
-            started = self.running.pop(key, Running(key[0], "", time.time(), "")).since
+            started = self.running.pop(key, Running(*key, "", time.time(), "")).since
             if "state" in event:
                 score = f" {self.metric} {event['score']:.4f}" if event["score"] is not None else ""
                 log.info(
@@ -114,7 +125,7 @@ class Reporter:
         return snapshot(
             self.run,
             self.generation,
-            sorted(self.running.values(), key=lambda r: (r.candidate, r.since)),
+            sorted(self.running.values(), key=lambda r: (r.candidate, r.evaluation)),
             self.active_before + time.time() - self.started,
             driver=f"pid {os.getpid()}",
         )
@@ -134,7 +145,7 @@ def follow(run: Run, every: float = FOLLOW) -> None:
         return snapshot(run, running=running, driver=driver), holder is not None
 
     snap, driven = read()
-    if not console().is_terminal:
+    if not (interactive() and sys.stdout.isatty()):  # `--follow > file`: lines into the file
         shown = ""
         while True:
             if plain(snap) != shown:

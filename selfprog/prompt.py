@@ -114,6 +114,10 @@ def build_prompt(
     score = f"{target.metric} {parent.score:.4f}" if parent.score is not None else "not scored"
     while True:
         text = _template(template).substitute(
+            task=target.task,
+            rules="\n".join(f"- {rule}" for rule in target.rules)
+            or "- Keep the code valid Python; no new dependencies; no network.",
+            example_file=target.editable[0],
             target_name=target.name,
             target_description=target.description,
             metric=target.metric,

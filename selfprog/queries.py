@@ -226,3 +226,16 @@ def check_id(text: str) -> int:
         raise ArchiveError(
             f"{text!r} is not a candidate id (a number, as `selfprog top` shows)"
         ) from None
+
+
+def headline(run: Run) -> tuple[float | None, Candidate | None, float | None]:
+    """Returns the seed's score, the best candidate clear of the noise, and its change from
+    the seed in percent (None where there is none yet)."""
+    seed = run.archive.seed()
+    champion = run.archive.best(run.target.minimize, 1, accepted=True)
+    seed_score = seed.score if seed else None
+    best = champion[0] if champion else None
+    change = None
+    if seed_score and best is not None and best.score is not None:
+        change = (best.score - seed_score) / abs(seed_score) * 100
+    return seed_score, best, change

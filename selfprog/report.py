@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.population import Population
-from selfprog.queries import top
+from selfprog.queries import headline, top
 from selfprog.rundir import Run
 from selfprog.states import FAILED
 from selfprog.untrusted import one_line
@@ -164,9 +164,7 @@ def lineage_svg(run: Run, best_n: int = 10) -> str:
         f'<svg id="lineage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
     ]
     if note:
-        parts.append(
-            f'<text class="gen" x="8" y="12" style="text-anchor: start">{html.escape(note)}</text>'
-        )
+        parts.append(f'<text class="gen note" x="8" y="12">{html.escape(note)}</text>')
     for c in candidates:
         if c.parent_id in position:
             (x1, y1), (x2, y2) = position[c.parent_id], position[c.id]
@@ -218,12 +216,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
     counts = archive.counts()
     seed = archive.seed()
     best = top(run, best_n, ("ok",))
-    champion = archive.best(run.target.minimize, 1, accepted=True)  # the best clear of the noise
-    seed_score = seed.score if seed else None
-    best_score = champion[0].score if champion else None
-    change = None
-    if seed_score and best_score is not None:
-        change = (best_score - seed_score) / abs(seed_score) * 100
+    seed_score, champion, change = headline(run)  # the best is the one clear of the noise
     diffs = [
         (row, diff_html(archive.candidate(row["id"]).diff))
         for row in best
@@ -239,8 +232,8 @@ def report_html(run: Run, best_n: int = 10) -> str:
         counts=sorted(counts.items(), key=lambda kv: -kv[1]),
         total=sum(counts.values()),
         seed_score=seed_score,
-        best_score=best_score,
-        best_id=champion[0].id if champion else None,
+        best_score=champion.score if champion else None,
+        best_id=champion.id if champion else None,
         change=change,
         active_minutes=float(archive.meta("active_seconds") or 0) / 60,
         tokens=archive.tokens_used(),

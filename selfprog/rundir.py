@@ -127,6 +127,22 @@ def default_run_dir(root: Path, target: str) -> Path:
     return root / f"{stamp}-{Path(target).name}"
 
 
+def check_run_target(config: Config) -> Target:
+    """Returns the config's target, refused if it is unsafe or cannot serve the config.
+
+    Raises:
+        SelfprogError: the target is unusable or unsafe, or has no descriptors for map-elites.
+    """
+    target = load_target(config.run.target)
+    if config.selection.policy == "map-elites" and not target.descriptors:
+        raise SelfprogError(
+            f"selection.policy = map-elites places candidates by the target's descriptors, and "
+            f"{target.name} declares none: add `descriptors = [...]` (keys of its evaluator's "
+            "result) under [metric] in its target.toml, or choose another policy"
+        )
+    return target
+
+
 def create_run(run_dir: Path, config: Config) -> Run:
     """Returns a new run in an empty folder: the target copied in, data prepared, config frozen."""
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -135,7 +151,7 @@ def create_run(run_dir: Path, config: Config) -> Run:
                 f"{run_dir} already holds a run; continue it with `selfprog resume {run_dir}`"
             )
         raise SelfprogError(f"{run_dir}: folder exists and is not empty")
-    source = load_target(config.run.target)
+    source = check_run_target(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         for name in (*source.files, TARGET_FILE):

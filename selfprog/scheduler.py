@@ -32,6 +32,7 @@ from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
 from selfprog.scoring import Result, score_program
 from selfprog.states import State
 from selfprog.target import Target
+from selfprog.targetcheck import require_private_heldout
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,8 @@ def make_scheduler(run: Run, runner: Runner | None = None) -> Scheduler:
 
         return RayScheduler.connect(run)
     runner = runner or make_runner(section.kind, section.image or None, run.root / "local")
+    # before any candidate: a held-out split the sandbox could rebuild is refused (once per data)
+    require_private_heldout(run.target, run.data, runner, run.limits())
     if not section.gpus and run.archive.meta("gpus") is None:  # the default, at the first start
         run.settle_gpus(bool(gpus.visible()) and runner_gpus(runner, ""))
     gpu_slots = run.gpu_slots()  # GPUs this machine lacks are refused before any sandbox

@@ -8,7 +8,7 @@ import sqlite3
 from selfprog.records import file_key, key_of
 
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
-# 6: the phase each running job is in
+# 6: the jobs running now, each in its phase
 SCHEMA_VERSION = 6
 
 SCHEMA = """
@@ -37,13 +37,16 @@ CREATE TABLE candidates (
     score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
     diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
     evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
-    created REAL NOT NULL, started REAL, finished REAL, node TEXT,
-    phase TEXT, phase_started REAL
+    created REAL NOT NULL, started REAL, finished REAL, node TEXT
 );
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
     seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
     created REAL NOT NULL, node TEXT
+);
+CREATE TABLE jobs (
+    candidate_id INTEGER NOT NULL, evaluation INTEGER NOT NULL, phase TEXT NOT NULL,
+    since REAL NOT NULL, PRIMARY KEY (candidate_id, evaluation)
 );
 CREATE TABLE changes (
     id INTEGER PRIMARY KEY, created REAL NOT NULL, key TEXT NOT NULL, old TEXT, new TEXT NOT NULL
@@ -84,8 +87,8 @@ def migrate(db: sqlite3.Connection) -> None:
     the changes made to a run's config mid-run, the finish reason of each
     proposal, and an index of evaluations by candidate; schema 4 each proposer
     call's estimated cost; schema 5 each candidate's `program_key`, filled in here
-    from the stored programs; schema 6 the phase a candidate's job is in (train or
-    evaluate) and since when, for those who watch a run.
+    from the stored programs; schema 6 the jobs running now, each in its phase (train
+    or evaluate) and since when, for those who watch a run.
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -93,8 +96,6 @@ def migrate(db: sqlite3.Connection) -> None:
         ("proposals", "finish", "TEXT"),
         ("calls", "cost", "REAL"),
         ("candidates", "program_key", "TEXT"),
-        ("candidates", "phase", "TEXT"),
-        ("candidates", "phase_started", "REAL"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -107,6 +108,11 @@ def migrate(db: sqlite3.Connection) -> None:
         )
         db.execute(
             "CREATE INDEX IF NOT EXISTS evaluations_by_candidate ON evaluations(candidate_id)"
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (candidate_id INTEGER NOT NULL, evaluation INTEGER "
+            "NOT NULL, phase TEXT NOT NULL, since REAL NOT NULL, "
+            "PRIMARY KEY (candidate_id, evaluation))"
         )
         _fill_program_keys(db)
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))

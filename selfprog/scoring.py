@@ -199,6 +199,20 @@ def parse_result(stdout: str, nonce: str) -> dict[str, Any] | None:
     return None
 
 
+def _no_result(outcome: PhaseOutcome, nonce: str) -> str:
+    """Returns why no result counts: none printed, or one without this evaluation's nonce."""
+    marked = [line for line in outcome.stdout_tail.splitlines() if line.startswith(RESULT_MARKER)]
+    if not marked:
+        return f"the evaluator gave no result (exit code {outcome.exit_code})"
+    if any(line.startswith(f"{RESULT_MARKER} {nonce} ") for line in marked):
+        return "the evaluator's result line is not a JSON object after the nonce"
+    return (
+        f"the evaluator printed {RESULT_MARKER} without this evaluation's nonce: the result "
+        f"line must be `{RESULT_MARKER} <nonce> <json>`, the nonce being the first line of "
+        "the evaluator's stdin"
+    )
+
+
 def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limit: float) -> Result:
     if outcome.timed_out and limit < target.budget.eval_timeout:
         return Result(
@@ -217,10 +231,7 @@ def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limit: float
         return Result(State.OOM, reason="evaluation ran out of memory")
     found = parse_result(outcome.stdout_tail, nonce)
     if found is None:
-        return Result(
-            State.EVAL_FAILED,
-            reason=f"the evaluator gave no result (exit code {outcome.exit_code})",
-        )
+        return Result(State.EVAL_FAILED, reason=_no_result(outcome, nonce))
     if "error" in found:
         return Result(State.EVAL_FAILED, reason=str(found["error"]))
     score = found.get(target.metric)

@@ -21,16 +21,18 @@ TARGET_FILE = "target.toml"
 BUNDLED = ("tinylm", "selftune", "gpulm")
 
 # the keys target.toml may hold, per table ("" is the top level)
-OPTIONAL_TABLES = ("model",)
+OPTIONAL_TABLES = ("model", "prompt")
 _SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("name", "description", "files", "commands", "data", "model", "metric", "budget"),
+    "": ("name", "description", "files", "commands", "data", "model", "metric", "budget", "prompt"),
     "files": ("editable", "fixed"),
     "commands": ("prepare", "train", "evaluate"),
     "data": ("train", "shared", "heldout", "manifest"),
     "model": ("base", "keep"),
-    "metric": ("name", "direction"),
+    "metric": ("name", "direction", "descriptors"),
     "budget": ("seconds", "steps", "allowance", "timeout", "eval_timeout"),
+    "prompt": ("task", "rules"),
 }
+DEFAULT_TASK = "a program that trains a model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,9 @@ class Target:
     shared_data: tuple[str, ...] = ()  # files or folders both phases see (not secret)
     base_model: str = ""  # a model the program starts from: an alias or a folder ({base_model})
     keep: tuple[str, ...] = ()  # output files the loop keeps for each scored candidate
+    task: str = DEFAULT_TASK  # what the program is, as prompts say it ("improving <task>")
+    rules: tuple[str, ...] = ()  # what every version of the program must keep, for prompts
+    descriptors: tuple[str, ...] = ()  # metrics that place a candidate on map-elites' grid
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -98,112 +103,236 @@ class Target:
         return a < b if self.minimize else a > b
 
 
-def _unknown_key(key: str, table: str, path: Path) -> TargetError:
+def _unknown_key(key: str, table: str) -> str:
     where = f"in [{table}]" if table else "at the top level"
     valid = _SCHEMA[table]
     near = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-    return TargetError(f"{path}: unknown key '{key}' {where}{hint}")
+    return f"unknown key '{key}' {where}{hint}"
 
 
-def _check_keys(raw: Mapping[str, Any], path: Path) -> None:
-    for key in raw:
-        if key not in _SCHEMA[""]:
-            raise _unknown_key(key, "", path)
+def _key_problems(raw: Mapping[str, Any]) -> list[str]:
+    problems = [_unknown_key(key, "") for key in raw if key not in _SCHEMA[""]]
     for table in _SCHEMA:
         if not table:
             continue
         value = raw.get(table, {} if table in OPTIONAL_TABLES else None)
         if not isinstance(value, dict):
-            raise TargetError(f"{path}: missing table [{table}]")
-        for key in value:
-            if key not in _SCHEMA[table]:
-                raise _unknown_key(key, table, path)
+            problems.append(f"missing table [{table}]")
+            continue
+        problems += [_unknown_key(key, table) for key in value if key not in _SCHEMA[table]]
+    return problems
 
 
-def _strings(raw: Mapping[str, Any], table: str, key: str, path: Path) -> tuple[str, ...]:
-    value = raw[table].get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise TargetError(f"{path}: [{table}] {key} must be a non-empty list of strings")
-    return tuple(value)
+class _Reader:
+    """Reads target.toml's values, noting every problem instead of stopping at the first."""
+
+    def __init__(self, raw: Mapping[str, Any]):
+        self.raw = raw
+        self.problems: list[str] = []
+
+    def _value(self, table: str, key: str) -> Any:
+        section = self.raw.get(table, {}) if table else self.raw
+        return section.get(key) if isinstance(section, dict) else None
+
+    def strings(self, table: str, key: str, optional: bool = False) -> tuple[str, ...]:
+        value = self._value(table, key)
+        if value is None and optional:
+            return ()
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            self.problems.append(f"[{table}] {key} must be a non-empty list of strings")
+            return ()
+        return tuple(value)
+
+    def string(self, table: str, key: str, default: str | None = None) -> str:
+        value = self._value(table, key)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, str) or not value:
+            self.problems.append(
+                f"{f'[{table}] ' if table else ''}{key} must be a non-empty string"
+            )
+            return ""
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._value("budget", key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            self.problems.append(f"[budget] {key} must be a number >= 0, not {value!r}")
+            return default
+        return float(value)
 
 
-def _optional_strings(raw: Mapping[str, Any], table: str, key: str, path: Path) -> tuple[str, ...]:
-    if key not in raw.get(table, {}):
-        return ()
-    return _strings(raw, table, key, path)
-
-
-def _string(raw: Mapping[str, Any], table: str, key: str, path: Path) -> str:
-    value = (raw[table] if table else raw).get(key)
-    if not isinstance(value, str) or not value:
-        where = f"[{table}] {key}" if table else key
-        raise TargetError(f"{path}: {where} must be a non-empty string")
-    return value
-
-
-def _number(raw: Mapping[str, Any], key: str, path: Path, default: float) -> float:
-    value = raw["budget"].get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise TargetError(f"{path}: [budget] {key} must be a number >= 0, not {value!r}")
-    return float(value)
+def _file_problems(root: Path, editable: tuple[str, ...], fixed: tuple[str, ...]) -> list[str]:
+    problems = []
+    both = sorted(set(editable) & set(fixed))
+    if both:
+        problems.append(f"{', '.join(both)} cannot be both editable and fixed")
+    for name in editable + fixed:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"file {name!r} must be a path inside the target folder")
+        elif not (root / name).is_file():
+            problems.append(f"listed file {name} is not in {root}")
+    return problems
 
 
 def load_target(where: str | Path) -> Target:
     """Returns the target named (a bundled name such as 'tinylm') or found at a folder.
 
+    Every problem of its target.toml is reported at once, the unsafe ones
+    (`safety_problems`) with them, so that nothing runs on a target that a
+    candidate could cheat.
+
     Raises:
-        TargetError: the folder or its target.toml is missing or malformed.
+        TargetError: the folder or its target.toml is missing, malformed or unsafe.
     """
     root = bundled_root(str(where)) if str(where) in BUNDLED else Path(where).resolve()
     path = root / TARGET_FILE
     if not path.is_file():
+        bare = not Path(where).exists() and len(Path(str(where)).parts) == 1
+        if bare:  # a name, neither bundled nor a folder here
+            raise TargetError(
+                f"no target {str(where)!r}: the bundled targets are {', '.join(BUNDLED)}; "
+                "or give a target folder (`selfprog target new NAME` makes one)"
+            )
         raise TargetError(f"{root}: not a target folder (no {TARGET_FILE})")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise TargetError(f"{path}: not valid TOML: {exc}") from None
-    _check_keys(raw, path)
-    editable = _strings(raw, "files", "editable", path)
-    fixed = _strings(raw, "files", "fixed", path)
-    if set(editable) & set(fixed):
-        both = ", ".join(sorted(set(editable) & set(fixed)))
-        raise TargetError(f"{path}: {both} cannot be both editable and fixed")
-    for name in editable + fixed:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise TargetError(f"{path}: file {name!r} must be a path inside the target folder")
-        if not (root / name).is_file():
-            raise TargetError(f"{path}: listed file {name} is not in {root}")
-    direction = _string(raw, "metric", "direction", path)
-    if direction not in ("minimize", "maximize"):
-        raise TargetError(f"{path}: [metric] direction must be 'minimize' or 'maximize'")
+    read = _Reader(raw)
+    read.problems += _key_problems(raw)
+    editable, fixed = read.strings("files", "editable"), read.strings("files", "fixed")
+    read.problems += _file_problems(root, editable, fixed)
+    direction = read.string("metric", "direction")
+    if direction and direction not in ("minimize", "maximize"):
+        read.problems.append("[metric] direction must be 'minimize' or 'maximize'")
+    known = len(read.problems)
+    seconds, steps = read.number("seconds", 0), int(read.number("steps", 0))
+    budget_read = len(read.problems) == known  # else: said already, and no budget to judge
     budget = Budget(
-        seconds=_number(raw, "seconds", path, 0),
-        steps=int(_number(raw, "steps", path, 0)),
-        timeout=_number(raw, "timeout", path, 600),
-        eval_timeout=_number(raw, "eval_timeout", path, 300),
-        allowance=_number(raw, "allowance", path, 30),
+        seconds=seconds,
+        steps=steps,
+        timeout=read.number("timeout", 600),
+        eval_timeout=read.number("eval_timeout", 300),
+        allowance=read.number("allowance", 30),
     )
-    if budget.seconds == 0 and budget.steps == 0:
-        raise TargetError(f"{path}: [budget] needs seconds or steps above 0")
-    return Target(
-        name=_string(raw, "", "name", path),
+    if budget_read and budget.seconds == 0 and budget.steps == 0:
+        read.problems.append("[budget] needs seconds or steps above 0")
+    target = Target(
+        name=read.string("", "name"),
         root=root,
         description=str(raw.get("description", "")),
         editable=editable,
         fixed=fixed,
-        prepare=_strings(raw, "commands", "prepare", path),
-        train=_strings(raw, "commands", "train", path),
-        evaluate=_strings(raw, "commands", "evaluate", path),
-        train_data=_strings(raw, "data", "train", path),
-        heldout_data=_string(raw, "data", "heldout", path),
-        manifest=_string(raw, "data", "manifest", path),
-        metric=_string(raw, "metric", "name", path),
+        prepare=read.strings("commands", "prepare"),
+        train=read.strings("commands", "train"),
+        evaluate=read.strings("commands", "evaluate"),
+        train_data=read.strings("data", "train"),
+        heldout_data=read.string("data", "heldout"),
+        manifest=read.string("data", "manifest"),
+        metric=read.string("metric", "name"),
         direction=direction,
         budget=budget,
-        shared_data=_optional_strings(raw, "data", "shared", path),
-        base_model=_string(raw, "model", "base", path) if "base" in raw.get("model", {}) else "",
-        keep=_optional_strings(raw, "model", "keep", path),
+        shared_data=read.strings("data", "shared", optional=True),
+        base_model=read.string("model", "base", default=""),
+        keep=read.strings("model", "keep", optional=True),
+        task=read.string("prompt", "task", default=DEFAULT_TASK),
+        rules=read.strings("prompt", "rules", optional=True),
+        descriptors=read.strings("metric", "descriptors", optional=True),
+    )
+    problems = read.problems or safety_problems(target)
+    if len(problems) == 1:
+        raise TargetError(f"{path}: {problems[0]}")
+    if problems:
+        raise TargetError(f"{path}: {len(problems)} problems: {'; '.join(problems)}")
+    return target
+
+
+def _script(command: tuple[str, ...]) -> str:
+    """Returns the program file a command runs (its first word, placeholders aside)."""
+    return command[0] if command else ""
+
+
+def safety_problems(target: Target) -> list[str]:
+    """Returns what would let a candidate cheat this target, each with its fix.
+
+    The held-out split must reach neither training nor shared data; the
+    evaluator and the prepare script must be fixed (a candidate's own
+    evaluator would score itself); the evaluator must not import editable
+    code into its own process; every script a command runs must be a listed
+    file (else it is never staged).
+    """
+    problems = []
+    heldout = target.heldout_data
+    for table, names in (("train", target.train_data), ("shared", target.shared_data)):
+        for name in names:
+            inside = (
+                name in (".", "") or heldout == name or heldout.startswith(name.rstrip("/") + "/")
+            )
+            if inside:
+                problems.append(
+                    f"the held-out file {heldout} is in [data] {table} ({name}): candidates "
+                    f"would see it; list only training data there"
+                )
+    files = set(target.files)
+    for verb, command in (
+        ("prepare", target.prepare),
+        ("train", target.train),
+        ("evaluate", target.evaluate),
+    ):
+        script = _script(command)
+        if script and script not in files:
+            problems.append(
+                f"[commands] {verb} runs {script}, which is not in [files]: it is never "
+                f"staged; list it under [files] {'editable' if verb == 'train' else 'fixed'}"
+            )
+    for verb, command in (("evaluate", target.evaluate), ("prepare", target.prepare)):
+        script = _script(command)
+        if script in target.editable:
+            problems.append(
+                f"{script} ({verb}) is editable: a candidate could rewrite it to score itself; "
+                "move it to [files] fixed"
+            )
+    evaluator = _script(target.evaluate)
+    if evaluator in target.fixed:
+        for module in _local_imports(target.root / evaluator):
+            if f"{module}.py" in target.editable:
+                problems.append(
+                    f"{evaluator} imports {module}.py, which is editable, into the evaluator's "
+                    "process: candidate code there could change the score; run candidate code "
+                    "in a separate process (see docs/targets.md)"
+                )
+    return problems
+
+
+def _local_imports(path: Path) -> list[str]:
+    """Returns the top-level modules a script imports at module level (its own code's too)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text())
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return []
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append(node.module.split(".")[0])
+    return found
+
+
+def unlisted_scripts(target: Target) -> list[str]:
+    """Returns the .py files of the target folder that no [files] list names (never staged)."""
+    listed = set(target.files)
+    return sorted(
+        str(p.relative_to(target.root))
+        for p in target.root.rglob("*.py")
+        if str(p.relative_to(target.root)) not in listed
+        and "__pycache__" not in p.parts
+        and p.name != "__init__.py"
     )
 
 

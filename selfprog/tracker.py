@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; its plain file store refuses to start
 INSTALL = "export --mlflow needs MLflow: pip install 'selfprog[mlflow]'"
+log = logging.getLogger(__name__)
+
 RUN_TAG, ROLE_TAG, CANDIDATE_TAG = "selfprog.run_id", "selfprog.role", "selfprog.candidate"
+EVALUATIONS_TAG = "selfprog.evaluations"  # how many evaluations a candidate's run holds
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 TAG_CHARS = 5000  # of a rationale or reason: under MLflow's limit on a tag's value (8000 in 3.x)
 PARAM_CHARS = 6000  # MLflow 3's limit on a param's value
@@ -55,6 +59,8 @@ class Exported:
     new: int
     already: int
     unfinished: int
+    caught_up: int = 0  # exported before, with evaluations added since
+    failed: int = 0  # MLflow refused them (the log says why); the next export tries again
 
     @property
     def total(self) -> int:
@@ -110,7 +116,20 @@ def status_of(state: str) -> str:
 
 
 def _key(text: str) -> str:
-    return _BAD_KEY.sub("_", text)[:250]
+    """Returns a name MLflow takes as it is: its characters, no empty, '.' or '..' parts."""
+    parts = [p for p in _BAD_KEY.sub("_", text).split("/") if p.strip(" ") not in ("", ".", "..")]
+    return "/".join(parts)[:250].strip("/ ") or "unnamed"
+
+
+def _number(value: Any) -> float | None:
+    """Returns a metric's value as MLflow stores it, or None (not a number, or beyond a double)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int of 400 digits
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _millis(seconds: float | None) -> int | None:
@@ -337,16 +356,16 @@ class _Writer:
         run_id = mlrun.info.run_id
         files = archive.program(c.program_hash) if c.program_hash else {}
         metrics = [
-            (k, float(v), ended, 0)
-            for k, v in c.metrics.items()
-            if isinstance(v, int | float) and _key(k) not in ("score", "mean_score")
+            (k, number, ended, 0)
+            for k, number in ((k, _number(v)) for k, v in c.metrics.items())
+            if number is not None and _key(k) not in ("score", "mean_score")
         ]
-        for step, e in enumerate(evaluations(archive, c.id)):  # the step is the evaluation's index
-            if e["score"] is not None:
-                metrics.append(("score", float(e["score"]), _millis(e["created"]) or 0, step))
+        scored = evaluations(archive, c.id)
+        metrics += self._scores(scored, 0)
         if c.score is not None:
             metrics.append(("mean_score", float(c.score), ended, 0))
         _log(self.client, run_id, params=self.params(c), metrics=metrics)
+        self.client.set_tag(run_id, EVALUATIONS_TAG, str(len(scored)))
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
             if c.diff:
@@ -358,6 +377,29 @@ class _Writer:
             if any(root.iterdir()):
                 self.client.log_artifacts(run_id, folder)
         self.client.set_terminated(run_id, status_of(c.state), end_time=ended)
+
+    @staticmethod
+    def _scores(scored: list[dict[str, Any]], first: int) -> list[tuple[str, float, int, int]]:
+        """Returns the `score` points of evaluations from index first on (the step is the index)."""
+        return [
+            ("score", float(e["score"]), _millis(e["created"]) or 0, step)
+            for step, e in enumerate(scored)
+            if step >= first and e["score"] is not None
+        ]
+
+    def catch_up(self, c: Candidate, mlrun: Any) -> bool:
+        """Adds the evaluations a candidate had since it was exported; returns whether any."""
+        scored = evaluations(self.run.archive, c.id)
+        known = int(mlrun.data.tags.get(EVALUATIONS_TAG, "0") or 0)
+        if len(scored) <= known:
+            return False
+        run_id = mlrun.info.run_id
+        points = self._scores(scored, known)
+        if c.score is not None:
+            points.append(("mean_score", float(c.score), points[-1][2] if points else 0, known))
+        _log(self.client, run_id, metrics=points)
+        self.client.set_tag(run_id, EVALUATIONS_TAG, str(len(scored)))
+        return True
 
 
 def export(run: Run, uri: str, progress: Callable[[int, int], None] | None = None) -> Exported:
@@ -375,28 +417,37 @@ def export(run: Run, uri: str, progress: Callable[[int, int], None] | None = Non
         exp = experiment_id(client, name, uri)
         found = existing(client, exp, run.run_id)
         writer = _Writer(client, run, exp, _parent(client, run, exp, found.get("run")))
-        todo, already, unfinished = [], 0, 0
+        todo, there_ok, unfinished = [], [], 0
         for s in run.archive.summaries():
             there = found.get(str(s.id))
             if s.state in UNFINISHED:
                 unfinished += 1
             elif there is not None and there.info.status in TERMINAL:
-                already += 1
+                there_ok.append(s.id)
             else:
                 if there is not None:  # an export stopped halfway through this candidate
                     client.delete_run(there.info.run_id)
                 todo.append(s.id)
-        done = 0
+        caught_up = sum(
+            writer.catch_up(c, found[str(c.id)])
+            for start in range(0, len(there_ok), READ_CHUNK)
+            for c in run.archive.candidates(there_ok[start : start + READ_CHUNK])
+        )
+        done, failed = 0, 0
         for start in range(0, len(todo), READ_CHUNK):
             for c in run.archive.candidates(todo[start : start + READ_CHUNK]):
-                writer.write(c)
+                try:
+                    writer.write(c)
+                except _errors() as exc:  # this candidate's; the others still go
+                    log.warning("candidate %d: not exported: %s", c.id, _first_line(exc))
+                    failed += 1
                 done += 1
                 if progress is not None:
                     progress(done, len(todo))
         _finish_parent(client, run, writer.parent_id)
     except _errors() as exc:
         raise TrackerError(f"cannot export to {uri}: {_first_line(exc)}") from None
-    return Exported(uri, name, len(todo), already, unfinished)
+    return Exported(uri, name, len(todo) - failed, len(there_ok), unfinished, caught_up, failed)
 
 
 def default_uri() -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# CSI (colours, cursor moves), OSC (titles, links) and the two-byte escapes
-ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+# CSI (colours, cursor moves), OSC (titles, links) ended on its line, and the two-byte escapes;
+# an OSC left open loses only its ESC: what follows it is shown, not swallowed to the end
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 LINE_CHARS = 2000  # a line longer than this is cut, and says how much was cut
 
 

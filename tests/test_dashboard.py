@@ -75,12 +75,24 @@ def fingerprint(path: Path) -> tuple[str, int]:
 
 
 @pytest.fixture
-def client(run_dir: Path) -> Iterator[TestClient]:
-    """A client of the run's dashboard; the archive must be exactly as it was afterwards."""
+def client(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """A client of the run's dashboard; the archive is only ever opened read-only, and must be
+    exactly as it was afterwards."""
+    import selfprog.archive
+
+    opened = selfprog.archive.Archive.__init__
+    modes: list[bool] = []
+
+    def recording(self: Any, path: Path, readonly: bool = False) -> None:
+        modes.append(readonly)
+        opened(self, path, readonly)
+
+    monkeypatch.setattr(selfprog.archive.Archive, "__init__", recording)
     before = fingerprint(run_dir / ARCHIVE_FILE)
     with TestClient(make_app(run_dir), base_url="http://127.0.0.1:8765") as test_client:
         yield test_client
     assert fingerprint(run_dir / ARCHIVE_FILE) == before
+    assert modes and all(modes)  # a writer's open would migrate or add indexes
 
 
 def test_the_run_page_and_its_json_show_the_archive(client: TestClient, run_dir: Path) -> None:
@@ -163,6 +175,7 @@ def test_only_reading_is_allowed(client: TestClient) -> None:
         assert client.request(method, url).status_code == 405, (method, url)
     assert client.get("/run/demo/candidate/99").status_code == 404
     assert client.get("/run/demo/candidate/abc").status_code == 404
+    assert client.get(f"/run/demo/candidate/{10**23}").status_code == 404
     assert client.get("/run/other/").status_code == 404
     assert client.get("/run/demo/", headers={"host": "evil.example"}).status_code == 400
 

@@ -21,8 +21,10 @@ import pytest
 from rich.console import Console
 
 from selfprog.archive import ARCHIVE_FILE, Archive
-from selfprog.cli.common import CleanFormatter
+from selfprog.cli.common import setup_logging
 from selfprog.panel import TITLE, Running, Snapshot, View, plain
+from selfprog.rundir import lock_holder
+from selfprog.untrusted import clean, one_line
 
 COLUMNS, LINES = 150, 45
 SELFPROG = [sys.executable, "-m", "selfprog"]
@@ -128,8 +130,8 @@ def test_follow_shows_a_run_driven_elsewhere_until_it_ends(tmp_path: Path) -> No
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(600):  # until the driver holds the run and has started its seed
-            if (run_dir / ARCHIVE_FILE).exists() and (run_dir / "driver.lock").exists():
+        for _ in range(600):  # until the driver holds the run
+            if (run_dir / ARCHIVE_FILE).exists() and lock_holder(run_dir) is not None:
                 break
             time.sleep(0.1)
         code, lines = run_in_terminal("status", str(run_dir), "--follow")
@@ -199,7 +201,7 @@ def snap(**changes: object) -> Snapshot:
         generations=4,
         done=3,
         queued=1,
-        running=(Running(7, "train", time.time() - 5, "\x1b]0;pwned\x07host"),),
+        running=(Running(7, 0, "train", time.time() - 5, "\x1b]0;pwned\x07host"),),
         best=(2, 3.0, HOSTILE),
         seed_score=3.3,
         noise="-",
@@ -231,12 +233,21 @@ def test_candidate_text_in_the_panel_is_cleaned_trimmed_and_never_markup() -> No
     assert "\x1b" not in line and len(line) < 1000
 
 
-def test_log_lines_are_cleaned_of_escapes_and_giant_lines() -> None:
-    record = logging.LogRecord(
-        "selfprog", logging.ERROR, __file__, 1, "stopped: %s", (HOSTILE,), None
-    )
-    text = CleanFormatter("%(message)s").format(record)
+def test_log_lines_are_cleaned_of_escapes_and_giant_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    setup_logging(False)  # as the command sets it up
+    logging.getLogger("selfprog.run").error("stopped: %s", HOSTILE)
+    text = capsys.readouterr().err
+    assert "stopped: <script>" in text and "[bold red]marked[/]" in text
     assert "\x1b" not in text and len(text) < 5000 and "more characters]" in text
+
+
+def test_an_escape_left_open_hides_nothing_after_it() -> None:
+    shown = clean("line1 visible\n\x1b]hidden\nEVIDENCE\nfinal")
+    assert shown == "line1 visible\nhidden\nEVIDENCE\nfinal"
+    assert one_line("best \x1b]0;title  rest") == "best 0;title rest"
+    assert clean("a\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\b") == "alinkb"  # ended: all gone
 
 
 def test_a_snapshot_estimates_the_time_left_from_the_rate() -> None:

@@ -1,12 +1,18 @@
-"""Loading and exporting targets."""
+"""Targets: loading, exporting, the scaffold, the checks, and the refusal of unsafe ones."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from selfprog.errors import TargetError
+from selfprog.scaffold import new_target
 from selfprog.target import export_target, load_target
 
 
@@ -70,3 +76,229 @@ def test_malformed_target_toml(tmp_path: Path, edit: tuple[str, str], message: s
 def test_not_a_target_folder(tmp_path: Path) -> None:
     with pytest.raises(TargetError, match="not a target folder"):
         load_target(tmp_path)
+
+
+# -- bring your own program: the scaffold, the checks, the refusals ----------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def selfprog(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "selfprog", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], expected: str) -> None:
+    """The command failed with exit code 2 and one error line (progress lines aside)."""
+    lines = [
+        line
+        for line in done.stderr.strip().splitlines()
+        if not re.match(r"\d\d:\d\d:\d\d INFO ", line)
+    ]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(lines) == 1 and lines[0].startswith("selfprog: error:"), done.stderr
+    assert expected in lines[0], done.stderr
+
+
+def scaffold(tmp_path: Path, name: str = "mytask") -> Path:
+    new_target(name, tmp_path / name)
+    return tmp_path / name
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+# each unsafe target: how it is made from the scaffold, and what the refusal says
+UNSAFE = {
+    "heldout in training": (
+        ("target.toml", 'train = ["train.bin"]', 'train = ["train.bin", "heldout.bin"]'),
+        "the held-out file heldout.bin is in [data] train",
+    ),
+    "editable evaluator": (
+        (
+            "target.toml",
+            'editable = ["train.py"]                 # the proposer may rewrite these\n'
+            'fixed = ["prepare.py", "evaluate.py"]',
+            'editable = ["train.py", "evaluate.py"]\nfixed = ["prepare.py"]',
+        ),
+        "evaluate.py (evaluate) is editable: a candidate could rewrite it to score itself",
+    ),
+    "unstaged script": (
+        ("target.toml", 'train = ["train.py"] ', 'train = ["helper.py"] '),
+        "[commands] train runs helper.py, which is not in [files]",
+    ),
+    "evaluator imports candidate code": (
+        ("evaluate.py", "import ctypes\n", "import ctypes\nimport train\n"),
+        "evaluate.py imports train.py, which is editable, into the evaluator's process",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+def test_unsafe_targets_are_refused_with_the_fix(tmp_path: Path, case: str) -> None:
+    (name, old, new), expected = UNSAFE[case]
+    folder = scaffold(tmp_path)
+    (folder / "helper.py").write_text("print('helper')\n")
+    edit(folder / name, old, new)
+    with pytest.raises(TargetError, match=re.escape(expected)):
+        load_target(folder)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    folder = scaffold(tmp_path)
+    edit(folder / "target.toml", 'direction = "minimize"', 'direction = "down"\nunits = "mse"')
+    edit(folder / "target.toml", "seconds = 10 ", "seconds = -1 ")
+    with pytest.raises(TargetError) as err:
+        load_target(folder)
+    message = str(err.value)
+    assert "3 problems:" in message and "\n" not in message
+    for part in ("unknown key 'units' in [metric]", "direction must be", "[budget] seconds"):
+        assert part in message
+
+
+def test_a_name_that_is_not_bundled_lists_the_bundled_ones(tmp_path: Path) -> None:
+    with pytest.raises(TargetError, match="the bundled targets are tinylm, selftune, gpulm"):
+        load_target("tinylmm")
+
+
+def test_run_eval_and_check_refuse_an_unsafe_target_before_anything_runs(tmp_path: Path) -> None:
+    folder = scaffold(tmp_path)
+    edit(folder / "target.toml", 'train = ["train.bin"]', 'train = ["train.bin", "heldout.bin"]')
+    expected = "the held-out file heldout.bin is in [data] train"
+    run_dir = tmp_path / "run"
+    one_line_error(selfprog("run", "--target", str(folder), "--run-dir", str(run_dir)), expected)
+    assert not run_dir.exists()
+    one_line_error(selfprog("eval", str(folder), "--runner", "local"), expected)
+    one_line_error(selfprog("target", "check", str(folder), "--runner", "local"), expected)
+
+
+def test_eval_scores_a_folder_against_its_own_target(tmp_path: Path) -> None:
+    folder = scaffold(tmp_path)
+    cache = tmp_path / "cache"
+    done = selfprog(
+        "eval", str(folder), "--runner", "local", "--budget-steps", "30", "--json",
+        "--data-cache", str(cache),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["state"] == "ok" and set(result["metrics"]) >= {"val_mse", "params"}
+    # a result line without the nonce: the reason says what is wrong with it
+    edit(folder / "evaluate.py", 'print(f"{RESULT_MARKER} {nonce} ', 'print(f"{RESULT_MARKER} ')
+    done = selfprog(
+        "eval", str(folder), "--runner", "local", "--budget-steps", "30", "--json",
+        "--data-cache", str(cache),
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "without this evaluation's nonce" in json.loads(done.stdout)["reason"]
+
+
+def test_check_warns_of_unlisted_scripts(tmp_path: Path) -> None:
+    folder = scaffold(tmp_path)
+    (folder / "helper.py").write_text("x = 1\n")
+    done = selfprog("target", "check", str(folder), "--runner", "local", "--budget-steps", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "warn  helper.py is in the folder but in no [files] list: it is never staged" in lines
+    assert any(line.startswith("ok    seed: trained 20 steps and scored val_mse") for line in lines)
+    assert any(line.startswith("warn  held-out split: not checked") for line in lines)
+
+
+def test_prompts_speak_of_the_target_not_of_tinylm(tmp_path: Path) -> None:
+    from selfprog.prompt import build_prompt
+    from selfprog.records import Candidate
+
+    folder = scaffold(tmp_path)
+    target = load_target(folder)
+    seed = Candidate(
+        1, 0, None, None, None, "ok", 0.5, {}, "", "", {}, "the seed", "", None, 0, 1, None
+    )
+    files = {name: (folder / name).read_text() for name in target.editable}
+    for template in ("propose.md", "choose.md"):
+        text = build_prompt(target, seed, files, "10 s", [], [], 6000, template)
+        assert "You are improving a small PyTorch MLP that regresses" in text
+        assert "language model" not in text and "block_size" not in text
+    text = build_prompt(target, seed, files, "10 s", [], [], 6000, "propose.md")
+    assert "- train.py must leave model.pt" in text and "torch and numpy only" in text
+    lm = build_prompt(load_target("tinylm"), seed, files, "30 s", [], [], 6000, "propose.md")
+    assert "small language model" in lm and "`block_size`" in lm  # tinylm's own rules, from it
+
+
+def test_map_elites_needs_the_targets_descriptors(tmp_path: Path) -> None:
+    folder = scaffold(tmp_path)
+    edit(folder / "target.toml", 'descriptors = ["params"]', "")
+    done = selfprog(
+        "run", "--target", str(folder), "--run-dir", str(tmp_path / "run"),
+        "--set", "selection.policy=map-elites", "--runner", "local",
+    )  # fmt: skip
+    one_line_error(done, "declares none: add `descriptors = [...]`")
+    assert load_target("tinylm").descriptors == ("params", "context")
+
+
+def docker_or_skip() -> None:
+    from selfprog.errors import RunnerError
+    from selfprog.runners.docker import DockerRunner
+
+    try:
+        DockerRunner()
+    except RunnerError as exc:
+        if os.environ.get("SELFPROG_REQUIRE_DOCKER"):
+            raise
+        pytest.skip(f"no Docker engine: {exc}")
+
+
+@pytest.mark.docker
+def test_the_readme_example_makes_checks_and_runs_a_target(tmp_path: Path) -> None:
+    """The README's lines as they are: target new, target check, a short run; children `ok`."""
+    docker_or_skip()
+    text = README.read_text()
+    block = text[text.index("<!-- target-example") :]
+    block = block[block.index("```bash\n") + 8 : block.index("```", block.index("```bash") + 7)]
+    commands = [line.split("#")[0].split() for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands] == [["selfprog", "target"]] * 2 + [["selfprog", "run"]]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for command in commands:
+        done = selfprog(*command[1:], cwd=tmp_path, env=env)
+        assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+        if command[1] == "target" and command[2] == "check":
+            assert (
+                "ok    held-out split: prepare.py run in the sandbox wrote other data"
+                in done.stdout
+            )
+    from selfprog.archive import ARCHIVE_FILE, Archive
+
+    runs = list((tmp_path / "runs").iterdir())
+    archive = Archive(runs[0] / ARCHIVE_FILE, readonly=True)
+    children = archive.in_generation(1)
+    assert len(children) == 2 and archive.seed() is not None and archive.seed().state == "ok"
+    assert [c.state for c in children if c.state != "duplicate"].count("ok") >= 1, children
+    assert all(c.state in ("ok", "duplicate") for c in children), [
+        (c.state, c.reason) for c in children
+    ]
+
+
+@pytest.mark.docker
+def test_a_held_out_split_the_sandbox_can_rebuild_is_refused(tmp_path: Path) -> None:
+    """The attack: prepare.py is staged into the sandbox and draws held-out rows from a fixed
+    seed, so a candidate can run it and train on them. check, run and eval refuse it."""
+    docker_or_skip()
+    folder = scaffold(tmp_path)
+    edit(folder / "prepare.py", "rng = np.random.default_rng()", "rng = np.random.default_rng(0)")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = selfprog("target", "check", str(folder), env=env)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "fail  held-out split: the sandbox can rebuild it" in done.stdout
+    expected = "held-out split: the sandbox can rebuild it"
+    run_dir = tmp_path / "run"
+    done = selfprog("run", "--target", str(folder), "--run-dir", str(run_dir), env=env)
+    one_line_error(done, expected)
+    assert not run_dir.exists()
+    one_line_error(selfprog("eval", str(folder), env=env), expected)

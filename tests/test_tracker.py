@@ -254,6 +254,8 @@ def test_export_again_adds_nothing_and_the_run_is_unchanged(exported: Exported) 
         "new": 0,
         "already": 4,
         "unfinished": 1,
+        "caught_up": 0,
+        "failed": 0,
         "candidates": 4,
     }
     assert exported.count == 5  # the parent and four candidates, each once
@@ -268,7 +270,12 @@ def test_a_candidate_that_finished_since_is_added_on_the_next_export(
     later = tmp_path / "later"
     shutil.copytree(built.root, later)
     archive = Archive(later / ARCHIVE_FILE)
-    archive.finish(built.ids["pending"], Result(State.OK, score=2.4), seed=0)
+    # the evaluator's result line is candidate code's to shape: names MLflow refuses, a huge int
+    hostile = {"a//b": 1, "../x": 2, "": 3, "loss/": 4, "params": 10**400, "val_bpb": 2.4}
+    archive.finish(built.ids["pending"], Result(State.OK, score=2.4, metrics=hostile), seed=0)
+    archive.add_evaluation(
+        built.ids["child"], Result(State.OK, score=2.7), seed=1
+    )  # confirmed since
     archive.close()
     halfway = exported.client.create_run(  # what an export stopped halfway leaves behind
         exported.experiment,
@@ -279,11 +286,24 @@ def test_a_candidate_that_finished_since_is_added_on_the_next_export(
     )
     done = selfprog("export", str(later), "--mlflow", exported.uri, "--json")
     assert done.returncode == 0, done.stderr
-    assert '"new": 1, "already": 4, "unfinished": 0' in done.stdout
+    assert '"new": 1, "already": 4, "unfinished": 0, "caught_up": 1, "failed": 0' in done.stdout
     found = exported.client.search_runs(
         [exported.experiment], f"tags.`selfprog.candidate` = '{built.ids['pending']}'"
     )
     assert [r.info.status for r in found] == ["FINISHED"]
+    assert set(found[0].data.metrics) == {
+        "a/b",
+        "x",
+        "unnamed",
+        "loss",
+        "val_bpb",
+        "score",
+        "mean_score",
+    }  # each name made acceptable; the int beyond a double left out
+    child = exported.runs[str(built.ids["child"])].info.run_id
+    history = exported.client.get_metric_history(child, "score")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2.5), (1, 2.7)]
+    assert exported.client.get_run(child).data.metrics["mean_score"] == pytest.approx(2.6)
     assert found[0].info.run_id != halfway.info.run_id
     parent = exported.client.get_run(exported.runs["run"].info.run_id)
     assert parent.data.metrics["best_score"] == pytest.approx(2.4)

@@ -38,9 +38,9 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 def setup_logging(verbose: bool) -> None:
     """Live, coloured output on a terminal; one plain line per event otherwise."""
     level = logging.DEBUG if verbose else logging.INFO
-    from selfprog.progress import console
+    from selfprog.progress import console, interactive
 
-    if console().is_terminal:  # the panel's console: its lines scroll above the panel
+    if interactive():  # the panel's console: its lines scroll above the panel
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(

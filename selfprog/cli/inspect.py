@@ -205,9 +205,12 @@ def _to_mlflow(args: argparse.Namespace) -> int:
     later = f"; {result.unfinished} still pending or running, left for the next export" * bool(
         result.unfinished
     )
+    caught = f" ({result.caught_up} of them with new evaluations)" * bool(result.caught_up)
+    failed = f"; {result.failed} refused by MLflow (see the log), tried again next time"
     print(
         f"exported {result.total} candidates of {args.run_dir} to {uri} "
-        f"(experiment {result.experiment}): {result.new} new, {result.already} already there{later}"
+        f"(experiment {result.experiment}): {result.new} new, {result.already} already there"
+        f"{caught}{later}{failed * bool(result.failed)}"
     )
     return 0
 

@@ -53,7 +53,13 @@ def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selfprog.rundir import create_run, default_run_dir, discard_new_run, driver_lock
+    from selfprog.rundir import (
+        check_run_target,
+        create_run,
+        default_run_dir,
+        discard_new_run,
+        driver_lock,
+    )
 
     settings = config.load_config(args.config, _overrides(args, RUN_FLAGS))
     if args.target is not None and Path(args.target).is_dir():
@@ -63,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = (
         Path(args.run_dir) if args.run_dir else default_run_dir(Path("runs"), settings.run.target)
     )
+    check_run_target(settings)  # an unusable or unsafe target: refused before anything
     log.info("new run in %s", run_dir)
     run = create_run(run_dir, settings)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from selfprog.runners.base import cpus_here
     from selfprog.scheduler import runner_gpus
     from selfprog.scoring import State, score_program
-    from selfprog.target import load_target
+    from selfprog.target import TARGET_FILE, load_target
+    from selfprog.targetcheck import require_private_heldout
 
-    target = load_target(args.target)
+    where = args.target
+    if where is None:  # a folder with its own target.toml is scored against it
+        own = args.program and (Path(args.program) / TARGET_FILE).is_file()
+        where = args.program if own else "tinylm"
+    target = load_target(where)
     if args.timeout is not None:
         target = dataclasses.replace(
             target, budget=dataclasses.replace(target.budget, timeout=args.timeout)
@@ -40,6 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         slots = []
     limits = Limits(memory_bytes=args.memory, cpus=cpus, gpus=slots[0] if slots else None)
     data = prepare_data(target, args.data_cache, args.corpus)
+    require_private_heldout(target, data, runner, limits)
     with tempfile.TemporaryDirectory(prefix="selfprog-eval-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         result = score_program(
@@ -93,6 +100,39 @@ def cmd_target_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_target_new(args: argparse.Namespace) -> int:
+    from selfprog.scaffold import new_target
+
+    dest = Path(args.dir or args.name)
+    written = new_target(args.name, dest, args.template)
+    print(
+        f"wrote target {args.name} ({args.template}, {len(written)} files) to {dest}; "
+        f"check it with: selfprog target check {dest}"
+    )
+    return 0
+
+
+def cmd_target_check(args: argparse.Namespace) -> int:
+    from selfprog.runners import Limits, make_runner
+    from selfprog.runners.base import cpus_here
+    from selfprog.target import load_target
+    from selfprog.targetcheck import check_target
+
+    target = load_target(args.target)  # every target.toml problem, the unsafe ones too, at once
+    print(f"ok    {target.name}: target.toml is complete and safe as written")
+    runner = make_runner(args.runner, args.image)
+    limits = Limits(memory_bytes=args.memory, cpus=cpus_here(None))
+    findings = check_target(target, runner, limits, args.budget_steps)
+    for finding in findings:
+        print(f"{finding.status:<5} {finding.what}", flush=True)
+    failed = [f for f in findings if f.status == "fail"]
+    if failed:
+        print(f"{target.root}: {len(failed)} check(s) failed", file=sys.stderr)
+        return EXIT_NOT_OK
+    print(f"{target.root}: ready: selfprog run --target {args.target}")
+    return 0
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from selfprog.runners.docker import connect
     from selfprog.runners.image import (
@@ -124,7 +164,11 @@ def add_verbs(verbs: Any) -> None:
         f"{EXIT_ERROR} on an error.",
     )
     ev.add_argument("program", nargs="?", help="the program folder (default: the target's seed)")
-    ev.add_argument("--target", default="tinylm", help="a bundled target name or a target folder")
+    ev.add_argument(
+        "--target",
+        help="a bundled target name or a target folder (default: the program folder's own "
+        "target.toml if it has one, else tinylm)",
+    )
     ev.add_argument("--runner", default="docker", choices=("docker", "local"), help="the sandbox")
     budget = ev.add_mutually_exclusive_group()
     budget.add_argument("--budget-seconds", type=positive(float), help="training wall-clock budget")
@@ -161,6 +205,35 @@ def add_verbs(verbs: Any) -> None:
     te.add_argument("target", help="a bundled target name (tinylm) or a target folder")
     te.add_argument("dest", help="the folder to write")
     te.set_defaults(func=cmd_target_export)
+    tn = tg_verbs.add_parser(
+        "new",
+        help="make a new target folder from a template",
+        description="Write a new target: `minimal` (a small regression task whose evaluator "
+        "already speaks the harness's protocol; you write the metric) or `tinylm` (the bundled "
+        "language model, to change into your own). See docs/targets.md.",
+    )
+    tn.add_argument("name", help="the target's name (letters, digits, '-', '_')")
+    tn.add_argument("--from", dest="template", default="minimal", choices=("minimal", "tinylm"))
+    tn.add_argument("--dir", help="the folder to write (default: ./NAME)")
+    tn.set_defaults(func=cmd_target_new)
+    tc = tg_verbs.add_parser(
+        "check",
+        help="check that a target is safe and works",
+        description="Report every target.toml problem at once and refuse unsafe targets "
+        "(held-out data among training inputs, an editable evaluator or prepare script, a "
+        "command whose script is not staged); then run prepare into a fresh folder, check that "
+        "the sandbox cannot rebuild the held-out split, and score the seed with a few steps. "
+        f"Exit code 0 when every check passes, {EXIT_NOT_OK} when one fails, {EXIT_ERROR} when "
+        "target.toml is unusable or unsafe.",
+    )
+    tc.add_argument("target", help="a target folder (or a bundled target's name)")
+    tc.add_argument("--runner", default="docker", choices=("docker", "local"), help="the sandbox")
+    tc.add_argument("--image", help="the sandbox image (default: the offline image)")
+    tc.add_argument(
+        "--budget-steps", type=positive(int), default=5, help="the seed's training steps (5)"
+    )
+    tc.add_argument("--memory", type=parse_size, default=parse_size("4g"), help="memory limit (4g)")
+    tc.set_defaults(func=cmd_target_check)
 
     im = verbs.add_parser(
         "image", help="build the sandbox image", description="Build the sandbox image."

@@ -40,6 +40,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def port(text: str) -> int:
+    """Returns a TCP port number given on the command line (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
+    return value
+
+
 def allowed_hosts(host: str) -> list[str]:
     """Returns the Host headers to answer: loopback names, and the address asked for."""
     from selfprog.dashboard import LOCAL_HOSTS
@@ -91,7 +102,7 @@ def add_verbs(verbs: Any) -> None:
     sv.add_argument("run", help="a run folder, or a folder of runs such as runs/")
     sv.add_argument(
         "--port",
-        type=int,
+        type=port,
         default=DEFAULT_PORT,
         help=f"the port to serve on ({DEFAULT_PORT}; 0 picks a free one)",
     )

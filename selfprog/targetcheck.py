@@ -1,0 +1,203 @@
+"""Checks that a target is safe and works: `selfprog target check DIR`, and the held-out check runs do.
+
+`load_target` already refuses what can be seen in target.toml (held-out data
+among training inputs, an editable evaluator, a command whose script is not
+staged). What only running can show is checked here: that prepare writes
+its data and a manifest, that the seed trains and the evaluator prints its
+result line, and that nothing the sandbox can read rebuilds the held-out
+split: prepare is run again *inside* the sandbox, with what training sees,
+and what it writes is compared with the real held-out file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfprog.data import Dataset, default_cache, prepare_data
+from selfprog.errors import TargetError
+from selfprog.runners.base import Limits, Phase, Runner
+from selfprog.scoring import State, score_program, stage_program
+from selfprog.target import Target, unlisted_scripts
+
+log = logging.getLogger(__name__)
+
+REBUILD_SCRIPT = "_selfprog_rebuild.py"  # written beside the staged program, never a target's
+REBUILT_MARKER = "SELFPROG_REBUILT"
+# a verdict is kept per prepare script and data (and runner): a run of the same data asks no more
+VERDICT = "heldout-{target}-{key}-{runner}.json"
+
+# run inside the sandbox: the target's prepare, into a scratch folder, then the held-out's hash
+_REBUILD = """
+import hashlib, os, runpy, sys, tempfile
+out = tempfile.mkdtemp()
+sys.argv = [{script!r}] + [a.replace("{{data_dir}}", out).replace("{{base_model}}", "") for a in {args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+with open(os.path.join(out, {heldout!r}), "rb") as f:
+    print({marker!r}, hashlib.sha256(f.read()).hexdigest(), flush=True)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One result of a check: passed, failed, or a warning (passed, with something to know)."""
+
+    status: str  # "ok", "fail", "warn"
+    what: str
+
+
+def rebuild_heldout(target: Target, data: Dataset, runner: Runner, limits: Limits) -> Finding:
+    """Runs the target's prepare inside the sandbox with what training sees, and says whether
+    what it wrote is the held-out file (a candidate could do the same and train on it)."""
+    if runner.name != "docker":
+        return Finding(
+            "warn",
+            f"held-out split: not checked: the {runner.name} runner hides nothing from "
+            "candidates (use the docker runner for a run you trust)",
+        )
+    expected = hashlib.sha256(data.heldout(target)).hexdigest()
+    script = target.prepare[0]
+    with tempfile.TemporaryDirectory(prefix="selfprog-rebuild-") as tmp:
+        work = Path(tmp)
+        program = stage_program(target, target.root, work / "program")
+        (program / REBUILD_SCRIPT).write_text(
+            _REBUILD.format(
+                script=script,
+                args=list(target.prepare[1:]),
+                heldout=target.heldout_data,
+                marker=REBUILT_MARKER,
+            )
+        )
+        out = work / "out"
+        out.mkdir()
+        out.chmod(0o777)
+        phase = Phase(
+            name="train",
+            argv=(REBUILD_SCRIPT,),
+            program_dir=program,
+            out_dir=out,
+            out_writable=True,
+            data_files=data.train_files(target),
+            env={"SELFPROG_SEED": "0"},
+            timeout=max(target.budget.timeout, 120.0),
+            hidden=data.hidden,
+        )
+        labels = {"selfprog.run": "check", "selfprog.candidate": "rebuild"}
+        outcome = runner.run(phase, limits, labels)
+    rebuilt = [
+        line.split()[1]
+        for line in outcome.stdout_tail.splitlines()
+        if line.startswith(REBUILT_MARKER + " ") and len(line.split()) == 2
+    ]
+    if rebuilt and rebuilt[-1] == expected:
+        return Finding(
+            "fail",
+            f"held-out split: the sandbox can rebuild it: {script} run inside the sandbox, with "
+            "what training sees, wrote the very held-out file (is it drawn from a fixed seed, "
+            "or from files the sandbox can read?); draw it from data the sandbox cannot read, "
+            "or from os.urandom (see docs/targets.md)",
+        )
+    if rebuilt:
+        return Finding("ok", f"held-out split: {script} run in the sandbox wrote other data")
+    last = (outcome.log_tail.strip().splitlines() or ["no output"])[-1][:200]
+    return Finding(
+        "ok",
+        f"held-out split: {script} cannot rebuild it in the sandbox (it failed there: {last})",
+    )
+
+
+def require_private_heldout(target: Target, data: Dataset, runner: Runner, limits: Limits) -> None:
+    """Refuses a target whose held-out split the sandbox can rebuild; checked once per data.
+
+    Raises:
+        TargetError: the sandbox can rebuild the held-out split (one line, with the fix).
+    """
+    if runner.name != "docker":
+        return  # the local runner says itself that it keeps nothing from candidates
+    script = (target.root / target.prepare[0]).read_bytes()
+    key = hashlib.sha256(script + data.data_hash.encode()).hexdigest()[:16]
+    verdict = (
+        default_cache().parent
+        / "checks"
+        / VERDICT.format(target=target.name, key=key, runner=runner.name)
+    )
+    verdict.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        found = Finding(**json.loads(verdict.read_text()))
+    except (OSError, ValueError, TypeError):
+        log.info("checking that the sandbox cannot rebuild %s's held-out split (once)", target.name)
+        found = rebuild_heldout(target, data, runner, limits)
+        verdict.write_text(json.dumps({"status": found.status, "what": found.what}))
+    if found.status == "fail":
+        raise TargetError(f"{target.name}: {found.what}")
+
+
+def check_target(
+    target: Target, runner: Runner, limits: Limits, budget_steps: int, cache: Path | None = None
+) -> list[Finding]:
+    """Returns the findings of every check on a target that loaded (its target.toml is sound).
+
+    Prepare runs into a fresh folder (a cached copy would prove nothing), then
+    the held-out split is checked, then the seed is scored with a step budget.
+    """
+    findings = [
+        Finding("warn", f"{name} is in the folder but in no [files] list: it is never staged")
+        for name in unlisted_scripts(target)
+    ]
+    with tempfile.TemporaryDirectory(prefix="selfprog-check-") as tmp:
+        try:
+            data = prepare_data(target, cache or Path(tmp) / "data")
+        except TargetError as exc:
+            return [*findings, Finding("fail", f"prepare: {exc}")]
+        sizes = {name: (data.root / name).stat().st_size for name in target.train_data}
+        findings.append(
+            Finding(
+                "ok",
+                f"prepare: wrote {', '.join(f'{n} ({b:,} bytes)' for n, b in sizes.items())} "
+                f"and {target.heldout_data} ({len(data.heldout(target)):,} bytes); data hash "
+                f"{data.data_hash[:16]}",
+            )
+        )
+        findings.append(rebuild_heldout(target, data, runner, limits))
+        result = score_program(
+            target,
+            target.root,
+            runner,
+            data,
+            Path(tmp) / "seed",
+            limits=limits,
+            budget_seconds=0,
+            budget_steps=budget_steps,
+            labels={"selfprog.run": "check", "selfprog.candidate": "seed"},
+        )
+    if result.state is State.OK:
+        others = {k: v for k, v in result.metrics.items() if k != target.metric}
+        findings.append(
+            Finding(
+                "ok",
+                f"seed: trained {budget_steps} steps and scored {target.metric} = "
+                f"{result.score:.4f} in {result.timings.get('total', 0):.1f}s; result keys "
+                f"{', '.join(sorted(others)) or 'none besides the metric'}",
+            )
+        )
+        missing = [k for k in target.descriptors if k not in result.metrics]
+        if missing:
+            findings.append(
+                Finding(
+                    "fail",
+                    f"[metric] descriptors {', '.join(missing)} are not in the evaluator's result",
+                )
+            )
+    else:
+        tail = (result.log_tail.strip().splitlines() or [""])[-1][:200]
+        findings.append(
+            Finding(
+                "fail",
+                f"seed: {result.state.value}: {result.reason}" + (f" ({tail})" if tail else ""),
+            )
+        )
+    return findings
