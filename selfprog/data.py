@@ -102,5 +102,23 @@ def load_dataset(target: Target, root: Path) -> Dataset:
     for name in target.shared_data:
         if not (root / name).exists():
             raise TargetError(f"{root}: shared data {name} is missing")
+    _check_apart(target, root)
     hidden = tuple(str(p) for p in manifest.get("hidden_folders", []))
     return Dataset(root=root, data_hash=data_hash, hidden=hidden, manifest=manifest)
+
+
+def _check_apart(target: Target, root: Path) -> None:
+    """Refuses data that shows the held-out file to a phase: a link, or a copy under a training name."""
+    heldout = root / target.heldout_data
+    for name in (*target.train_data, *target.shared_data, target.heldout_data):
+        if (root / name).is_symlink():
+            raise TargetError(f"{root}: data {name} is a link: prepare must write plain files")
+    size = heldout.stat().st_size
+    digest = hashlib.sha256(heldout.read_bytes()).hexdigest()
+    for name in (*target.train_data, *target.shared_data):
+        path = root / name
+        same = path.is_file() and path.stat().st_size == size
+        if same and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            raise TargetError(
+                f"{root}: data {name} is the held-out file's copy: candidates would see it"
+            )

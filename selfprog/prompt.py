@@ -117,7 +117,10 @@ def build_prompt(
             task=target.task,
             rules="\n".join(f"- {rule}" for rule in target.rules)
             or "- Keep the code valid Python; no new dependencies; no network.",
-            example_file=target.editable[0],
+            example_file=next(  # the file the example's setting is likely in
+                (name for name in target.editable if "learning_rate" in files.get(name, "")),
+                target.editable[0],
+            ),
             target_name=target.name,
             target_description=target.description,
             metric=target.metric,

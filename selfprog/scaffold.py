@@ -8,15 +8,13 @@ change into one's own language model.
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 
 from selfprog.errors import TargetError
-from selfprog.target import TARGET_FILE, export_target
+from selfprog.target import NAME, TARGET_FILE, export_target
 
 TEMPLATES = ("minimal", "tinylm")
-NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 def new_target(name: str, dest: Path, template: str = "minimal") -> list[Path]:

@@ -314,14 +314,14 @@ def make_scheduler(run: Run, runner: Runner | None = None) -> Scheduler:
 
         return RayScheduler.connect(run)
     runner = runner or make_runner(section.kind, section.image or None, run.root / "local")
-    # before any candidate: a held-out split the sandbox could rebuild is refused (once per data)
-    require_private_heldout(run.target, run.data, runner, run.limits())
     if not section.gpus and run.archive.meta("gpus") is None:  # the default, at the first start
         run.settle_gpus(bool(gpus.visible()) and runner_gpus(runner, ""))
     gpu_slots = run.gpu_slots()  # GPUs this machine lacks are refused before any sandbox
     if gpu_slots and not runner_gpus(runner, run.gpu_request()):
         gpu_slots = []
     scoring = Scoring(run.target, run.data, run.limits(), *run.budget(), labels=dict(run.labels))
+    # before any candidate: a held-out split the sandbox could rebuild is refused (once per data)
+    require_private_heldout(run.target, run.data, runner, scoring.limits)
     return ThreadScheduler(runner, scoring, run.workers, run.root / "work", gpu_slots)
 
 

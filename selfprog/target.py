@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import posixpath
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "prompt": ("task", "rules"),
 }
 DEFAULT_TASK = "a program that trains a model"
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # a target's name: it names folders and runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,7 @@ def _unknown_key(key: str, table: str) -> str:
     valid = _SCHEMA[table]
     near = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-    return f"unknown key '{key}' {where}{hint}"
+    return f"unknown key {key!r} {where}{hint}"
 
 
 def _key_problems(raw: Mapping[str, Any]) -> list[str]:
@@ -173,7 +176,7 @@ def _file_problems(root: Path, editable: tuple[str, ...], fixed: tuple[str, ...]
         if Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"file {name!r} must be a path inside the target folder")
         elif not (root / name).is_file():
-            problems.append(f"listed file {name} is not in {root}")
+            problems.append(f"listed file {name!r} is not in {root}")
     return problems
 
 
@@ -242,6 +245,10 @@ def load_target(where: str | Path) -> Target:
         rules=read.strings("prompt", "rules", optional=True),
         descriptors=read.strings("metric", "descriptors", optional=True),
     )
+    if target.name and not NAME.fullmatch(target.name):
+        read.problems.append(
+            f"name {target.name!r}: use letters, digits, '-' and '_', starting with a letter"
+        )
     problems = read.problems or safety_problems(target)
     if len(problems) == 1:
         raise TargetError(f"{path}: {problems[0]}")
@@ -255,27 +262,52 @@ def _script(command: tuple[str, ...]) -> str:
     return command[0] if command else ""
 
 
+def _data_name(name: str) -> str:
+    """Returns a data name as the data folder resolves it ("" for one outside the folder)."""
+    if not name or Path(name).is_absolute():
+        return ""
+    normal = posixpath.normpath(name)
+    return "" if normal == ".." or normal.startswith("../") else normal
+
+
+def _data_problems(target: Target) -> list[str]:
+    """The held-out file must reach no phase: not under another name, not in a shared folder."""
+    problems = []
+    visible = [("train", n) for n in target.train_data] + [
+        ("shared", n) for n in target.shared_data
+    ]
+    for key, name in [("heldout", target.heldout_data), ("manifest", target.manifest), *visible]:
+        if not _data_name(name):
+            problems.append(f"[data] {key} {name!r} must be a name inside the data folder")
+    heldout = _data_name(target.heldout_data)
+    seen: dict[str, str] = {}
+    for key, name in visible:
+        normal = _data_name(name)
+        if not normal or not heldout:
+            continue
+        if normal == "." or heldout == normal or heldout.startswith(normal + "/"):
+            problems.append(
+                f"the held-out file {heldout} is in [data] {key} ({name!r}): candidates "
+                "would see it; list only training data there"
+            )
+        base = posixpath.basename(normal)
+        if base in seen and seen[base] != normal:  # the sandbox mounts each by its last name
+            problems.append(f"[data] {name!r} and {seen[base]!r} would both appear as {base}")
+        seen[base] = normal
+    return problems
+
+
 def safety_problems(target: Target) -> list[str]:
     """Returns what would let a candidate cheat this target, each with its fix.
 
-    The held-out split must reach neither training nor shared data; the
-    evaluator and the prepare script must be fixed (a candidate's own
-    evaluator would score itself); the evaluator must not import editable
-    code into its own process; every script a command runs must be a listed
-    file (else it is never staged).
+    The held-out split must reach neither training nor shared data (under
+    any name); the evaluator and the prepare script must be fixed (a
+    candidate's own evaluator would score itself; an editable prepare would
+    be edited by candidates while the data comes from the target's copy);
+    the evaluator gets no editable file as an argument; every script a
+    command runs must be a listed file (else it is never staged).
     """
-    problems = []
-    heldout = target.heldout_data
-    for table, names in (("train", target.train_data), ("shared", target.shared_data)):
-        for name in names:
-            inside = (
-                name in (".", "") or heldout == name or heldout.startswith(name.rstrip("/") + "/")
-            )
-            if inside:
-                problems.append(
-                    f"the held-out file {heldout} is in [data] {table} ({name}): candidates "
-                    f"would see it; list only training data there"
-                )
+    problems = _data_problems(target)
     files = set(target.files)
     for verb, command in (
         ("prepare", target.prepare),
@@ -285,43 +317,67 @@ def safety_problems(target: Target) -> list[str]:
         script = _script(command)
         if script and script not in files:
             problems.append(
-                f"[commands] {verb} runs {script}, which is not in [files]: it is never "
+                f"[commands] {verb} runs {script!r}, which is not in [files]: it is never "
                 f"staged; list it under [files] {'editable' if verb == 'train' else 'fixed'}"
             )
-    for verb, command in (("evaluate", target.evaluate), ("prepare", target.prepare)):
-        script = _script(command)
-        if script in target.editable:
+    evaluator, preparer = _script(target.evaluate), _script(target.prepare)
+    if evaluator in target.editable:
+        problems.append(
+            f"{evaluator} (evaluate) is editable: a candidate could rewrite it to score itself; "
+            "move it to [files] fixed"
+        )
+    if preparer in target.editable:
+        problems.append(
+            f"{preparer} (prepare) is editable: candidates would edit a copy that never makes "
+            "the data; move it to [files] fixed"
+        )
+    for arg in target.evaluate[1:]:
+        if arg in target.editable:
             problems.append(
-                f"{script} ({verb}) is editable: a candidate could rewrite it to score itself; "
-                "move it to [files] fixed"
+                f"[commands] evaluate names {arg}, which is editable: the evaluator would run "
+                "or read candidate code; give it only fixed files"
             )
-    evaluator = _script(target.evaluate)
-    if evaluator in target.fixed:
-        for module in _local_imports(target.root / evaluator):
-            if f"{module}.py" in target.editable:
-                problems.append(
-                    f"{evaluator} imports {module}.py, which is editable, into the evaluator's "
-                    "process: candidate code there could change the score; run candidate code "
-                    "in a separate process (see docs/targets.md)"
-                )
     return problems
 
 
-def _local_imports(path: Path) -> list[str]:
-    """Returns the top-level modules a script imports at module level (its own code's too)."""
+# what lets an evaluator (run with `python -I`, so a plain import of the folder fails) reach the
+# program folder's code: the separate model process of docs/targets.md, or a hole
+_REACHES = ("importlib", "runpy", "__import__", "exec", "compile", "subprocess")
+
+
+def evaluator_warnings(target: Target) -> list[str]:
+    """Returns how the evaluator reaches editable code, for its author to confirm that candidate
+    code runs only in a separate process whose outputs it checks (tinylm's model servers)."""
     import ast
 
+    evaluator = _script(target.evaluate)
     try:
-        tree = ast.parse(path.read_text())
+        tree = ast.parse((target.root / evaluator).read_text())
     except (SyntaxError, UnicodeDecodeError, OSError):
         return []
-    found = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            found += [alias.name.split(".")[0] for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.append(node.module.split(".")[0])
-    return found
+    editable = set(target.editable) | {Path(n).stem for n in target.editable if n.endswith(".py")}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "path":
+            if isinstance(node.value, ast.Name) and node.value.id == "sys":
+                found.add("sys.path")
+        elif isinstance(node, ast.Name) and node.id in _REACHES:
+            found.add(node.id)
+        elif isinstance(node, ast.alias) and node.name.split(".")[0] in _REACHES:
+            found.add(node.name.split(".")[0])
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value in editable
+        ):
+            found.add(repr(node.value))
+    if not found:
+        return []
+    return [
+        f"{evaluator} reaches the program folder ({', '.join(sorted(found))}): candidate code "
+        "must run only in a separate process whose outputs the evaluator checks, never in its "
+        "own (docs/targets.md, 'Two ways to score')"
+    ]
 
 
 def unlisted_scripts(target: Target) -> list[str]:

@@ -22,7 +22,7 @@ from selfprog.data import Dataset, default_cache, prepare_data
 from selfprog.errors import TargetError
 from selfprog.runners.base import Limits, Phase, Runner
 from selfprog.scoring import State, score_program, stage_program
-from selfprog.target import Target, unlisted_scripts
+from selfprog.target import TARGET_FILE, Target, evaluator_warnings, unlisted_scripts
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,23 @@ REBUILT_MARKER = "SELFPROG_REBUILT"
 # a verdict is kept per prepare script and data (and runner): a run of the same data asks no more
 VERDICT = "heldout-{target}-{key}-{runner}.json"
 
-# run inside the sandbox: the target's prepare, into a scratch folder, then the held-out's hash
+# run inside the sandbox: the target's prepare in a writable copy of the program folder, writing
+# into the output folder, then the hash of the held-out file it wrote (even if it then failed)
 _REBUILD = """
-import hashlib, os, runpy, sys, tempfile
-out = tempfile.mkdtemp()
-sys.argv = [{script!r}] + [a.replace("{{data_dir}}", out).replace("{{base_model}}", "") for a in {args!r}]
-runpy.run_path({script!r}, run_name="__main__")
-with open(os.path.join(out, {heldout!r}), "rb") as f:
-    print({marker!r}, hashlib.sha256(f.read()).hexdigest(), flush=True)
+import hashlib, os, runpy, shutil, sys, tempfile
+out = os.path.join(os.environ["SELFPROG_OUT"], "rebuilt")
+work = tempfile.mkdtemp()
+shutil.copytree(".", work, dirs_exist_ok=True)
+os.chdir(work)
+base = os.path.join(os.environ.get("SELFPROG_DATA", ""), {base!r}) if {base!r} else ""
+sys.argv = [{script!r}] + [a.replace("{{data_dir}}", out).replace("{{base_model}}", base) for a in {args!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+finally:
+    held = os.path.join(out, {heldout!r})
+    if os.path.isfile(held):
+        with open(held, "rb") as f:
+            print({marker!r}, hashlib.sha256(f.read()).hexdigest(), flush=True)
 """
 
 
@@ -70,6 +79,7 @@ def rebuild_heldout(target: Target, data: Dataset, runner: Runner, limits: Limit
                 args=list(target.prepare[1:]),
                 heldout=target.heldout_data,
                 marker=REBUILT_MARKER,
+                base=target.shared_data[0] if target.base_model and target.shared_data else "",
             )
         )
         out = work / "out"
@@ -104,9 +114,10 @@ def rebuild_heldout(target: Target, data: Dataset, runner: Runner, limits: Limit
     if rebuilt:
         return Finding("ok", f"held-out split: {script} run in the sandbox wrote other data")
     last = (outcome.log_tail.strip().splitlines() or ["no output"])[-1][:200]
-    return Finding(
-        "ok",
-        f"held-out split: {script} cannot rebuild it in the sandbox (it failed there: {last})",
+    return Finding(  # hidden inputs (tinylm's) make it fail; so may a bug: no verdict either way
+        "warn",
+        f"held-out split: not checked: {script} failed in the sandbox ({last}); if it fails "
+        "there only because its inputs are hidden, that is the defence",
     )
 
 
@@ -118,8 +129,12 @@ def require_private_heldout(target: Target, data: Dataset, runner: Runner, limit
     """
     if runner.name != "docker":
         return  # the local runner says itself that it keeps nothing from candidates
-    script = (target.root / target.prepare[0]).read_bytes()
-    key = hashlib.sha256(script + data.data_hash.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(data.data_hash.encode())
+    for name in (TARGET_FILE, *target.fixed):  # what makes the data, and what the sandbox holds
+        digest.update(name.encode() + b"\0" + (target.root / name).read_bytes())
+    image = getattr(getattr(runner, "image", None), "tag", "")
+    digest.update(json.dumps([image, list(data.hidden)]).encode())
+    key = digest.hexdigest()[:16]
     verdict = (
         default_cache().parent
         / "checks"
@@ -134,6 +149,8 @@ def require_private_heldout(target: Target, data: Dataset, runner: Runner, limit
         verdict.write_text(json.dumps({"status": found.status, "what": found.what}))
     if found.status == "fail":
         raise TargetError(f"{target.name}: {found.what}")
+    if found.status == "warn":
+        log.warning("%s: %s", target.name, found.what)
 
 
 def check_target(
@@ -147,7 +164,7 @@ def check_target(
     findings = [
         Finding("warn", f"{name} is in the folder but in no [files] list: it is never staged")
         for name in unlisted_scripts(target)
-    ]
+    ] + [Finding("warn", text) for text in evaluator_warnings(target)]
     with tempfile.TemporaryDirectory(prefix="selfprog-check-") as tmp:
         try:
             data = prepare_data(target, cache or Path(tmp) / "data")

@@ -293,6 +293,7 @@ def test_errors_are_one_line_and_change_nothing(run_dir: Path, tmp_path: Path) -
     db.commit()
     db.close()
     assert_error(selfprog("top", str(newer)), "archive schema 99 is newer")
+    assert_error(selfprog("status", str(newer), "--follow"), "archive schema 99 is newer")
 
     half = tmp_path / "half"
     shutil.copytree(run_dir, half)

@@ -57,7 +57,7 @@ def test_export_round_trips(tmp_path: Path) -> None:
             ('direction = "minimize"', 'direction = "down"'),
             "direction must be 'minimize' or 'maximize'",
         ),
-        (('"train.py"]', '"train.py", "gone.py"]'), "listed file gone.py is not in"),
+        (('"train.py"]', '"train.py", "gone.py"]'), "listed file 'gone.py' is not in"),
         (("seconds = 30 ", "seconds = -1 "), "[budget] seconds must be a number >= 0"),
         (("[data]", "[dtaa]"), "unknown key 'dtaa' at the top level; did you mean 'data'?"),
     ],
@@ -123,6 +123,18 @@ UNSAFE = {
         ("target.toml", 'train = ["train.bin"]', 'train = ["train.bin", "heldout.bin"]'),
         "the held-out file heldout.bin is in [data] train",
     ),
+    "heldout in training by another name": (
+        ("target.toml", 'train = ["train.bin"]', 'train = ["train.bin", "./heldout.bin"]'),
+        "the held-out file heldout.bin is in [data] train ('./heldout.bin')",
+    ),
+    "the data folder shared": (
+        ("target.toml", 'train = ["train.bin"]', 'train = ["train.bin"]\nshared = ["./"]'),
+        "the held-out file heldout.bin is in [data] shared ('./')",
+    ),
+    "data outside the data folder": (
+        ("target.toml", 'train = ["train.bin"]', 'train = ["train.bin"]\nshared = [".."]'),
+        "[data] shared '..' must be a name inside the data folder",
+    ),
     "editable evaluator": (
         (
             "target.toml",
@@ -132,13 +144,22 @@ UNSAFE = {
         ),
         "evaluate.py (evaluate) is editable: a candidate could rewrite it to score itself",
     ),
+    "editable prepare": (
+        (
+            "target.toml",
+            'editable = ["train.py"]                 # the proposer may rewrite these\n'
+            'fixed = ["prepare.py", "evaluate.py"]',
+            'editable = ["train.py", "prepare.py"]\nfixed = ["evaluate.py"]',
+        ),
+        "prepare.py (prepare) is editable",
+    ),
+    "an editable file given to the evaluator": (
+        ("target.toml", 'evaluate = ["evaluate.py"]', 'evaluate = ["evaluate.py", "train.py"]'),
+        "[commands] evaluate names train.py, which is editable",
+    ),
     "unstaged script": (
         ("target.toml", 'train = ["train.py"] ', 'train = ["helper.py"] '),
-        "[commands] train runs helper.py, which is not in [files]",
-    ),
-    "evaluator imports candidate code": (
-        ("evaluate.py", "import ctypes\n", "import ctypes\nimport train\n"),
-        "evaluate.py imports train.py, which is editable, into the evaluator's process",
+        "[commands] train runs 'helper.py', which is not in [files]",
     ),
 }
 
@@ -177,16 +198,40 @@ def test_run_eval_and_check_refuse_an_unsafe_target_before_anything_runs(tmp_pat
     run_dir = tmp_path / "run"
     one_line_error(selfprog("run", "--target", str(folder), "--run-dir", str(run_dir)), expected)
     assert not run_dir.exists()
-    one_line_error(selfprog("eval", str(folder), "--runner", "local"), expected)
+    one_line_error(
+        selfprog("eval", str(folder), "--target", str(folder), "--runner", "local"), expected
+    )
     one_line_error(selfprog("target", "check", str(folder), "--runner", "local"), expected)
 
 
-def test_eval_scores_a_folder_against_its_own_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("write", "expected"),
+    [
+        ('(out / "train.bin").write_bytes(heldout)', "data train.bin is the held-out file's copy"),
+        ('(out / "train.bin").symlink_to("heldout.bin")', "data train.bin is a link"),
+    ],
+)
+def test_data_that_shows_the_held_out_file_is_refused(
+    tmp_path: Path, write: str, expected: str
+) -> None:
+    folder = scaffold(tmp_path)
+    edit(folder / "prepare.py", '(out / "train.bin").write_bytes(train)', write)
+    done = selfprog("target", "check", str(folder), "--runner", "local")
+    assert done.returncode == 3 and "fail  prepare: " in done.stdout and expected in done.stdout
+    run_dir = tmp_path / "run"
+    done = selfprog("run", "--target", str(folder), "--run-dir", str(run_dir), "--runner", "local")
+    one_line_error(done, expected)
+    assert not run_dir.exists()
+
+
+def test_eval_scores_a_folder_against_its_own_target_when_asked(tmp_path: Path) -> None:
     folder = scaffold(tmp_path)
     cache = tmp_path / "cache"
+    # its prepare would run here unsandboxed, and its evaluator would grade it: asked for by name
+    one_line_error(selfprog("eval", str(folder), "--runner", "local"), f"--target {folder}")
     done = selfprog(
-        "eval", str(folder), "--runner", "local", "--budget-steps", "30", "--json",
-        "--data-cache", str(cache),
+        "eval", str(folder), "--target", str(folder), "--runner", "local", "--budget-steps",
+        "30", "--json", "--data-cache", str(cache),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -194,22 +239,32 @@ def test_eval_scores_a_folder_against_its_own_target(tmp_path: Path) -> None:
     # a result line without the nonce: the reason says what is wrong with it
     edit(folder / "evaluate.py", 'print(f"{RESULT_MARKER} {nonce} ', 'print(f"{RESULT_MARKER} ')
     done = selfprog(
-        "eval", str(folder), "--runner", "local", "--budget-steps", "30", "--json",
-        "--data-cache", str(cache),
+        "eval", str(folder), "--target", str(folder), "--runner", "local", "--budget-steps",
+        "30", "--json", "--data-cache", str(cache),
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert "without this evaluation's nonce" in json.loads(done.stdout)["reason"]
 
 
-def test_check_warns_of_unlisted_scripts(tmp_path: Path) -> None:
+def test_check_warns_of_unlisted_scripts_and_an_evaluator_reaching_candidate_code(
+    tmp_path: Path,
+) -> None:
     folder = scaffold(tmp_path)
     (folder / "helper.py").write_text("x = 1\n")
+    edit(
+        folder / "evaluate.py",
+        "    import numpy as np\n",
+        "    import numpy as np\n    sys.path.insert(0, '.')\n",
+    )
     done = selfprog("target", "check", str(folder), "--runner", "local", "--budget-steps", "20")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "warn  helper.py is in the folder but in no [files] list: it is never staged" in lines
     assert any(line.startswith("ok    seed: trained 20 steps and scored val_mse") for line in lines)
     assert any(line.startswith("warn  held-out split: not checked") for line in lines)
+    assert "warn  evaluate.py reaches the program folder (sys.path): candidate code must run" in (
+        done.stdout
+    )
 
 
 def test_prompts_speak_of_the_target_not_of_tinylm(tmp_path: Path) -> None:
@@ -228,8 +283,11 @@ def test_prompts_speak_of_the_target_not_of_tinylm(tmp_path: Path) -> None:
         assert "language model" not in text and "block_size" not in text
     text = build_prompt(target, seed, files, "10 s", [], [], 6000, "propose.md")
     assert "- train.py must leave model.pt" in text and "torch and numpy only" in text
-    lm = build_prompt(load_target("tinylm"), seed, files, "30 s", [], [], 6000, "propose.md")
+    tinylm = load_target("tinylm")
+    own = {name: (tinylm.root / name).read_text() for name in tinylm.editable}
+    lm = build_prompt(tinylm, seed, own, "30 s", [], [], 6000, "propose.md")
     assert "small language model" in lm and "`block_size`" in lm  # tinylm's own rules, from it
+    assert "train.py\n<<<<<<< SEARCH\nlearning_rate" in lm  # the example names the right file
 
 
 def test_map_elites_needs_the_targets_descriptors(tmp_path: Path) -> None:
@@ -292,6 +350,12 @@ def test_a_held_out_split_the_sandbox_can_rebuild_is_refused(tmp_path: Path) -> 
     docker_or_skip()
     folder = scaffold(tmp_path)
     edit(folder / "prepare.py", "rng = np.random.default_rng()", "rng = np.random.default_rng(0)")
+    # and it writes beside itself: the rebuild runs in a writable copy, so this hides nothing
+    edit(
+        folder / "prepare.py",
+        "    out = Path(sys.argv[1])\n",
+        "    out = Path(sys.argv[1])\n    Path('prepare.log').write_text('x')\n",
+    )
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     done = selfprog("target", "check", str(folder), env=env)
     assert done.returncode == 3, done.stdout + done.stderr
@@ -301,4 +365,4 @@ def test_a_held_out_split_the_sandbox_can_rebuild_is_refused(tmp_path: Path) -> 
     done = selfprog("run", "--target", str(folder), "--run-dir", str(run_dir), env=env)
     one_line_error(done, expected)
     assert not run_dir.exists()
-    one_line_error(selfprog("eval", str(folder), env=env), expected)
+    one_line_error(selfprog("eval", str(folder), "--target", str(folder), env=env), expected)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.cli.common import EXIT_ERROR, EXIT_NOT_OK, parse_size, positive
+from selfprog.errors import SelfprogError
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -24,9 +25,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from selfprog.targetcheck import require_private_heldout
 
     where = args.target
-    if where is None:  # a folder with its own target.toml is scored against it
-        own = args.program and (Path(args.program) / TARGET_FILE).is_file()
-        where = args.program if own else "tinylm"
+    if where is None:
+        if args.program and (Path(args.program) / TARGET_FILE).is_file():
+            # its prepare would run on this machine, outside the sandbox, and its evaluator
+            # would grade it: a folder's own target is used when asked for by name
+            raise SelfprogError(
+                f"{args.program} has its own {TARGET_FILE}: score it against it with "
+                f"`--target {args.program}` (its prepare runs on this machine, unsandboxed: "
+                "trust the folder first), or against a bundled target with `--target tinylm`"
+            )
+        where = "tinylm"
     target = load_target(where)
     if args.timeout is not None:
         target = dataclasses.replace(
@@ -166,8 +174,8 @@ def add_verbs(verbs: Any) -> None:
     ev.add_argument("program", nargs="?", help="the program folder (default: the target's seed)")
     ev.add_argument(
         "--target",
-        help="a bundled target name or a target folder (default: the program folder's own "
-        "target.toml if it has one, else tinylm)",
+        help="a bundled target name or a target folder (default: tinylm; a program folder with "
+        "its own target.toml needs --target DIR, since its prepare runs unsandboxed)",
     )
     ev.add_argument("--runner", default="docker", choices=("docker", "local"), help="the sandbox")
     budget = ev.add_mutually_exclusive_group()

@@ -25,7 +25,6 @@ budget_seconds = float(os.environ.get("SELFPROG_BUDGET_SECONDS", "10"))
 budget_steps = int(os.environ.get("SELFPROG_BUDGET_STEPS", "0"))
 out_dir = Path(os.environ.get("SELFPROG_OUT", "out"))
 torch.manual_seed(int(os.environ.get("SELFPROG_SEED", "0")))
-torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 ACTIVATIONS = {
     "relu": torch.nn.ReLU,
