@@ -21,12 +21,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from selfprog.runners.base import cpus_here
     from selfprog.scheduler import runner_gpus
     from selfprog.scoring import State, score_program
-    from selfprog.target import TARGET_FILE, load_target
+    from selfprog.target import BUNDLED, TARGET_FILE, bundled_root, load_target
     from selfprog.targetcheck import require_private_heldout
 
     where = args.target
+    own = Path(args.program or ".") / TARGET_FILE
+    if where is None and args.program and own.is_file():
+        # a bundled target's own target.toml (`target export`): that target, our code, scores it
+        same = [
+            n for n in BUNDLED if (bundled_root(n) / TARGET_FILE).read_bytes() == own.read_bytes()
+        ]
+        where = same[0] if same else None
     if where is None:
-        if args.program and (Path(args.program) / TARGET_FILE).is_file():
+        if args.program and own.is_file():
             # its prepare would run on this machine, outside the sandbox, and its evaluator
             # would grade it: a folder's own target is used when asked for by name
             raise SelfprogError(
