@@ -113,6 +113,11 @@ def _check_apart(target: Target, root: Path) -> None:
     for name in (*target.train_data, *target.shared_data, target.heldout_data):
         if (root / name).is_symlink():
             raise TargetError(f"{root}: data {name} is a link: prepare must write plain files")
+    inside = heldout.resolve()
+    for name in (*target.train_data, *target.shared_data):
+        seen = (root / name).resolve()
+        if inside == seen or seen in inside.parents:  # through a link to a folder, say
+            raise TargetError(f"{root}: the held-out file is inside data {name}: candidates see it")
     size = heldout.stat().st_size
     digest = hashlib.sha256(heldout.read_bytes()).hexdigest()
     for name in (*target.train_data, *target.shared_data):

@@ -291,9 +291,9 @@ def _data_problems(target: Target) -> list[str]:
                 "would see it; list only training data there"
             )
         base = posixpath.basename(normal)
-        if base in seen and seen[base] != normal:  # the sandbox mounts each by its last name
+        if base in seen:  # the sandbox mounts each by its last name
             problems.append(f"[data] {name!r} and {seen[base]!r} would both appear as {base}")
-        seen[base] = normal
+        seen[base] = name
     return problems
 
 
@@ -331,8 +331,10 @@ def safety_problems(target: Target) -> list[str]:
             f"{preparer} (prepare) is editable: candidates would edit a copy that never makes "
             "the data; move it to [files] fixed"
         )
+    editable = set(target.editable) | {Path(n).stem for n in target.editable if n.endswith(".py")}
     for arg in target.evaluate[1:]:
-        if arg in target.editable:
+        named = posixpath.normpath(arg.split("=")[-1].removeprefix("/program/"))
+        if named in editable:
             problems.append(
                 f"[commands] evaluate names {arg}, which is editable: the evaluator would run "
                 "or read candidate code; give it only fixed files"

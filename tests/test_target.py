@@ -356,6 +356,8 @@ def test_a_held_out_split_the_sandbox_can_rebuild_is_refused(tmp_path: Path) -> 
         "    out = Path(sys.argv[1])\n",
         "    out = Path(sys.argv[1])\n    Path('prepare.log').write_text('x')\n",
     )
+    # and it writes into the folder it is given without making it (the host's exists already)
+    edit(folder / "prepare.py", "    out.mkdir(parents=True, exist_ok=True)\n", "")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     done = selfprog("target", "check", str(folder), env=env)
     assert done.returncode == 3, done.stdout + done.stderr
