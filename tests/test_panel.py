@@ -30,6 +30,7 @@ COLUMNS, LINES = 150, 45
 SELFPROG = [sys.executable, "-m", "selfprog"]
 SEED_ALONE = ["--set", "run.max_candidates=1"]
 SHORT = ["--population", "2", "--budget-steps", "25", "--runner", "local", "--seed", "3"]
+SHORT += ["--set", "selection.noise_seeds=2", "--set", "selection.confirm_seeds=1"]  # fewer repeats
 
 
 def run_in_terminal(*args: str, timeout: float = 600) -> tuple[int, list[str]]:
