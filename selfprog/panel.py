@@ -21,6 +21,7 @@ from rich.text import Text
 
 from selfprog.phases import Running
 from selfprog.population import Population
+from selfprog.queries import headline
 from selfprog.rundir import Run
 from selfprog.states import UNFINISHED
 from selfprog.untrusted import one_line
@@ -87,8 +88,7 @@ def snapshot(
     expected = 1 + settings.generations * settings.population
     if settings.max_candidates:
         expected = min(expected, settings.max_candidates)
-    best = archive.best(run.target.minimize, 1, accepted=True)
-    seed = archive.seed()
+    seed_score, best, _ = headline(run)
     seconds, steps = run.budget()
     now_running = tuple(running if running is not None else archive.in_flight())
     return Snapshot(  # names are the user's, but a folder's name can hold an escape too
@@ -100,8 +100,8 @@ def snapshot(
         done=sum(counts.values()) - unfinished,
         queued=counts.get("pending", 0),
         running=now_running,
-        best=(best[0].id, float(best[0].score or 0.0), best[0].rationale) if best else None,
-        seed_score=seed.score if seed else None,
+        best=(best.id, float(best.score or 0.0), best.rationale) if best else None,
+        seed_score=seed_score,
         noise=str(Population(run).noise_floor()),
         active_seconds=float(archive.meta("active_seconds") or 0)
         if active_seconds is None

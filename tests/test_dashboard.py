@@ -24,6 +24,7 @@ from selfprog.dashboard import make_app
 from selfprog.rundir import create_run
 from selfprog.scoring import Result, State
 from selfprog.untrusted import LINE_CHARS
+from tests.test_inspect import newer_copy
 
 HOSTILE = (
     "<script>alert(1)</script>\n"
@@ -239,12 +240,7 @@ def test_bad_input_is_one_line_and_serves_nothing(run_dir: Path, tmp_path: Path)
     (tmp_path / "empty").mkdir()
     assert_error(selfprog("serve", str(tmp_path / "empty")), "neither a run nor a folder of runs")
     assert_error(selfprog("serve", str(tmp_path / "nowhere")), "no such folder")
-    newer = tmp_path / "newer"
-    shutil.copytree(run_dir, newer)
-    db = sqlite3.connect(newer / ARCHIVE_FILE)
-    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+    newer = newer_copy(run_dir, tmp_path / "newer")
     assert_error(selfprog("serve", str(newer), "--port", "0"), "archive schema 99 is newer")
 
 

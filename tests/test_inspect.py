@@ -275,6 +275,16 @@ def assert_error(done: subprocess.CompletedProcess[str], expected: str) -> None:
     )
 
 
+def newer_copy(run_dir: Path, dest: Path) -> Path:
+    """Returns a copy of a run whose archive says a newer selfprog (schema 99) wrote it."""
+    shutil.copytree(run_dir, dest)
+    db = sqlite3.connect(dest / ARCHIVE_FILE)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    return dest
+
+
 def test_errors_are_one_line_and_change_nothing(run_dir: Path, tmp_path: Path) -> None:
     with driver_lock(run_dir):  # a run being driven stays readable
         assert json.loads(ok("top", str(run_dir), "--json"))
@@ -286,12 +296,7 @@ def test_errors_are_one_line_and_change_nothing(run_dir: Path, tmp_path: Path) -
         selfprog("export", str(run_dir), "6", str(tmp_path / "x")), "candidate 6 has no program"
     )
 
-    newer = tmp_path / "newer"
-    shutil.copytree(run_dir, newer)
-    db = sqlite3.connect(newer / ARCHIVE_FILE)
-    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+    newer = newer_copy(run_dir, tmp_path / "newer")
     assert_error(selfprog("top", str(newer)), "archive schema 99 is newer")
     assert_error(selfprog("status", str(newer), "--follow"), "archive schema 99 is newer")
 
