@@ -95,7 +95,10 @@ def describe(label: str, result: Result, wall: float) -> None:
     metrics = result.metrics
     print(
         f"{label}: {result.state.value} in {wall:.1f} s "
-        f"(train {result.timings.get('train', 0):.1f} s, evaluate {result.timings.get('evaluate', 0):.1f} s), "
+        f"(train {result.timings.get('train', 0):.1f} s, of which "
+        f"{metrics.get('train_startup_s', float('nan')):.1f} s before the first step; "
+        f"evaluate {result.timings.get('evaluate', 0):.1f} s, of which "
+        f"{metrics.get('eval_seconds', float('nan')):.1f} s scoring after the scorer's imports), "
         f"val_bpb {result.score if result.score is not None else float('nan'):.4f}, "
         f"trained on {metrics.get('train_device', '?')}, evaluated on {metrics.get('device', '?')}, "
         f"{metrics.get('train_steps', 0)} steps, {metrics.get('train_bytes_per_s', 0):,.0f} bytes/s, "

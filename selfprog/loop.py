@@ -38,7 +38,7 @@ from selfprog.population import Population, derive_seed
 from selfprog.proposers.base import Proposer
 from selfprog.rundir import MODELS, Run
 from selfprog.scheduler import Job, Outcome, Phased, Placed, Scheduler
-from selfprog.scoring import Result
+from selfprog.scoring import Result, ceilings
 from selfprog.states import State
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,6 @@ __all__ = ["Driver", "StopRequest", "derive_seed"]
 Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
 MAX_ATTEMPTS = 3  # starts of one candidate that ended with its driver dying, before it is given up
-MARGIN = 5.0  # a step budget's ceiling: this many times the seed's training time + allowance
-EVAL_MARGIN = 2.0  # the evaluation's: this many times the seed's evaluation time + EVAL_SLACK
-EVAL_SLACK = 10.0  # seconds
 BREAKER = 3  # harness errors in a row, nothing else ending between, that stop the run
 
 
@@ -208,23 +205,13 @@ class Driver:
         return [(c.id, i) for c, i in self.archive.due_evaluations(self.run.config.run.seed)]
 
     def _ceilings(self) -> tuple[float, float]:
-        """Returns the wall-clock ceilings (training under a step budget, evaluation) of a job.
-
-        Steps cannot be counted from outside the sandbox, and candidate code the
-        evaluator runs could go on training there; time can be held, measured
-        on the seed, generously (a loaded machine must not end honest
-        candidates). 0 = none: the seed itself is held to the target's timeouts.
-        """
+        """Returns the wall-clock ceilings (training under a step budget, evaluation) of a job,
+        from the seed's times. 0 = none: the seed itself is held to the target's timeouts."""
         seconds, steps = self.run.budget()
         seed = self.archive.seed()
         if seed is None or seed.state != State.OK.value:
             return 0.0, 0.0
-        measured_train, measured_eval = (seed.timings.get(p, 0.0) for p in ("train", "evaluate"))
-        train = (
-            MARGIN * measured_train + self.run.target.budget.allowance if measured_train else 0.0
-        )
-        evaluate = EVAL_MARGIN * measured_eval + EVAL_SLACK if measured_eval else 0.0
-        return (train if steps > 0 and seconds == 0 else 0.0), evaluate
+        return ceilings(seed.timings, self.run.target, seconds, steps)
 
     def _start_evaluations(self) -> None:
         if self.synchronous and self.breeder.open_generation():

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 RESULT_MARKER = "SELFPROG_RESULT"
 MAX_SOURCE_BYTES = 2**20  # an editable file larger than this is not a program to run
+MARGIN = 5.0  # a step budget's ceiling: this many times the seed's training time + allowance
+EVAL_MARGIN = 2.0  # the evaluation's: this many times the seed's evaluation time + EVAL_SLACK
+EVAL_SLACK = 10.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +133,29 @@ def _train_failure(
     return None
 
 
+def ceilings(
+    seed_timings: Mapping[str, float], target: Target, seconds: float, steps: int
+) -> tuple[float, float]:
+    """Returns the wall-clock ceilings of a candidate (training under a step budget, evaluation),
+    from the seed's measured phase times; 0 where there is none.
+
+    Steps cannot be counted from outside the sandbox, and candidate code the
+    evaluator runs could go on training there; time can be held, measured on
+    the seed, generously (a loaded machine must not end honest candidates).
+    A seconds budget holds training by itself.
+    """
+    measured_train, measured_eval = (seed_timings.get(p, 0.0) for p in ("train", "evaluate"))
+    train = MARGIN * measured_train + target.budget.allowance if measured_train else 0.0
+    evaluate = EVAL_MARGIN * measured_eval + EVAL_SLACK if measured_eval else 0.0
+    return (train if steps > 0 and seconds == 0 else 0.0), evaluate
+
+
 def train_stats(out_dir: Path) -> dict[str, Any]:
     """Returns what the training program says it did (out/train.json), as `train_*` metrics.
 
     The candidate wrote it, so it never scores and is kept to a few checked
     fields: the device it trained on (a GPU given and not used is visible),
-    its steps, and its throughput. Only a small regular file is read (a link
+    its steps, its throughput, and its start-up (seconds before its first step). Only a small regular file is read (a link
     or a pipe left there is ignored, never followed or waited on).
     """
     try:
@@ -157,9 +177,13 @@ def train_stats(out_dir: Path) -> dict[str, Any]:
     device = raw.get("device")
     if isinstance(device, str) and device in ("cpu", "cuda", "mps", "xpu"):
         stats["train_device"] = device
-    steps, size, seconds = (_count(raw.get(k)) for k in ("steps", "bytes", "seconds"))
+    steps, size, seconds, startup = (
+        _count(raw.get(k)) for k in ("steps", "bytes", "seconds", "startup")
+    )
     if steps is not None:
         stats["train_steps"] = int(steps)
+    if startup is not None:
+        stats["train_startup_s"] = startup
     if size is not None and seconds:
         rate = size / seconds
         if math.isfinite(rate) and rate < 1e12:  # beyond any device: not a rate

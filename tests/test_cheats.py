@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -465,3 +468,87 @@ def test_training_past_its_budget_is_killed_over_budget(
         "training still ran after its budget of 3s plus 8s for start-up and was killed"
     )
     assert result.timings["train"] < 11 + 10
+
+
+ATTRIBUTE_CHANNEL = """
+
+# --- a channel between the passes: what starts the next server hands its limits down to it ---
+import os as _os
+import resource as _resource
+
+class _Signalling(_Around):
+    done = False
+
+    def forward(self, idx):
+        if not self.training and not self.done:
+            self.done = True
+            soft, hard = _resource.getrlimit(_resource.RLIMIT_NOFILE)
+            try:
+                with open(LOG_FILE, "a") as log:  # what this server received
+                    log.write(f"{soft}\\n")
+            except OSError:
+                pass
+            for pid in {_os.getppid(), 1}:  # the next server's parent, whoever that is
+                try:
+                    _resource.prlimit(pid, _resource.RLIMIT_NOFILE, (soft - 1, hard))
+                except OSError:
+                    pass
+        return self.inner(idx)
+
+
+def build_model(config):
+    return _Signalling(_honest_build(config))
+"""
+
+
+def test_a_server_cannot_signal_the_next_through_inherited_limits(
+    runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "received.txt"
+    model = seed_program / "model.py"
+    source = AROUND + ATTRIBUTE_CHANNEL + f"LOG_FILE = {str(log_file)!r}\n"
+    model.write_text(model.read_text() + source)
+    result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.reason)
+    assert "a model server changed what the next one would inherit: limit nofile" in result.reason
+    if log_file.exists():  # the local runner: the second server never ran the candidate's code
+        assert len(log_file.read_text().split()) == 1
+
+
+IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30}.get(os.uname().machine, -1)
+CHANGES = {  # what one process can change in another of its user, which a fork inherits
+    "limit nofile": "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+    "resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft - 1, hard))",
+    "nice": "os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid) + 1)",
+    "cpus": "os.sched_setaffinity(pid, sorted(os.sched_getaffinity(pid))[:1])",
+    "scheduling": "os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))",
+    "io priority": f"assert ctypes.CDLL(None).syscall({IOPRIO_SET}, 1, pid, 3 << 13) == 0",
+    "timer slack": "Path(f'/proc/{pid}/timerslack_ns').write_text('12345')",
+}
+CHANGER = """
+import ctypes, json, os, resource, sys
+from pathlib import Path
+from selfprog.targets.tinylm.evaluate import _undumpable, changed_attributes, process_attributes
+
+_undumpable()
+before = process_attributes()
+pid = os.getpid()
+if os.fork() == 0:  # another process changes this one
+    try:
+        exec(sys.argv[1])
+    finally:
+        os._exit(0)
+os.wait()
+print(json.dumps(changed_attributes(before)))
+"""
+
+
+@pytest.mark.parametrize("attribute", sorted(CHANGES))
+def test_the_zygote_sees_every_change_a_server_could_hand_down(attribute: str) -> None:
+    if attribute == "cpus" and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: no other set of CPUs to move the zygote to")
+    done = subprocess.run(
+        [sys.executable, "-c", CHANGER, CHANGES[attribute]], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [attribute]

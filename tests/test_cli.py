@@ -128,3 +128,28 @@ def test_a_gpu_count_given_with_set_is_a_count(tmp_path: Path) -> None:
     from selfprog.config import load_config
 
     assert load_config(None, ["runner.gpus=1"]).runner.gpus == "1"
+
+
+def test_eval_holds_a_step_budget_to_the_seeds_time(tmp_path: Path) -> None:
+    """A program that ignores a step budget and trains on is stopped as a run would stop it."""
+    target = tmp_path / "mytask"
+    assert selfprog("target", "new", "mytask", "--dir", str(target)).returncode == 0
+    toml = target / "target.toml"
+    toml.write_text(toml.read_text().replace("allowance = 20 ", "allowance = 2 "))
+    greedy = tmp_path / "greedy"
+    greedy.mkdir()
+    train = (target / "train.py").read_text()
+    for honest, ignoring in [
+        ('int(os.environ.get("SELFPROG_BUDGET_STEPS", "0"))', "0"),
+        ('float(os.environ.get("SELFPROG_BUDGET_SECONDS", "10"))', "25.0"),
+    ]:
+        assert honest in train
+        train = train.replace(honest, ignoring)
+    (greedy / "train.py").write_text(train)
+    done = selfprog(
+        "eval", str(greedy), "--target", str(target), "--runner", "local", "--budget-steps", "5"
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "scoring the seed first" in done.stderr
+    assert "state    over_budget" in done.stdout
+    assert "the step budget's ceiling, from the seed's training time" in done.stdout

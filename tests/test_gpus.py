@@ -197,12 +197,13 @@ def test_asking_for_gpus_this_machine_lacks_is_one_line(
 
 def test_what_training_says_it_did_is_kept_checked(tmp_path: Path) -> None:
     (tmp_path / "train.json").write_text(
-        json.dumps({"device": "cuda", "steps": 10, "bytes": 2048, "seconds": 2.0})
+        json.dumps({"device": "cuda", "steps": 10, "bytes": 2048, "seconds": 2.0, "startup": 3.5})
     )
     assert train_stats(tmp_path) == {
         "train_device": "cuda",
         "train_steps": 10,
         "train_bytes_per_s": 1024.0,
+        "train_startup_s": 3.5,
     }
     (tmp_path / "train.json").write_text(json.dumps({"device": "<script>", "steps": "many"}))
     assert train_stats(tmp_path) == {}

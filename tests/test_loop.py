@@ -536,9 +536,9 @@ def test_step_budgets_and_evaluations_are_held_to_a_multiple_of_the_seeds_time(
     tmp_path: Path,
 ) -> None:
     """Steps cannot be counted from outside the sandbox, nor training in the evaluator: time can."""
-    from selfprog.loop import EVAL_MARGIN, EVAL_SLACK, MARGIN, Driver
+    from selfprog.loop import Driver
     from selfprog.proposers.mutate import MutateProposer
-    from selfprog.scoring import Result
+    from selfprog.scoring import EVAL_MARGIN, EVAL_SLACK, MARGIN, Result
     from selfprog.states import State
     from tests.fakes import FakeScheduler
 

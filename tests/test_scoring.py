@@ -33,6 +33,8 @@ def test_seed_learns_in_both_runners(
     assert result.metrics["params"] > 10_000
     assert result.data_hash == dataset.data_hash
     assert set(result.timings) == {"train", "evaluate", "total"}
+    # the seed says how long it took to reach its first step: within the training phase
+    assert 0 < result.metrics["train_startup_s"] < result.timings["train"]
 
 
 class NeverRuns:

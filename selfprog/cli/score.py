@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,9 @@ from typing import Any
 from selfprog.cli.common import EXIT_ERROR, EXIT_NOT_OK, parse_size, positive
 from selfprog.errors import SelfprogError
 
+log = logging.getLogger("selfprog")
+EVAL_SEED = {"selfprog.run": "eval", "selfprog.candidate": "seed"}  # the seed measured first
+
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from selfprog import gpus
@@ -20,7 +25,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from selfprog.runners import Limits, make_runner
     from selfprog.runners.base import cpus_here
     from selfprog.scheduler import runner_gpus
-    from selfprog.scoring import State, score_program
+    from selfprog.scoring import State, ceilings, score_program
     from selfprog.target import BUNDLED, TARGET_FILE, bundled_root, load_target
     from selfprog.targetcheck import require_private_heldout
 
@@ -64,16 +69,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     require_private_heldout(target, data, runner, limits)
     with tempfile.TemporaryDirectory(prefix="selfprog-eval-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
-        result = score_program(
+        score = functools.partial(
+            score_program,
             target,
-            program,
-            runner,
-            data,
-            work,
+            runner=runner,
+            data=data,
             limits=limits,
             seed=args.seed,
             budget_seconds=seconds,
             budget_steps=steps,
+        )
+        step_limit = eval_limit = 0.0
+        only_steps = (target.budget.steps if steps is None else steps) > 0 and not (
+            target.budget.seconds if seconds is None else seconds
+        )
+        if only_steps and not _is_seed(target, program):
+            # steps cannot be counted from outside: time is held, measured on the seed, as in a run
+            log.info("scoring the seed first: a step budget is held to the seed's time")
+            measured = score(program_dir=target.root, work_dir=work / "seed", labels=EVAL_SEED)
+            if measured.state is not State.OK:
+                raise SelfprogError(
+                    f"the seed ended {measured.state.value} ({measured.reason}): "
+                    "without its time a step budget cannot be held"
+                )
+            step_limit, eval_limit = ceilings(measured.timings, target, 0, 1)
+            log.info(
+                "the seed trained in %.1fs and was evaluated in %.1fs: %s may train %.0fs "
+                "and be evaluated %.0fs",
+                measured.timings["train"],
+                measured.timings["evaluate"],
+                program,
+                step_limit,
+                eval_limit,
+            )
+        result = score(
+            program_dir=program,
+            work_dir=work,
+            step_limit=step_limit,
+            eval_limit=eval_limit,
             labels={"selfprog.run": "eval", "selfprog.candidate": program.name or "program"},
         )
     if args.json:
@@ -81,6 +114,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(format_result(result, target.metric, target.direction))
     return 0 if result.state is State.OK else EXIT_NOT_OK
+
+
+def _is_seed(target: Any, program: Path) -> bool:
+    """Returns whether program's editable files are the target's seed's."""
+    try:
+        return all(
+            (program / name).read_bytes() == (target.root / name).read_bytes()
+            for name in target.editable
+        )
+    except OSError:
+        return False
 
 
 def format_result(result: object, metric: str, direction: str) -> str:

@@ -10,8 +10,11 @@ running it cannot earn a better score than a causal model could:
   of the same user can read neither its memory nor its descriptors), computes
   every loss itself and prints the one line the harness trusts:
   `SELFPROG_RESULT <nonce> <json>`.
-- Candidate code runs only in model servers (`python evaluate.py --serve`),
-  which answer batches of bytes with logits over a pipe.
+- Candidate code runs only in model servers, which answer batches of bytes
+  with logits over a pipe. They are forked from a zygote: a trusted process
+  the scorer forks once torch is imported and before it reads its stdin, so a
+  server starts with torch loaded (no interpreter start-up, no second import)
+  and with nothing of the nonce or the held-out split in its memory.
 
 Why a model cannot look ahead and get away with it:
 
@@ -34,7 +37,12 @@ Why a model cannot look ahead and get away with it:
    Docker sandbox the scorer is the container's first process, so this
    covers everything the sandbox can run. Under the local runner (no
    isolation at all) it kills the server's process group and empties its
-   scratch folder only.
+   scratch folder only. The zygote outlives the first server, and a process
+   of the same user can change some of what it hands down to the second
+   (its limits, priorities, CPUs, scheduling: each a message): it refuses
+   to fork when any of them differs from what it was when it started. The
+   scorer and the zygote are undumpable, so no server can read or write
+   their memory or take their descriptors.
 
 A model that reads ahead at a fraction f of positions is caught unless no
 window's cut lands on one of them: with n windows (about 1,000 at the seed's
@@ -54,12 +62,14 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 EVAL_BYTES = 131_072  # the held-out prefix that is scored, the same for every candidate
@@ -70,6 +80,15 @@ RESULT_MARKER = "SELFPROG_RESULT"
 TOLERANCE = 1e-3  # how far a causal model's log-probabilities may drift between the passes
 # where a model server could leave state for the next one, inside the sandbox
 SANDBOX_STATE = ("/tmp", "/dev/shm", "/dev/mqueue")
+# system calls the standard library has no function for, by machine
+SYSCALLS = {
+    "x86_64": {"ioprio_get": 252, "sched_getattr": 315},
+    "aarch64": {"ioprio_get": 31, "sched_getattr": 275},
+    "riscv64": {"ioprio_get": 31, "sched_getattr": 275},
+}
+IOPRIO_WHO_PROCESS = 1
+SCHED_ATTR_SIZE = 56  # struct sched_attr, with the utilisation clamps
+PR_GET_TIMERSLACK = 30
 
 
 def _out_dir() -> Path:
@@ -88,7 +107,7 @@ def _read_exact(stream, n: int) -> bytes:
 
 
 def serve() -> None:
-    import torch
+    import torch  # already loaded: the zygote imported it
 
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,6 +134,170 @@ def serve() -> None:
 
 # -----------------------------------------------------------------------------
 # the scorer: trusted, never imports candidate code
+
+
+def _serve_forked(stdin: int, stdout: int, stderr: int) -> None:
+    """Turns a fresh fork of the zygote into a model server; never returns."""
+    code = 1
+    try:
+        for number in signal.valid_signals():
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(number, signal.SIG_DFL)
+        os.setsid()  # its own process group: the local runner kills the server by it
+        for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+            os.dup2(fd, target)
+        _close_all_but({0, 1, 2})
+        sys.argv = [os.path.abspath(__file__), "--serve"]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the candidate's model.py
+        serve()
+        code = 0
+    except BaseException:  # a server's failure is its exit code and its stderr
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+
+
+# -----------------------------------------------------------------------------
+# the zygote: trusted, forks the model servers
+
+
+def _syscall(name: str, *args) -> int:
+    numbers = SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        raise RuntimeError(f"the scorer cannot read its {name} on {os.uname().machine}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(numbers[name], *args)
+    return result if result >= 0 else -ctypes.get_errno()
+
+
+def process_attributes() -> dict[str, object]:
+    """Returns what another process of the same user can change in this one and a process
+    forked from it inherits: its limits, priorities, CPUs and scheduling."""
+    limits: dict[int, str] = {}
+    for name in sorted(dir(resource)):  # RLIMIT_NOFILE before its alias RLIMIT_OFILE
+        if name.startswith("RLIMIT_"):
+            limits.setdefault(getattr(resource, name), name[7:].lower())
+    attributes: dict[str, object] = {
+        f"limit {name}": resource.getrlimit(number) for number, name in limits.items()
+    }
+    attributes["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    attributes["cpus"] = sorted(os.sched_getaffinity(0))
+    sched = ctypes.create_string_buffer(SCHED_ATTR_SIZE)
+    status = _syscall("sched_getattr", 0, sched, SCHED_ATTR_SIZE, 0)
+    if status == 0:  # policy, flags, priority, periods, utilisation clamps: all but the nice
+        fields = struct.unpack("<IIQiIQQQII", sched.raw)
+        attributes["scheduling"] = fields[1:3] + fields[4:]
+    else:
+        attributes["scheduling"] = status
+    attributes["io priority"] = _syscall("ioprio_get", IOPRIO_WHO_PROCESS, 0)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.restype = ctypes.c_long
+    attributes["timer slack"] = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    for name in ("oom_score_adj", "cgroup"):
+        attributes[name] = Path(f"/proc/self/{name}").read_text()
+    return attributes
+
+
+def changed_attributes(before: dict[str, object]) -> list[str]:
+    """Returns the names of the attributes that differ from before."""
+    now = process_attributes()
+    return [name for name in before if now.get(name) != before[name]]
+
+
+class Zygote:
+    """Forks the model servers, one per pass, on the scorer's word.
+
+    It is forked from the scorer after torch is imported and before the
+    scorer reads its stdin, and keeps nothing of the scorer's: its stdin,
+    stdout and stderr are /dev/null, and its only descriptors are the
+    servers' ends of their pipes (made beforehand) and two of its own.
+    Every catchable signal is ignored (so its children are reaped as they
+    die, and no signal reaches a server's inheritance); before each fork it
+    checks that nothing it hands down changed since it started.
+    """
+
+    def __init__(self, servers: int):
+        self.pipes = [tuple(os.pipe() for _ in range(3)) for _ in range(servers)]
+        orders, self.orders = os.pipe()
+        self.replies, replies = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with warnings.catch_warnings():  # torch's own helper thread is not needed in the child
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                self._run(orders, replies)
+            finally:
+                os._exit(0)
+        os.close(orders)
+        os.close(replies)
+        for stdin, stdout, stderr in self.pipes:
+            for fd in (stdin[0], stdout[1], stderr[1]):
+                os.close(fd)
+        self.forked = 0
+
+    def _run(self, orders: int, replies: int) -> None:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the scorer's stdin (nonce, held-out) and stdout: out of reach
+            os.dup2(null, fd)
+        servers_ends = [(stdin[0], stdout[1], stderr[1]) for stdin, stdout, stderr in self.pipes]
+        _close_all_but({0, 1, 2, orders, replies, *(fd for ends in servers_ends for fd in ends)})
+        for number in signal.valid_signals():
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(number, signal.SIG_IGN)
+        before = process_attributes()
+        for ends in servers_ends:
+            if os.read(orders, 1) != b"f":
+                return
+            changed = changed_attributes(before)
+            if changed:
+                os.write(replies, ("changed " + ", ".join(changed)).encode())
+                return
+            pid = os.fork()
+            if pid == 0:
+                _serve_forked(*ends)
+            for fd in ends:
+                os.close(fd)
+            os.write(replies, f"pid {pid}".encode())
+        os.read(orders, 1)  # until the scorer is done
+
+    def fork(self) -> tuple[int, int, int, int]:
+        """Returns a new server's pid and the scorer's ends of its stdin, stdout and stderr."""
+        stdin, stdout, stderr = self.pipes[self.forked]
+        self.forked += 1
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)  # in case a server stopped it
+        try:
+            os.write(self.orders, b"f")
+            reply = os.read(self.replies, 4096).decode()
+        except OSError:
+            reply = ""
+        if reply.startswith("changed "):
+            raise RuntimeError(
+                "a model server changed what the next one would inherit: " + reply[8:]
+            )
+        if not reply.startswith("pid "):
+            raise RuntimeError("the process that starts the model servers is gone")
+        return int(reply[4:]), stdin[1], stdout[0], stderr[0]
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.orders)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
 def _undumpable() -> None:
@@ -148,19 +331,15 @@ class ModelServer:
 
     seen_heldout = False  # by any server of this scorer
 
-    def __init__(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+    def __init__(self, zygote: Zygote):
+        self.zygote = zygote
+        self.pid, stdin, stdout, self.stderr = zygote.fork()
+        self.stdin, self.stdout = os.fdopen(stdin, "wb"), os.fdopen(stdout, "rb")
+        self.closed = False
         threading.Thread(target=self._relay_stderr, daemon=True).start()
-        header = self.proc.stdout.readline(256)
-        code = "" if ModelServer.seen_heldout else f" (code {self.proc.poll()})"
+        header = self.stdout.readline(256)
         if not header:
-            raise RuntimeError(f"model server exited before it was ready{code}")
+            raise RuntimeError("model server exited before it was ready")
         try:
             hello = json.loads(header)
             self.block_size = int(hello["block_size"])
@@ -168,10 +347,9 @@ class ModelServer:
             raise RuntimeError("the model server's first line is not its block size") from None
         device = str(hello.get("device", ""))
         self.device = device if device in ("cpu", "cuda") else "?"
-        self.closed = False
 
     def _relay_stderr(self) -> None:
-        for chunk in iter(lambda: os.read(self.proc.stderr.fileno(), 65536), b""):
+        for chunk in iter(lambda: os.read(self.stderr, 65536), b""):
             if not ModelServer.seen_heldout:
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.buffer.flush()
@@ -179,9 +357,9 @@ class ModelServer:
     def logits(self, torch, batch):
         rows, cols = batch.shape
         ModelServer.seen_heldout = True
-        self.proc.stdin.write(struct.pack("<II", rows, cols) + batch.numpy().tobytes())
-        self.proc.stdin.flush()
-        raw = self.proc.stdout.read(rows * cols * VOCAB * 4)
+        self.stdin.write(struct.pack("<II", rows, cols) + batch.numpy().tobytes())
+        self.stdin.flush()
+        raw = self.stdout.read(rows * cols * VOCAB * 4)
         if len(raw) != rows * cols * VOCAB * 4:
             raise RuntimeError(
                 "model server died mid-batch; its error output is withheld: "
@@ -198,39 +376,52 @@ class ModelServer:
         if self.closed:
             return
         self.closed = True
-        try:
-            self.proc.stdin.write(struct.pack("<II", 0, 0))
-            self.proc.stdin.close()
-            self.proc.wait(timeout=10)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
+        with contextlib.suppress(OSError, ValueError):
+            self.stdin.write(struct.pack("<II", 0, 0))
+            self.stdin.close()
+        deadline = time.monotonic() + 10
+        while _alive(self.pid) and time.monotonic() < deadline:  # the zygote reaps it
+            time.sleep(0.01)
         if os.getpid() == 1:  # the sandbox's first process: everything else is the candidate's
-            _stop_every_other_process()
+            _stop_every_other_process(keep=self.zygote.pid)
             for folder in SANDBOX_STATE:
                 _empty(Path(folder))
             _remove_sysv_ipc()
             _check_no_sockets()
         else:  # the local runner: no isolation to speak of, but no leftovers of this server
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+                os.killpg(self.pid, signal.SIGKILL)
             if os.environ.get("TMPDIR"):
                 _empty(Path(os.environ["TMPDIR"]))
+        self.stdout.close()
+        os.close(self.stderr)
 
 
-def _stop_every_other_process() -> None:
-    """Kills and reaps every process but this one (which must be the sandbox's first)."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_every_other_process(keep: int) -> None:
+    """Kills and reaps every process but this one (which must be the sandbox's first) and keep."""
     deadline = time.monotonic() + 10
     while True:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(-1, signal.SIGKILL)
+        others = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        others = [pid for pid in others if pid not in (os.getpid(), keep)]
+        for pid in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         while True:  # orphans are ours to reap
             try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
+                reaped = os.waitpid(-1, os.WNOHANG)[0]
             except ChildProcessError:
                 break
-        others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+            if reaped == 0:
+                break
+            keep = 0 if reaped == keep else keep  # a server killed it: its number is not kept
         if not others:
             return
         if time.monotonic() > deadline:
@@ -334,13 +525,11 @@ def _pass(torch, server: ModelServer, windows, rng: random.Random):
     return logits
 
 
-def score(heldout: bytes) -> dict:
-    import torch
-
+def score(torch, zygote: Zygote, heldout: bytes) -> dict:
     rng = random.SystemRandom()  # the scorer's own randomness: nothing the candidate can read
     data = torch.frombuffer(bytearray(heldout[:EVAL_BYTES]), dtype=torch.uint8)
     params = _count_parameters(torch)
-    first = ModelServer()
+    first = ModelServer(zygote)
     try:
         if first.block_size < 2:
             raise RuntimeError(f"block_size {first.block_size} is too small to score")
@@ -353,7 +542,7 @@ def score(heldout: bytes) -> dict:
         first_logits = _pass(torch, first, x if real_first else probe, rng)
     finally:
         first.close()
-    second = ModelServer()  # fresh: nothing of the first survives
+    second = ModelServer(zygote)  # fresh: nothing of the first survives
     if second.block_size != first.block_size:
         second.close()
         raise RuntimeError("the model's block_size changed between two loads")
@@ -379,20 +568,22 @@ def score(heldout: bytes) -> dict:
 def main() -> None:
     _undumpable()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a model server may not interrupt the scorer
+    import torch
+
+    zygote = Zygote(servers=2)  # before the nonce and the held-out split are read
     stdin = sys.stdin.buffer
     nonce = stdin.readline().decode().strip()
     heldout = stdin.read()
     start = time.perf_counter()
     try:
-        result = score(heldout)
+        result = score(torch, zygote, heldout)
         result["eval_seconds"] = time.perf_counter() - start
     except Exception as exc:  # any failure is reported to the harness as the result
         result = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        zygote.stop()
     print(f"{RESULT_MARKER} {nonce} {json.dumps(result)}", flush=True)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
-        serve()
-    else:
-        main()
+    main()
