@@ -5,6 +5,7 @@ Run on a GPU machine (it runs on CPUs too, slowly, to check the script):
     python bench/gpu.py                      # tinylm at its default budget, with default limits
     python bench/gpu.py --target gpulm       # the GPU seed
     python bench/gpu.py --budget-steps 2 --skip-default   # the fixed cost only
+    python bench/gpu.py --target gpulm --set batch_size=128   # a setting of train.py changed
 
 Each candidate is scored end to end as a run scores it: the local runner,
 the default limits (4 GiB of memory, 2 CPUs), the GPU the run's plan gives
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from selfprog import gpus
 from selfprog.data import prepare_data
+from selfprog.proposers.mutate import changed_files, tunable_literals
 from selfprog.runners.base import Limits, cpus_here
 from selfprog.runners.local import LocalRunner
 from selfprog.scoring import Result, score_program
@@ -79,6 +81,24 @@ def score(
     return result, time.perf_counter() - start
 
 
+def with_settings(target_name: str, pairs: list[str]) -> str:
+    """Returns the seed's train.py with each NAME=VALUE setting changed ("" when none)."""
+    if not pairs:
+        return ""
+    source = (load_target(target_name).root / "train.py").read_text()
+    settings = {x.name: x for x in tunable_literals("train.py", source)}
+    changes = []
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in settings:
+            raise SystemExit(f"train.py has no setting {name!r}; it has {', '.join(settings)}")
+        try:
+            changes.append((settings[name], type(settings[name].value)(value)))
+        except ValueError:
+            raise SystemExit(f"{pair}: not a {type(settings[name].value).__name__}") from None
+    return changed_files({"train.py": source}, changes)["train.py"]
+
+
 def flops_per_byte(result: Result, config: Path) -> float:
     """Returns the training FLOPs per byte: 6 per parameter, plus attention's 12 x layers x
     width x context (as PaLM counts model FLOPs), where the saved model config says them."""
@@ -115,7 +135,15 @@ def main() -> None:
     parser.add_argument(
         "--oom-check", action="store_true", help="also score a program that exhausts GPU memory"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of train.py for the default-budget run (repeatable): batch_size=128",
+    )
     args = parser.parse_args()
+    train = with_settings(args.target, args.set)
 
     name, peak = card()
     print(
@@ -134,8 +162,10 @@ def main() -> None:
             print(f"a program that exhausts GPU memory: {oom.state.value}: {oom.reason}")
         mfu = rate = 0.0
         if not args.skip_default:
-            full, wall = score(args.target, None, None, work / "default")
-            describe("default budget", full, wall)
+            full, wall = score(args.target, None, None, work / "default", train=train)
+            describe(
+                f"default budget{' with ' + ', '.join(args.set) if args.set else ''}", full, wall
+            )
             rate = float(full.metrics.get("train_bytes_per_s", 0.0))
             per_byte = flops_per_byte(full, work / "default" / "score" / "out" / "model.json")
             mfu = per_byte * rate / peak if peak else 0.0

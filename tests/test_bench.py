@@ -57,3 +57,19 @@ def test_gpu_bench_runs_on_cpus_and_says_where_it_trained() -> None:
         "1-step candidate (the fixed cost): ok" in done.stdout and "trained on cpu" in done.stdout
     )
     assert re.fullmatch(r"mfu=0\.0000 fixed_cost_s=\d+\.\d\d bytes_per_s=0", lines[-1])
+
+
+def test_gpu_bench_changes_only_the_settings_it_is_given() -> None:
+    from bench.gpu import with_settings
+    from selfprog.target import load_target
+
+    seed = (load_target("gpulm").root / "train.py").read_text()
+    changed = with_settings("gpulm", ["batch_size=128", "learning_rate=2e-3"])
+    differing = [
+        (a, b) for a, b in zip(seed.splitlines(), changed.splitlines(), strict=True) if a != b
+    ]
+    assert [b.split("#")[0].strip() for _, b in differing] == [
+        "batch_size = 128",
+        "learning_rate = 2.0e-3",
+    ]
+    assert with_settings("gpulm", []) == ""
