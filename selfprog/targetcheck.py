@@ -122,6 +122,19 @@ def rebuild_heldout(target: Target, data: Dataset, runner: Runner, limits: Limit
     )
 
 
+def verdict_key(target: Target, data: Dataset, runner: Runner) -> str:
+    """Returns what a rebuild verdict holds for: the data, target.toml and every fixed file
+    (what makes the data, and what the sandbox holds), the image by id (a tag can be moved
+    to another image) and the hidden folders."""
+    digest = hashlib.sha256(data.data_hash.encode())
+    for name in (TARGET_FILE, *target.fixed):
+        digest.update(name.encode() + b"\0" + (target.root / name).read_bytes())
+    image = getattr(runner, "image", None)
+    digest.update(json.dumps([getattr(image, "id", "") or getattr(image, "tag", "")]).encode())
+    digest.update(json.dumps(list(data.hidden)).encode())
+    return digest.hexdigest()[:16]
+
+
 def require_private_heldout(target: Target, data: Dataset, runner: Runner, limits: Limits) -> None:
     """Refuses a target whose held-out split the sandbox can rebuild; checked once per data.
 
@@ -130,12 +143,7 @@ def require_private_heldout(target: Target, data: Dataset, runner: Runner, limit
     """
     if runner.name != "docker":
         return  # the local runner says itself that it keeps nothing from candidates
-    digest = hashlib.sha256(data.data_hash.encode())
-    for name in (TARGET_FILE, *target.fixed):  # what makes the data, and what the sandbox holds
-        digest.update(name.encode() + b"\0" + (target.root / name).read_bytes())
-    image = getattr(getattr(runner, "image", None), "tag", "")
-    digest.update(json.dumps([image, list(data.hidden)]).encode())
-    key = digest.hexdigest()[:16]
+    key = verdict_key(target, data, runner)
     verdict = (
         default_cache().parent
         / "checks"

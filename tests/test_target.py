@@ -368,3 +368,21 @@ def test_a_held_out_split_the_sandbox_can_rebuild_is_refused(tmp_path: Path) -> 
     one_line_error(done, expected)
     assert not run_dir.exists()
     one_line_error(selfprog("eval", str(folder), "--target", str(folder), env=env), expected)
+
+
+def test_a_rebuild_verdict_holds_for_one_image_not_its_tag(tinylm, dataset) -> None:  # type: ignore[no-untyped-def]
+    from selfprog.runners.image import SandboxImage
+    from selfprog.targetcheck import verdict_key
+
+    def runner(image_id: str) -> object:
+        image = SandboxImage(
+            tag="selfprog-sandbox:offline", python="python3", mounts=(), id=image_id
+        )
+        return type("Runner", (), {"name": "docker", "image": image})()
+
+    assert verdict_key(tinylm, dataset, runner("sha256:aa")) == verdict_key(
+        tinylm, dataset, runner("sha256:aa")
+    )
+    assert verdict_key(tinylm, dataset, runner("sha256:aa")) != verdict_key(
+        tinylm, dataset, runner("sha256:bb")
+    )

@@ -52,6 +52,7 @@ class SandboxImage:
     stdlib: str | None = None
     purelib: str | None = None
     platlib: str | None = None
+    id: str = ""  # the image's own id: a tag can be moved to another image
 
 
 def describe(image: Any) -> SandboxImage:
@@ -72,7 +73,7 @@ def describe(image: Any) -> SandboxImage:
             )
     paths = {name: labels.get(f"selfprog.{name}") or None for name in PYTHON_PATHS}
     tag = image.tags[0] if image.tags else image.id
-    return SandboxImage(tag=tag, python=python, mounts=mounts, **paths)
+    return SandboxImage(tag=tag, python=python, mounts=mounts, id=image.id or "", **paths)
 
 
 # asks a Python what it puts on sys.path; -E: without PYTHON* variables, as in the sandbox
