@@ -519,6 +519,7 @@ IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30}.get(os.uname().machin
 CHANGES = {  # what one process can change in another of its user, which a fork inherits
     "limit nofile": "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
     "resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft - 1, hard))",
+    "limit locks": "resource.prlimit(pid, 10, (1, resource.getrlimit(10)[1]))",  # no RLIMIT_ name
     "nice": "os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid) + 1)",
     "cpus": "os.sched_setaffinity(pid, sorted(os.sched_getaffinity(pid))[:1])",
     "scheduling": "os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))",
@@ -552,3 +553,77 @@ def test_the_zygote_sees_every_change_a_server_could_hand_down(attribute: str) -
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [attribute]
+
+
+COUNTER_CHANNEL = """
+
+# --- a channel between the passes: the first server stops and continues the process that
+# --- will start the next, which reads the count of context switches that leaves behind ---
+import os as _os
+import signal as _signal
+
+def _switches(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("voluntary_ctxt_switches"):
+            return int(line.split()[1])
+
+
+def _state(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
+def build_model(config):
+    model = _Around(_honest_build(config))
+    model.forward = model.inner.forward
+    parent = _os.getppid()
+    if __import__("sys").argv[-1] != "--serve":  # training
+        return model
+    if _switches(parent) > 500:  # the second server: the message arrived
+        model.block_size -= 1  # which the scorer sees
+    else:
+        for _ in range(1000):
+            _os.kill(parent, _signal.SIGSTOP)
+            while _state(parent) != "T":
+                pass
+            _os.kill(parent, _signal.SIGCONT)
+            while _state(parent) == "T":
+                pass
+    return model
+"""
+
+
+@pytest.mark.docker
+def test_a_server_cannot_signal_the_next_through_the_zygotes_counters(
+    docker_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + AROUND + COUNTER_CHANNEL)
+    result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
+    assert "block_size changed" not in result.reason  # the second server got no message
+    assert result.state is State.OK, (result.state, result.reason)
+
+
+FRESH_SERVER = """
+
+# --- an honest server that relies on what a fresh interpreter gives it ---
+import atexit as _atexit
+import os as _os
+import signal as _signal
+
+def build_model(config):
+    assert _signal.getsignal(_signal.SIGPIPE) == _signal.SIG_IGN, "SIGPIPE"
+    assert _signal.getsignal(_signal.SIGINT) == _signal.default_int_handler, "SIGINT"
+    open("/proc/self/environ", "rb").read()  # a process that may read itself
+    _atexit.register(lambda: print("SERVER_EXITED_CLEANLY", file=__import__("sys").stderr))
+    return _honest_build(config)
+"""
+
+
+@pytest.mark.docker
+def test_a_model_server_starts_as_a_fresh_interpreter_would(
+    docker_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + "\n_honest_build = build_model\n" + FRESH_SERVER)
+    result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.OK, (result.state, result.reason, result.log_tail[-2000:])

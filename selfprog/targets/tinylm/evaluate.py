@@ -40,8 +40,11 @@ Why a model cannot look ahead and get away with it:
    scratch folder only. The zygote outlives the first server, and a process
    of the same user can change some of what it hands down to the second
    (its limits, priorities, CPUs, scheduling: each a message): it refuses
-   to fork when any of them differs from what it was when it started. The
-   scorer and the zygote are undumpable, so no server can read or write
+   to fork when any of them differs from what it was when it started. What
+   a server could count up in it (context switches, by stopping and
+   continuing it) stays behind: each server is forked by a successor the
+   zygote forks just before, after the previous server's processes are gone.
+   The scorer and the zygote are undumpable, so no server can read or write
    their memory or take their descriptors.
 
 A model that reads ahead at a fraction f of positions is caught unless no
@@ -51,11 +54,14 @@ context of 128, 128 at a context of 1,024) it passes with a probability near
 The comparison is of log-probabilities with an absolute tolerance (a constant
 added to every logit changes nothing a softmax sees). What this does not
 close: covert channels between the two servers through state the kernel
-shares and the scorer cannot empty (the page cache, counters, timing); the
+shares and the scorer cannot empty (the page cache, counters such as the
+scorer's own context switches, which the first server's writes drive,
+timing); the
 probe's held-out continuations keep the cuts from showing, so a model must
 first carry them across such a channel.
 """
 
+import atexit
 import contextlib
 import ctypes
 import json
@@ -89,6 +95,14 @@ SYSCALLS = {
 IOPRIO_WHO_PROCESS = 1
 SCHED_ATTR_SIZE = 56  # struct sched_attr, with the utilisation clamps
 PR_GET_TIMERSLACK = 30
+PR_SET_DUMPABLE = 4
+# Linux's resource limits by number (the resource module lacks some, RLIMIT_LOCKS among them)
+LIMIT_NAMES = dict(
+    enumerate(
+        "cpu fsize data stack core rss nproc nofile memlock as locks sigpending msgqueue nice "  # noqa: SIM905
+        "rtprio rttime".split()
+    )
+)
 
 
 def _out_dir() -> Path:
@@ -140,13 +154,18 @@ def _serve_forked(stdin: int, stdout: int, stderr: int) -> None:
     """Turns a fresh fork of the zygote into a model server; never returns."""
     code = 1
     try:
-        for number in signal.valid_signals():
+        for number in signal.valid_signals():  # as a fresh interpreter has them
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(number, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         os.setsid()  # its own process group: the local runner kills the server by it
         for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
             os.dup2(fd, target)
         _close_all_but({0, 1, 2})
+        # dumpable again, as an exec'd server was: its memory holds nothing of the scorer's
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         sys.argv = [os.path.abspath(__file__), "--serve"]
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the candidate's model.py
         serve()
@@ -154,7 +173,8 @@ def _serve_forked(stdin: int, stdout: int, stderr: int) -> None:
     except BaseException:  # a server's failure is its exit code and its stderr
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # as an interpreter's exit would (os._exit skips them)
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -183,13 +203,12 @@ def _syscall(name: str, *args) -> int:
 def process_attributes() -> dict[str, object]:
     """Returns what another process of the same user can change in this one and a process
     forked from it inherits: its limits, priorities, CPUs and scheduling."""
-    limits: dict[int, str] = {}
-    for name in sorted(dir(resource)):  # RLIMIT_NOFILE before its alias RLIMIT_OFILE
-        if name.startswith("RLIMIT_"):
-            limits.setdefault(getattr(resource, name), name[7:].lower())
-    attributes: dict[str, object] = {
-        f"limit {name}": resource.getrlimit(number) for number, name in limits.items()
-    }
+    attributes: dict[str, object] = {}
+    for number in range(64):  # by number: the resource module names only some (no RLIMIT_LOCKS)
+        try:
+            attributes[f"limit {LIMIT_NAMES.get(number, number)}"] = resource.getrlimit(number)
+        except ValueError:  # past the kernel's last limit
+            break
     attributes["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
     attributes["cpus"] = sorted(os.sched_getaffinity(0))
     sched = ctypes.create_string_buffer(SCHED_ATTR_SIZE)
@@ -223,7 +242,11 @@ class Zygote:
     servers' ends of their pipes (made beforehand) and two of its own.
     Every catchable signal is ignored (so its children are reaped as they
     die, and no signal reaches a server's inheritance); before each fork it
-    checks that nothing it hands down changed since it started.
+    checks that nothing it hands down changed since it started. For each
+    server it first forks a successor and exits, so that the zygote a server
+    can see (its parent) was born after the previous server's processes were
+    all gone: what the previous server could count up in the zygote (context
+    switches by stopping and continuing it, CPU migrations) goes with it.
     """
 
     def __init__(self, servers: int):
@@ -264,12 +287,14 @@ class Zygote:
             if changed:
                 os.write(replies, ("changed " + ", ".join(changed)).encode())
                 return
+            if os.fork() != 0:
+                return  # the successor (a fresh task) goes on
             pid = os.fork()
             if pid == 0:
                 _serve_forked(*ends)
             for fd in ends:
                 os.close(fd)
-            os.write(replies, f"pid {pid}".encode())
+            os.write(replies, f"pid {pid} {os.getpid()}".encode())
         os.read(orders, 1)  # until the scorer is done
 
     def fork(self) -> tuple[int, int, int, int]:
@@ -289,7 +314,12 @@ class Zygote:
             )
         if not reply.startswith("pid "):
             raise RuntimeError("the process that starts the model servers is gone")
-        return int(reply[4:]), stdin[1], stdout[0], stderr[0]
+        server, successor = (int(n) for n in reply[4:].split())
+        if successor != self.pid:
+            with contextlib.suppress(ChildProcessError):  # the predecessor, if ours to reap
+                os.waitpid(self.pid, 0)
+            self.pid = successor
+        return server, stdin[1], stdout[0], stderr[0]
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
@@ -302,9 +332,8 @@ class Zygote:
 
 def _undumpable() -> None:
     """Stops processes of the same user from reading this one's memory and descriptors."""
-    pr_set_dumpable = 4
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
 
 
@@ -407,6 +436,8 @@ def _alive(pid: int) -> bool:
 
 def _stop_every_other_process(keep: int) -> None:
     """Kills and reaps every process but this one (which must be the sandbox's first) and keep."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGSTOP)  # all at once: none can fork or change its number meanwhile
     deadline = time.monotonic() + 10
     while True:
         others = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -570,18 +601,26 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a model server may not interrupt the scorer
     import torch
 
-    zygote = Zygote(servers=2)  # before the nonce and the held-out split are read
+    zygote, failure = None, None
+    try:
+        process_attributes()  # a machine whose attributes it cannot read fails here, clearly
+        zygote = Zygote(servers=2)  # before the nonce and the held-out split are read
+    except Exception as exc:  # reported as the result, once the nonce is read
+        failure = exc
     stdin = sys.stdin.buffer
     nonce = stdin.readline().decode().strip()
     heldout = stdin.read()
     start = time.perf_counter()
     try:
+        if zygote is None:
+            raise RuntimeError(f"cannot start the model servers: {failure}")
         result = score(torch, zygote, heldout)
         result["eval_seconds"] = time.perf_counter() - start
     except Exception as exc:  # any failure is reported to the harness as the result
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
-        zygote.stop()
+        if zygote is not None:
+            zygote.stop()
     print(f"{RESULT_MARKER} {nonce} {json.dumps(result)}", flush=True)
 
 
