@@ -31,13 +31,14 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from selfprog.data import load_dataset
-from selfprog.errors import ConfigError, Outage, SelfprogError
+from selfprog.errors import ConfigError, Outage, SelfprogError, TargetError
 from selfprog.rundir import Run
 from selfprog.runners.base import Limits, Runner
 from selfprog.scheduler import Event, Job, Outcome, Placed, Scoring, job_labels, score_job
 from selfprog.scoring import Result
 from selfprog.states import State
 from selfprog.target import load_target
+from selfprog.targetcheck import require_private_heldout
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,21 @@ def clean_node(bundle: Bundle, labels: Mapping[str, str]) -> int:
     return runner.stop_all(labels)
 
 
+def ready_node(bundle: Bundle, box: list[Any], labels: Mapping[str, str]) -> int:
+    """Readies this node for the run and returns the sandboxes of earlier attempts it removed
+    (the body of the probe task): the sandbox image, the run's files, and the held-out rebuild
+    check, which refuses a target whose held-out split this node's sandbox can rebuild."""
+    node_id, _ = _node_name()
+    cache = node_cache(node_id)
+    with _node_lock(cache):
+        root = _unpack(cache, bundle, box)
+        runner = _runner(cache, bundle.sandbox, bundle.image)
+    removed = runner.stop_all(labels)
+    target = load_target(root / "target")
+    require_private_heldout(target, load_dataset(target, root / "data"), runner, bundle.limits)
+    return removed
+
+
 # -- on the driver ----------------------------------------------------------------
 
 
@@ -239,6 +255,7 @@ class RayScheduler:
             retry_exceptions=False,
         )
         self._clean = ray.remote(clean_node)
+        self._ready = ray.remote(ready_node)
         self._running: dict[Any, Job] = {}
         self._cancelled: set[Any] = set()
 
@@ -390,7 +407,7 @@ class RayScheduler:
         self.stop_all(self.bundle.labels, timeout=CANCEL_SECONDS)
 
     def stop_all(self, labels: Mapping[str, str], timeout: float = CLEANUP_SECONDS) -> int:
-        refs = self._on_every_node(labels)
+        refs = self._on_every_node(self._clean, self.bundle, dict(labels))
         if not refs:
             return 0
         ray = self.ray
@@ -408,18 +425,24 @@ class RayScheduler:
         return removed
 
     def probe(self) -> None:
-        """Checks that every node can run the sandbox (building its image there if needed).
+        """Checks that every node can run the sandbox (building its image there if needed) and
+        cannot rebuild the held-out split there.
 
         Raises:
             SelfprogError: a node cannot (no Docker engine, no image), in one line.
+            TargetError: a node's sandbox can rebuild the held-out split.
         """
-        refs = self._on_every_node(self.bundle.labels, scoring_only=True)
+        refs = self._on_every_node(
+            self._ready, self.bundle, self.box, dict(self.bundle.labels), scoring_only=True
+        )
         ready, late = self.ray.wait(refs, num_returns=len(refs), timeout=CLEANUP_SECONDS)
         for ref in ready:
             try:
                 self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
                 cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, TargetError):
+                    raise TargetError(str(cause)) from None
                 raise SelfprogError(
                     f"a node of the Ray cluster at {self.address} cannot run the "
                     f"{self.bundle.sandbox} sandbox: {_first_line(cause)}"
@@ -430,8 +453,8 @@ class RayScheduler:
                 f"within {CLEANUP_SECONDS:.0f} s"
             )
 
-    def _on_every_node(self, labels: Mapping[str, str], scoring_only: bool = False) -> list[Any]:
-        """Returns a cleanup task started on each alive node (none if the cluster cannot say).
+    def _on_every_node(self, task: Any, *args: Any, scoring_only: bool = False) -> list[Any]:
+        """Returns the task started on each alive node (none if the cluster cannot say).
 
         scoring_only: only on the nodes that fit a candidate (a head that scores
         nothing need not run the sandbox).
@@ -450,11 +473,11 @@ class RayScheduler:
             log.warning("could not list the cluster's nodes: %s", _first_line(exc))
             return []
         return [
-            self._clean.options(
+            task.options(
                 num_cpus=0,
                 max_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(self.bundle, dict(labels))
+            ).remote(*args)
             for node in nodes
         ]
 

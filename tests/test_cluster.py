@@ -21,6 +21,7 @@ import pytest
 
 from selfprog.archive import ARCHIVE_FILE, Archive
 from tests.test_loop import check_complete, containers_of, finish, start, states
+from tests.test_target import edit, scaffold
 
 try:
     import ray.cluster_utils as ray_cluster_utils
@@ -166,6 +167,15 @@ def test_a_cluster_that_cannot_serve_the_run_is_refused_before_any_candidate(
     # a driver with another Ray version than the cluster's
     other = "import ray, sys; ray.__version__ = '1.0.0'; from selfprog.cli import main; sys.exit(main())"
     cases.append((["--set", f"runner.address={cluster.address}"], "Version mismatch"))
+    # a target whose held-out split a node's sandbox can rebuild (prepare draws it from a fixed seed)
+    rebuildable = scaffold(tmp_path)
+    edit(rebuildable / "prepare.py", "np.random.default_rng()", "np.random.default_rng(0)")
+    cases.append(
+        (
+            ["--set", f"runner.address={cluster.address}", "--target", str(rebuildable)],
+            "held-out split: the sandbox can rebuild it",
+        )
+    )
     for i, (extra, message) in enumerate(cases):
         run_dir = tmp_path / f"run{i}"
         launch = ["-c", other] if i == 2 else ["-m", "selfprog"]
