@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfprog.archive import ARCHIVE_FILE, ArchiveError
 from selfprog.errors import SelfprogError
+from selfprog.queries import lm_answer, progress_counts
 from selfprog.rundir import Run, lock_holder, open_run
 from selfprog.untrusted import ANSI, clean, printable
 
@@ -70,21 +71,16 @@ def _tidy_svg(svg: str) -> str:
 
 def plot_key(run: Run) -> str:
     """Returns what the progress plot depends on: candidates, finishes, verdicts, evaluations."""
-    row = run.archive.db.execute(
-        "SELECT COUNT(*), MAX(finished), SUM(accepted = 1), "
-        "(SELECT COUNT(*) FROM evaluations) FROM candidates"
-    ).fetchone()
-    return hashlib.sha256(json.dumps(list(row)).encode()).hexdigest()[:16]
+    counts = progress_counts(run.archive)
+    return hashlib.sha256(json.dumps(counts).encode()).hexdigest()[:16]
 
 
 def proposal(run: Run, proposal_id: int | None) -> dict[str, str] | None:
     """Returns the LM's whole answer that made a candidate, and the error it had, if any."""
     if proposal_id is None:
         return None
-    row = run.archive.db.execute(
-        "SELECT response, error FROM proposals WHERE id = ?", (proposal_id,)
-    ).fetchone()
-    return None if row is None else {"response": row[0] or "", "error": row[1] or ""}
+    answer = lm_answer(run.archive, proposal_id)
+    return None if answer is None else {"response": answer[0], "error": answer[1]}
 
 
 def summary(run: Run) -> dict[str, Any]:

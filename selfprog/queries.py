@@ -40,6 +40,39 @@ def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:
     ]
 
 
+def progress_counts(archive: Archive) -> list[Any]:
+    """Returns what changes whenever a progress plot would: the candidates, the last finish,
+    the accepted ones and the evaluations."""
+    return list(
+        archive.db.execute(
+            "SELECT COUNT(*), MAX(finished), SUM(accepted = 1), "
+            "(SELECT COUNT(*) FROM evaluations) FROM candidates"
+        ).fetchone()
+    )
+
+
+def lm_answer(archive: Archive, proposal_id: int) -> tuple[str, str] | None:
+    """Returns the LM's whole answer for a proposal and the error it had ("" when none)."""
+    row = archive.db.execute(
+        "SELECT response, error FROM proposals WHERE id = ?", (proposal_id,)
+    ).fetchone()
+    return None if row is None else (row[0] or "", row[1] or "")
+
+
+def times(archive: Archive, candidate_id: int) -> tuple[float | None, float | None]:
+    """Returns when a candidate was created and when it finished, in epoch seconds (None:
+    not yet)."""
+    row = archive.db.execute(
+        "SELECT created, finished FROM candidates WHERE id = ?", (candidate_id,)
+    ).fetchone()
+    return (None, None) if row is None else (row[0], row[1])
+
+
+def last_finished(archive: Archive) -> float | None:
+    """Returns when the run's last candidate finished, in epoch seconds (None: none has)."""
+    return archive.db.execute("SELECT MAX(finished) FROM candidates").fetchone()[0]
+
+
 def spread(archive: Archive, candidate_id: int) -> tuple[int, float | None]:
     """Returns how many scored evaluations a candidate has and their standard deviation."""
     scores = [e["score"] for e in evaluations(archive, candidate_id) if e["score"] is not None]

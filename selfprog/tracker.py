@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfprog.errors import SelfprogError
 from selfprog.proposers.mutate import tunable_literals
-from selfprog.queries import evaluations
+from selfprog.queries import evaluations, last_finished, times
 from selfprog.records import Candidate
 from selfprog.rundir import CONFIG_FILE, Run, lock_holder
 from selfprog.states import FAILED, UNFINISHED, State
@@ -296,7 +296,7 @@ def _finish_parent(client: MlflowClient, run: Run, parent_id: str) -> None:
         metrics.append(("seed_score", float(seed.score), now, 0))
     _log(client, parent_id, metrics=metrics)
     if lock_holder(run.root) is None and not any(counts.get(s, 0) for s in UNFINISHED):
-        last = run.archive.db.execute("SELECT MAX(finished) FROM candidates").fetchone()[0]
+        last = last_finished(run.archive)
         client.set_terminated(parent_id, "FINISHED", end_time=_millis(last) or now)
 
 
@@ -338,9 +338,7 @@ class _Writer:
     def write(self, c: Candidate) -> None:
         """Writes one finished candidate: params, metrics, artifacts, status and times."""
         archive = self.run.archive
-        created, finished = archive.db.execute(
-            "SELECT created, finished FROM candidates WHERE id = ?", (c.id,)
-        ).fetchone()
+        created, finished = times(archive, c.id)
         ended = _millis(finished or created) or 0  # one never trained ends where it began
         tags = {
             RUN_TAG: self.run.run_id,
