@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from selfprog import gpus
-from selfprog.data import prepare_data
+from selfprog.data import default_cache, prepare_data
 from selfprog.proposers.mutate import changed_files, tunable_literals
 from selfprog.runners.base import Limits, cpus_here
 from selfprog.runners.local import LocalRunner
@@ -63,7 +63,7 @@ def score(
         program = work / "program"
         shutil.copytree(target.root, program)
         (program / "train.py").write_text(train)
-    data = prepare_data(target, work / "data")
+    data = prepare_data(target, default_cache())  # as a run does: prepared once, then reused
     slots = gpus.slot_devices("", 1, False, gpus.visible())  # the run's default plan
     limits = Limits(cpus=cpus_here(None), gpus=slots[0] if slots else None)
     start = time.perf_counter()
