@@ -627,3 +627,27 @@ def test_a_model_server_starts_as_a_fresh_interpreter_would(
     model.write_text(model.read_text() + "\n_honest_build = build_model\n" + FRESH_SERVER)
     result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.OK, (result.state, result.reason, result.log_tail[-2000:])
+
+
+KILLS_ITS_PARENT = """
+
+# --- the first server kills what would start the second: scoring must end, not hang ---
+import os as _os
+import signal as _signal
+
+def build_model(config):
+    if __import__("sys").argv[-1] == "--serve":
+        _os.kill(_os.getppid(), _signal.SIGKILL)
+    return _honest_build(config)
+"""
+
+
+@pytest.mark.docker
+def test_a_server_that_kills_the_zygote_fails_the_evaluation(
+    docker_runner, tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    model = seed_program / "model.py"
+    model.write_text(model.read_text() + "\n_honest_build = build_model\n" + KILLS_ITS_PARENT)
+    result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
+    assert result.state is State.EVAL_FAILED, (result.state, result.reason)
+    assert "the process that starts the model servers is gone" in result.reason
