@@ -129,6 +129,7 @@ def _unpack(cache: Path, bundle: Bundle, box: list[Any]) -> Path:
 
 
 _RUNNERS: dict[tuple[str, str], Runner] = {}
+_CHECKED: set[str] = set()  # the runs whose held-out rebuild check passed in this worker
 
 
 def _runner(cache: Path, sandbox: str, image: str) -> Runner:
@@ -167,6 +168,9 @@ def score_on_node(bundle: Bundle, box: list[Any], job: Job, placements: Any) -> 
         ids = ray.get_gpu_ids()
         if ids:
             limits = replace(limits, gpus="device=" + ",".join(map(str, ids)))
+    if bundle.key not in _CHECKED:  # a node that joined after the run's start was not probed
+        require_private_heldout(target, data, runner, bundle.limits)
+        _CHECKED.add(bundle.key)
     scoring = Scoring(
         target, data, limits, bundle.budget_seconds, bundle.budget_steps, bundle.labels
     )
@@ -197,6 +201,7 @@ def ready_node(bundle: Bundle, box: list[Any], labels: Mapping[str, str]) -> int
     removed = runner.stop_all(labels)
     target = load_target(root / "target")
     require_private_heldout(target, load_dataset(target, root / "data"), runner, bundle.limits)
+    _CHECKED.add(bundle.key)
     return removed
 
 
@@ -435,6 +440,10 @@ class RayScheduler:
         refs = self._on_every_node(
             self._ready, self.bundle, self.box, dict(self.bundle.labels), scoring_only=True
         )
+        if not refs:
+            raise SelfprogError(
+                f"the Ray cluster at {self.address} listed no node to ready for the run"
+            )
         ready, late = self.ray.wait(refs, num_returns=len(refs), timeout=CLEANUP_SECONDS)
         for ref in ready:
             try:

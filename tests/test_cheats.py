@@ -488,11 +488,10 @@ class _Signalling(_Around):
                     log.write(f"{soft}\\n")
             except OSError:
                 pass
-            for pid in {_os.getppid(), 1}:  # the next server's parent, whoever that is
-                try:
-                    _resource.prlimit(pid, _resource.RLIMIT_NOFILE, (soft - 1, hard))
-                except OSError:
-                    pass
+            try:  # in the process that will start the next server
+                _resource.prlimit(_os.getppid(), _resource.RLIMIT_NOFILE, (soft - 1, hard))
+            except OSError:
+                pass
         return self.inner(idx)
 
 
@@ -651,3 +650,75 @@ def test_a_server_that_kills_the_zygote_fails_the_evaluation(
     result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
     assert result.state is State.EVAL_FAILED, (result.state, result.reason)
     assert "the process that starts the model servers is gone" in result.reason
+
+
+SCORER_CHANNEL = """
+
+# --- a channel between the passes through the scorer (pid 1 in the sandbox), whose limits,
+# --- page faults of reaped children, and the container's memory peak anyone can read ---
+import os as _os
+import resource as _resource
+
+_MARK = 123457
+
+def _received():
+    limits = open("/proc/1/limits").read()
+    cminflt = int(open("/proc/1/stat").read().rsplit(")", 1)[1].split()[8])
+    try:
+        peak = int(open("/sys/fs/cgroup/memory/memory.max_usage_in_bytes").read())
+    except OSError:
+        try:
+            peak = int(open("/sys/fs/cgroup/memory.peak").read())
+        except OSError:
+            peak = 0
+    return {"limit": str(_MARK) in limits, "faults": cminflt > 150_000, "peak": peak > 2**31}
+
+
+def _send(how):
+    if how == "limit":
+        _resource.prlimit(1, 10, (_MARK, _resource.getrlimit(10)[1]))
+    elif how == "faults":  # a child that touches pages, killed and reaped between the passes
+        if _os.fork() == 0:
+            blob = bytearray(200_000 * 4096)
+            for i in range(0, len(blob), 4096):
+                blob[i] = 1
+            while True:
+                __import__("time").sleep(1)
+    elif how == "peak":
+        blob = bytearray(2**31 + 2**28)
+        for i in range(0, len(blob), 4096):
+            blob[i] = 1
+        del blob
+
+
+def build_model(config):
+    model = _honest_build(config)
+    if __import__("sys").argv[-1] == "--serve":
+        if _received()[HOW]:
+            model.block_size -= 1  # the message arrived: the scorer sees the change
+        else:
+            _send(HOW)
+    return model
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("how", ["limit", "faults", "peak"])
+def test_a_server_cannot_signal_the_next_through_the_scorer(
+    how: str,
+    docker_runner,
+    tinylm: Target,
+    dataset: Dataset,
+    seed_program: Path,
+    tmp_path: Path,
+) -> None:
+    model = seed_program / "model.py"
+    source = "\n_honest_build = build_model\n" + SCORER_CHANNEL + f"HOW = {how!r}\n"
+    model.write_text(model.read_text() + source)
+    result = score(tinylm, seed_program, docker_runner, dataset, tmp_path, budget_steps=20)
+    assert "block_size changed" not in result.reason  # the second server got no message
+    if how == "limit":
+        assert result.state is State.EVAL_FAILED, (result.state, result.reason)
+        assert "a model server changed the scorer's limit locks" in result.reason
+    else:
+        assert result.state is State.OK, (result.state, result.reason)

@@ -153,3 +153,26 @@ def test_eval_holds_a_step_budget_to_the_seeds_time(tmp_path: Path) -> None:
     assert "scoring the seed first" in done.stderr
     assert "state    over_budget" in done.stdout
     assert "the step budget's ceiling, from the seed's training time" in done.stdout
+
+
+def test_eval_holds_the_evaluation_to_the_seeds_time(tmp_path: Path) -> None:
+    """Candidate code the evaluator runs could go on training there: eval holds it as a run does,
+    under a seconds budget too (the seed's evaluation measured with one step)."""
+    from tests.test_cheats import AROUND
+
+    program = tmp_path / "slow"
+    assert selfprog("target", "export", "tinylm", str(program)).returncode == 0
+    model = program / "model.py"
+    slow_once = (
+        "\n\nclass _Slow(_Around):\n    slept = False\n\n    def forward(self, idx):\n"
+        "        if not self.training and not _Slow.slept:\n"
+        "            _Slow.slept = True\n            __import__('time').sleep(25)\n"
+        "        return self.inner(idx)\n\n\ndef build_model(config):\n"
+        "    return _Slow(_honest_build(config))\n"
+    )
+    model.write_text(model.read_text() + AROUND + slow_once)
+    done = selfprog("eval", str(program), "--runner", "local", "--budget-seconds", "2")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "scoring the seed first" in done.stderr
+    assert "state    over_budget" in done.stdout
+    assert "evaluation time is not training time" in done.stdout

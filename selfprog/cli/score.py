@@ -83,24 +83,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         only_steps = (target.budget.steps if steps is None else steps) > 0 and not (
             target.budget.seconds if seconds is None else seconds
         )
-        if only_steps and not _is_seed(target, program):
-            # steps cannot be counted from outside: time is held, measured on the seed, as in a run
-            log.info("scoring the seed first: a step budget is held to the seed's time")
-            measured = score(program_dir=target.root, work_dir=work / "seed", labels=EVAL_SEED)
+        if not _is_seed(target, program):
+            # as in a run: the evaluation (where candidate code could go on training), and a
+            # step budget (steps cannot be counted from outside), are held to the seed's time
+            log.info("scoring the seed first: %s is held to the seed's time", program)
+            measured = score(
+                program_dir=target.root,
+                work_dir=work / "seed",
+                labels=EVAL_SEED,
+                budget_seconds=seconds if only_steps else 0,  # else one step: its eval time
+                budget_steps=steps if only_steps else 1,
+            )
             if measured.state is not State.OK:
                 raise SelfprogError(
                     f"the seed ended {measured.state.value} ({measured.reason}): "
-                    "without its time a step budget cannot be held"
+                    "without its time the program's cannot be held"
                 )
-            step_limit, eval_limit = ceilings(measured.timings, target, 0, 1)
+            step_limit, eval_limit = ceilings(
+                measured.timings, target, 0 if only_steps else 1, 1 if only_steps else 0
+            )
             log.info(
-                "the seed trained in %.1fs and was evaluated in %.1fs: %s may train %.0fs "
-                "and be evaluated %.0fs",
-                measured.timings["train"],
+                "the seed was evaluated in %.1fs: %s may be evaluated %.0fs%s",
                 measured.timings["evaluate"],
                 program,
-                step_limit,
                 eval_limit,
+                f" and train {step_limit:.0f}s" if step_limit else "",
             )
         result = score(
             program_dir=program,

@@ -134,6 +134,9 @@ class DockerRunner:
             memory += limits.output_bytes  # tmpfs pages count as the container's memory
         else:
             mounts.append(Mount("/out", str(phase.out_dir.resolve()), type="bind", read_only=True))
+            # the container's cgroup counters (memory peak, page faults, pids) are shared by
+            # every process of the evaluation: a channel from one model server to the next
+            tmpfs["/sys/fs/cgroup"] = HIDDEN_TMPFS
         mounts += [
             Mount(f"/data/{f.name}", str(f.resolve()), type="bind", read_only=True)
             for f in phase.data_files

@@ -44,8 +44,13 @@ Why a model cannot look ahead and get away with it:
    a server could count up in it (context switches, by stopping and
    continuing it) stays behind: each server is forked by a successor the
    zygote forks just before, after the previous server's processes are gone.
-   The scorer and the zygote are undumpable, so no server can read or write
-   their memory or take their descriptors.
+   The scorer's own limits and priorities, which anyone reads in /proc/1,
+   are checked the same way, in every thread; a server's orphans are the
+   zygote's (a subreaper that ignores SIGCHLD), so their page faults and
+   times never add up in the scorer's counters; the Docker runner hides the
+   container's cgroup files (memory peak, fault counters) from the
+   evaluation. The scorer and the zygote are undumpable, so no server can
+   read or write their memory or take their descriptors.
 
 A model that reads ahead at a fraction f of positions is caught unless no
 window's cut lands on one of them: with n windows (about 1,000 at the seed's
@@ -96,6 +101,7 @@ IOPRIO_WHO_PROCESS = 1
 SCHED_ATTR_SIZE = 56  # struct sched_attr, with the utilisation clamps
 PR_GET_TIMERSLACK = 30
 PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
 # Linux's resource limits by number (the resource module lacks some, RLIMIT_LOCKS among them)
 LIMIT_NAMES = dict(
     enumerate(
@@ -200,37 +206,60 @@ def _syscall(name: str, *args) -> int:
     return result if result >= 0 else -ctypes.get_errno()
 
 
-def process_attributes() -> dict[str, object]:
-    """Returns what another process of the same user can change in this one and a process
-    forked from it inherits: its limits, priorities, CPUs and scheduling."""
+def process_attributes(thread: int = 0) -> dict[str, object]:
+    """Returns what another process of the same user can change in this one (or one of its
+    threads) and a process forked from it inherits, or anyone reads in /proc: its limits,
+    priorities, CPUs and scheduling."""
     attributes: dict[str, object] = {}
     for number in range(64):  # by number: the resource module names only some (no RLIMIT_LOCKS)
         try:
             attributes[f"limit {LIMIT_NAMES.get(number, number)}"] = resource.getrlimit(number)
         except ValueError:  # past the kernel's last limit
             break
-    attributes["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
-    attributes["cpus"] = sorted(os.sched_getaffinity(0))
+    attributes["nice"] = os.getpriority(os.PRIO_PROCESS, thread)
+    attributes["cpus"] = sorted(os.sched_getaffinity(thread))
     sched = ctypes.create_string_buffer(SCHED_ATTR_SIZE)
-    status = _syscall("sched_getattr", 0, sched, SCHED_ATTR_SIZE, 0)
+    status = _syscall("sched_getattr", thread, sched, SCHED_ATTR_SIZE, 0)
     if status == 0:  # policy, flags, priority, periods, utilisation clamps: all but the nice
         fields = struct.unpack("<IIQiIQQQII", sched.raw)
         attributes["scheduling"] = fields[1:3] + fields[4:]
     else:
         attributes["scheduling"] = status
-    attributes["io priority"] = _syscall("ioprio_get", IOPRIO_WHO_PROCESS, 0)
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.restype = ctypes.c_long
-    attributes["timer slack"] = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    attributes["io priority"] = _syscall("ioprio_get", IOPRIO_WHO_PROCESS, thread)
+    if thread == 0:  # another thread's needs CAP_SYS_NICE to change, or to read
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.restype = ctypes.c_long
+        attributes["timer slack"] = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
     for name in ("oom_score_adj", "cgroup"):
         attributes[name] = Path(f"/proc/self/{name}").read_text()
     return attributes
 
 
-def changed_attributes(before: dict[str, object]) -> list[str]:
-    """Returns the names of the attributes that differ from before."""
-    now = process_attributes()
-    return [name for name in before if now.get(name) != before[name]]
+def changed_attributes(before: dict[str, object], thread: int = 0) -> list[str]:
+    """Returns the names of the attributes (of this process, or one of its threads) that
+    differ from before."""
+    now = process_attributes(thread)
+    return [name for name in before if name in now and now[name] != before[name]]
+
+
+def _check_scorer(before: dict[str, object]) -> None:
+    """Fails unless every thread of the scorer has the attributes the scorer started with:
+    a model server can change them, and the next one can read them in /proc/1."""
+    for name in os.listdir("/proc/self/task"):
+        try:
+            changed = changed_attributes(before, int(name))
+        except OSError:  # a thread that ended meanwhile
+            continue
+        if changed:
+            raise RuntimeError("a model server changed the scorer's " + ", ".join(changed))
+
+
+def _adopt_orphans() -> None:
+    """Makes the servers' orphans this process's: released as they die (SIGCHLD is ignored),
+    never counted into the scorer's children's page faults and times, which /proc/1/stat
+    shows anyone."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
 class Zygote:
@@ -250,6 +279,7 @@ class Zygote:
     """
 
     def __init__(self, servers: int):
+        self.scorer = process_attributes()  # the scorer's, before any server exists
         self.pipes = [tuple(os.pipe() for _ in range(3)) for _ in range(servers)]
         orders, self.orders = os.pipe()
         self.replies, replies = os.pipe()
@@ -279,6 +309,7 @@ class Zygote:
         for number in signal.valid_signals():
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(number, signal.SIG_IGN)
+        _adopt_orphans()
         before = process_attributes()
         for ends in servers_ends:
             if os.read(orders, 1) != b"f":
@@ -289,6 +320,7 @@ class Zygote:
                 return
             if os.fork() != 0:
                 return  # the successor (a fresh task) goes on
+            _adopt_orphans()  # not inherited
             pid = os.fork()
             if pid == 0:
                 _serve_forked(*ends)
@@ -299,6 +331,8 @@ class Zygote:
 
     def fork(self) -> tuple[int, int, int, int]:
         """Returns a new server's pid and the scorer's ends of its stdin, stdout and stderr."""
+        if self.forked:
+            _check_scorer(self.scorer)
         stdin, stdout, stderr = self.pipes[self.forked]
         self.forked += 1
         with contextlib.suppress(ProcessLookupError):
