@@ -30,14 +30,14 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from selfprog.data import load_dataset
+from selfprog.data import Dataset, load_dataset
 from selfprog.errors import ConfigError, Outage, SelfprogError, TargetError
 from selfprog.rundir import Run
 from selfprog.runners.base import Limits, Runner
 from selfprog.scheduler import Event, Job, Outcome, Placed, Scoring, job_labels, score_job
 from selfprog.scoring import Result
 from selfprog.states import State
-from selfprog.target import load_target
+from selfprog.target import Target, load_target
 from selfprog.targetcheck import require_private_heldout
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,13 @@ def _node_name() -> tuple[str, str]:
     return node_id, f"{ray.util.get_node_ip_address()}/{node_id[:8]}"
 
 
+def _check_heldout(bundle: Bundle, target: Target, data: Dataset, runner: Runner) -> None:
+    """Refuses a target whose held-out split this node's sandbox can rebuild, once per worker."""
+    if bundle.key not in _CHECKED:
+        require_private_heldout(target, data, runner, bundle.limits)
+        _CHECKED.add(bundle.key)
+
+
 def score_on_node(bundle: Bundle, box: list[Any], job: Job, placements: Any) -> Outcome:
     """Scores one job on the node Ray chose (the body of the Ray task)."""
     node_id, node = _node_name()
@@ -168,9 +175,7 @@ def score_on_node(bundle: Bundle, box: list[Any], job: Job, placements: Any) -> 
         ids = ray.get_gpu_ids()
         if ids:
             limits = replace(limits, gpus="device=" + ",".join(map(str, ids)))
-    if bundle.key not in _CHECKED:  # a node that joined after the run's start was not probed
-        require_private_heldout(target, data, runner, bundle.limits)
-        _CHECKED.add(bundle.key)
+    _check_heldout(bundle, target, data, runner)  # a node that joined later was not probed
     scoring = Scoring(
         target, data, limits, bundle.budget_seconds, bundle.budget_steps, bundle.labels
     )
@@ -200,8 +205,7 @@ def ready_node(bundle: Bundle, box: list[Any], labels: Mapping[str, str]) -> int
         runner = _runner(cache, bundle.sandbox, bundle.image)
     removed = runner.stop_all(labels)
     target = load_target(root / "target")
-    require_private_heldout(target, load_dataset(target, root / "data"), runner, bundle.limits)
-    _CHECKED.add(bundle.key)
+    _check_heldout(bundle, target, load_dataset(target, root / "data"), runner)
     return removed
 
 

@@ -171,7 +171,7 @@ def _serve_forked(stdin: int, stdout: int, stderr: int) -> None:
             os.dup2(fd, target)
         _close_all_but({0, 1, 2})
         # dumpable again, as an exec'd server was: its memory holds nothing of the scorer's
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        _prctl(PR_SET_DUMPABLE, 1)
         sys.argv = [os.path.abspath(__file__), "--serve"]
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the candidate's model.py
         serve()
@@ -195,6 +195,16 @@ def _close_all_but(keep: set[int]) -> None:
 
 # -----------------------------------------------------------------------------
 # the zygote: trusted, forks the model servers
+
+
+def _prctl(option: int, value: int = 0) -> int:
+    """Returns what prctl(option, value) returns; raises OSError when it fails."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.restype = ctypes.c_long
+    result = libc.prctl(option, value, 0, 0, 0)
+    if result < 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+    return result
 
 
 def _syscall(name: str, *args) -> int:
@@ -227,9 +237,7 @@ def process_attributes(thread: int = 0) -> dict[str, object]:
         attributes["scheduling"] = status
     attributes["io priority"] = _syscall("ioprio_get", IOPRIO_WHO_PROCESS, thread)
     if thread == 0:  # another thread's needs CAP_SYS_NICE to change, or to read
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl.restype = ctypes.c_long
-        attributes["timer slack"] = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
+        attributes["timer slack"] = _prctl(PR_GET_TIMERSLACK)
     for name in ("oom_score_adj", "cgroup"):
         attributes[name] = Path(f"/proc/self/{name}").read_text()
     return attributes
@@ -258,8 +266,7 @@ def _adopt_orphans() -> None:
     """Makes the servers' orphans this process's: released as they die (SIGCHLD is ignored),
     never counted into the scorer's children's page faults and times, which /proc/1/stat
     shows anyone."""
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 class Zygote:
@@ -366,9 +373,7 @@ class Zygote:
 
 def _undumpable() -> None:
     """Stops processes of the same user from reading this one's memory and descriptors."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    _prctl(PR_SET_DUMPABLE, 0)
 
 
 def _count_parameters(torch) -> int:
