@@ -17,12 +17,14 @@ from typing import Any
 
 from selfprog.archive import DUPLICATE, PENDING
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
+from selfprog.errors import SelfprogError
 from selfprog.population import Population, derive_seed
 from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 from selfprog.records import Candidate, program_key
 from selfprog.rundir import MODELS, Run
 from selfprog.states import State
+from selfprog.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,26 @@ class Call:
     adopt: tuple[int | None, Path | None] = (None, None)  # whose weights propose (self mode)
     proposals: list[Proposal] = field(default_factory=list)
     latency: float = 0.0
+    failure: str = ""  # what the proposer raised instead of answering, if it did
 
     def answer(self, proposer: Proposer) -> Call:
-        """Asks the proposer; runs on the proposer's thread and touches no archive."""
-        proposer.adopt(*self.adopt)
+        """Asks the proposer; runs on the proposer's thread and touches no archive.
+
+        What a model or a client library raises (a server's odd reply, a device out
+        of memory) is this call's answer, recorded on its children; the driver's
+        breaker stops the run when it keeps happening. An `Outage` stops it at once.
+        """
         start = time.perf_counter()
-        self.proposals = proposer.propose(self.request, self.k)
+        try:
+            proposer.adopt(*self.adopt)
+            self.proposals = proposer.propose(self.request, self.k)
+        except SelfprogError:
+            raise  # already one line for the user
+        except Exception as exc:  # the proposer boundary: outside code, outside data
+            log.debug("the proposer raised", exc_info=True)
+            self.failure = f"{type(exc).__name__}: {one_line(str(exc), 300)}"
+            error = f"the proposer raised {self.failure}"
+            self.proposals = [Proposal(text="", error=error) for _ in range(self.k)]
         self.latency = time.perf_counter() - start
         return self
 

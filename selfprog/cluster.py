@@ -311,7 +311,8 @@ class RayScheduler:
                 f"cannot reach a Ray cluster at {address}: {_first_line(exc)}; start one "
                 "(`ray start --head`) or set runner.address"
             ) from None
-        except (RuntimeError, ValueError) as exc:  # a version mismatch, a bad address
+        except (RuntimeError, ValueError, ray.exceptions.RayError) as exc:  # a version
+            # mismatch, a bad address, a cluster that wants a token
             said = " ".join(str(exc).split())[:300]  # a version mismatch spans lines
             raise SelfprogError(f"cannot join the Ray cluster at {address}: {said}") from None
         request = _request(limits)
@@ -355,7 +356,10 @@ class RayScheduler:
         return scheduler
 
     def submit(self, job: Job) -> None:
-        ref = self._task.remote(self.bundle, self.box, job, self.placements)
+        try:
+            ref = self._task.remote(self.bundle, self.box, job, self.placements)
+        except Exception as exc:  # a Ray Client that lost its server, an object store full
+            raise Outage(f"lost the Ray cluster at {self.address}: {_first_line(exc)}") from None
         self._running[ref] = job
 
     def wait(self, timeout: float) -> list[Event]:
@@ -400,6 +404,8 @@ class RayScheduler:
                 f"the Ray cluster lost candidate {job.candidate_id} {RETRIES + 1} times: "
                 f"{_first_line(exc)}"
             ) from None
+        except ConnectionError as exc:  # a Ray Client that lost its server
+            raise Outage(f"lost the Ray cluster at {self.address}: {_first_line(exc)}") from None
         if ref in self._cancelled and outcome.result.state is not State.OK:
             return replace(outcome, cancelled=True)  # one that ended `ok` as it was killed stands
         return outcome

@@ -49,6 +49,7 @@ Event = dict[str, Any]
 POLL = 0.2  # seconds between looks when nothing has ended
 MAX_ATTEMPTS = 3  # starts of one candidate that ended with its driver dying, before it is given up
 BREAKER = 3  # harness errors in a row, nothing else ending between, that stop the run
+CALL_BREAKER = 3  # proposer calls in a row that raised instead of answering: stop the run
 
 
 class StopRequest:
@@ -98,6 +99,7 @@ class Driver:
         self.announced = False  # that the run is stopping (said here, never in a signal handler)
         self.held: dict[tuple[int, int], Outcome] = {}  # harness errors in a row, not yet recorded
         self.halted = ""  # why the run stops itself (an outage), once it does
+        self.raised = 0  # proposer calls in a row that raised instead of answering
 
     def drive(self) -> str:
         """Runs until the config's end or a stop; returns why it ended."""
@@ -109,21 +111,30 @@ class Driver:
         self.archive.clear_phases()  # a dead driver's: none of its jobs runs now
         try:
             ended = self._loop()
-            self.scheduler.stop_all(self.run.labels)  # what a dead node left and no retry reached
+            # what a dead node left and no retry reached
+            self._clean_up(lambda: self.scheduler.stop_all(self.run.labels))
             return ended
         except Outage as exc:  # not the candidates' fault: nothing is recorded against them
             self._halt(f"stopped: {exc}")
             return self.halted
         finally:
             if self.in_flight:  # stopped at once: what was running runs again on resume
-                self.scheduler.cancel()
                 self.archive.mark_pending([c for c, i in self.in_flight if i == 0])
+                self._clean_up(self.scheduler.cancel)
             self.archive.clear_phases()  # no job runs once the driver has stopped
             if self.held:  # nothing showed these errors were the candidates' own: run again
                 # after an outage the start counts (a candidate that takes the engine down
                 # is given up after MAX_ATTEMPTS); after a stop it does not
                 held = [c for c, i in self.held if i == 0]
                 self.archive.mark_pending(held, attempt=bool(self.halted))
+
+    def _clean_up(self, action: Callable[[], object]) -> None:
+        """Removes sandboxes on the way out; an engine that fails then does not hide why the run
+        ended (resume removes what is left)."""
+        try:
+            action()
+        except SelfprogError as exc:
+            log.warning("%s; `selfprog resume` removes what is left", exc)
 
     def _loop(self) -> str:
         stalled = 0
@@ -146,7 +157,7 @@ class Driver:
                 and not self.killed
             ):
                 self.killed = True
-                self.scheduler.cancel()
+                self._clean_up(self.scheduler.cancel)
             if not self.in_flight and self.call is None:
                 if self.stop.requested:
                     return self.stop.reason
@@ -289,10 +300,29 @@ class Driver:
                 self._halt(f"stopped: {exc}; resume once it is back")
                 return
             self.breeder.record(call)
+            self._count_failure(call)
             spent = self._spend_reached()  # after every call: one generation may cost a lot
             if spent and not self.breeder.exhausted:
                 log.info("%s: no more proposer calls; what was bred is scored", spent)
                 self.breeder.exhausted = spent
+
+    def _count_failure(self, call: Call) -> None:
+        """Stops the run once CALL_BREAKER proposer calls in a row raised instead of answering."""
+        if not call.failure:
+            self.raised = 0
+            return
+        self.raised += 1
+        log.warning(
+            "generation %d: the proposer raised %s; its %d children are invalid",
+            call.generation,
+            call.failure,
+            call.k,
+        )
+        if self.raised >= CALL_BREAKER:
+            self._halt(
+                f"stopped: the proposer raised {self.raised} calls in a row, the last "
+                f"{call.failure}; resume once it is fixed (-v shows where it was raised)"
+            )
 
     def _halt(self, reason: str) -> None:
         if not self.halted:

@@ -266,7 +266,10 @@ class ThreadScheduler:
         events, self._placed = self._placed, []
         if any(f in self._cancelled for f in self._running):
             # a sandbox started just as the gate closed outlived the kill: kill it too
-            self.runner.stop_all(self.scoring.labels)
+            try:
+                self.runner.stop_all(self.scoring.labels)
+            except RunnerError as exc:  # the engine is failing: its jobs end by their timeout
+                log.warning("%s", exc)
         if self._running:
             done, _ = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:

@@ -40,6 +40,7 @@ def clean(text: str | None, width: int = LINE_CHARS, lines: int = 0) -> str:
 def one_line(text: str, width: int = 60) -> str:
     """Returns text cleaned and flattened to one line of at most width characters."""
     head = text[: width * 20]  # a megabyte of text is not flattened to show sixty characters
-    flat = " ".join(printable(ANSI.sub("", head)).split())
+    spaced = " ".join(ANSI.sub("", head).split())  # line breaks are spaces, not removed
+    flat = " ".join(printable(spaced).split())
     cut = len(flat) > width or len(head) < len(text)
     return flat[: width - 1] + "…" if cut else flat

@@ -20,6 +20,7 @@ class Reply:
     body: Any = None  # a dict is sent as JSON, a str or bytes as is
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    cut: int | None = None  # send only this many bytes of the body, then hang up
 
 
 def chat(*contents: str, prompt_tokens: int = 100, completion_tokens: int = 50) -> Reply:
@@ -44,8 +45,9 @@ def chat(*contents: str, prompt_tokens: int = 100, completion_tokens: int = 50) 
 class FakeOpenAI:
     """Answers POST /v1/chat/completions from a script, and records every request."""
 
-    def __init__(self, script: list[Reply]):
+    def __init__(self, script: list[Reply], then: Reply | None = None):
         self.script = list(script)
+        self.then = then or Reply(500, "script exhausted")  # every answer after the script
         self.requests: list[dict[str, Any]] = []
         self.times: list[float] = []
         fake = self
@@ -61,21 +63,25 @@ class FakeOpenAI:
                     }
                 )
                 fake.times.append(time.monotonic())
-                reply = fake.script.pop(0) if fake.script else Reply(500, "script exhausted")
+                reply = fake.script.pop(0) if fake.script else fake.then
                 time.sleep(reply.delay)
                 if isinstance(reply.body, bytes):
                     data = reply.body  # as is, even bytes that are not UTF-8
-                elif isinstance(reply.body, dict):
+                elif isinstance(reply.body, dict | list):
                     data = json.dumps(reply.body).encode()
                 else:
                     data = str(reply.body).encode()
                 try:
                     self.send_response(reply.status)
-                    for key, value in reply.headers.items():
+                    headers = dict(reply.headers)
+                    if isinstance(reply.body, dict | list):
+                        headers.setdefault("Content-Type", "application/json")
+                    for key, value in headers.items():
                         self.send_header(key, value)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    self.wfile.write(data[: reply.cut])
+                    self.close_connection = reply.cut is not None
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)
 

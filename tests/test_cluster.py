@@ -234,3 +234,30 @@ def test_capacity_counts_whole_candidates_on_alive_nodes() -> None:
     request = {"CPU": 2.0, "memory": 6.0 * 2**30}
     assert capacity(nodes, request) == 2 + 1  # memory bounds the first node, CPUs the second
     assert capacity(nodes, {**request, "GPU": 1.0}) == 1
+
+
+def test_a_ray_client_that_lost_its_server_is_an_outage_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Ray Client raises a builtin ConnectionError once its server is gone, outside
+    RayError: submitting or fetching a job then stops the run cleanly (resume continues)."""
+    from selfprog.cluster import RayScheduler
+    from selfprog.errors import Outage
+    from selfprog.scheduler import Job
+
+    class Lost:
+        def remote(self, *args: Any) -> Any:
+            raise ConnectionError("Ray client has already been disconnected due to an error.")
+
+    import ray
+
+    scheduler = RayScheduler.__new__(RayScheduler)
+    scheduler.ray, scheduler.address, scheduler._task = ray, "ray://head:10001", Lost()
+    scheduler.bundle, scheduler.box, scheduler.placements = None, [], None  # type: ignore[assignment]
+    scheduler._running, scheduler._cancelled = {}, set()
+    job = Job(2, 0, {"train.py": ""}, 0)
+    with pytest.raises(Outage, match=r"lost the Ray cluster at ray://head:10001: Ray client"):
+        scheduler.submit(job)
+    monkeypatch.setattr(ray, "get", lambda ref: Lost().remote())
+    with pytest.raises(Outage, match=r"lost the Ray cluster"):
+        scheduler._outcome("ref", job)

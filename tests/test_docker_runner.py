@@ -9,6 +9,7 @@ import docker
 import pytest
 import requests
 
+from selfprog.errors import RunnerError, SelfprogError
 from selfprog.runners.docker import DockerRunner, remove_leftovers
 from selfprog.runners.image import LABEL_MOUNTS, LABEL_PYTHON
 from tests.conftest import SMALL, script_phase
@@ -62,6 +63,10 @@ class FakeApi:
     def remove_container(self, container_id: str, **kwargs: Any) -> None:
         self.calls.append("remove")
 
+    def containers(self, **kwargs: Any) -> list[dict[str, str]]:
+        self.calls.append("containers")
+        raise requests.exceptions.ConnectionError("('Connection aborted.', FileNotFoundError(2))")
+
 
 class FakeClient:
     def __init__(self, api: FakeApi):
@@ -99,13 +104,30 @@ def test_gpus_are_requested_by_count_or_by_the_ids_a_scheduler_assigned(tmp_path
 def test_client_errors_and_candidate_failures_are_not_retried(tmp_path: Path) -> None:
     api = FakeApi([_api_error(400)])
     runner = DockerRunner(client=FakeClient(api))
-    with pytest.raises(docker.errors.APIError):
+    with pytest.raises(
+        RunnerError, match=r"failed to run the train phase \(APIError: 400 Client Error"
+    ):
         runner.run(script_phase(tmp_path, "pass"), SMALL, {})
     assert api.calls == ["create"]
     api = FakeApi([], exit_code=1)
     outcome = DockerRunner(client=FakeClient(api)).run(script_phase(tmp_path, "pass"), SMALL, {})
     assert outcome.exit_code == 1
     assert api.calls == ["create", "start", "remove"]
+
+
+def test_what_the_engine_raises_is_one_line_before_and_after_a_run(tmp_path: Path) -> None:
+    """The SDK's and requests' exceptions never leave the runner: a run refused at its
+    preflight, or stopping, says what the engine did in one line."""
+    from selfprog.scheduler import make_scheduler
+    from tests.test_loop import make_run
+
+    api = FakeApi([_api_error(400)] * 4)
+    runner = DockerRunner(client=FakeClient(api))
+    with pytest.raises(RunnerError, match=r"failed to remove this run's sandboxes \(Connection"):
+        runner.stop_all({"selfprog.run": "r"})
+    run = make_run(tmp_path, "runner.kind=docker")
+    with pytest.raises(SelfprogError, match=r"the Docker engine failed to run the \w+ phase"):
+        make_scheduler(run, runner)  # the held-out check, before any candidate
 
 
 @pytest.mark.docker

@@ -969,3 +969,93 @@ def test_a_watcher_sees_each_running_job_in_its_phase(tmp_path: Path) -> None:
         runner.go.release()
         thread.join(0.05)
     assert watcher.in_flight() == [] and watcher.count() == 2
+
+
+class RaisingProposer:
+    """Raises what a model or client library might, for its first `failures` calls."""
+
+    name = "raising"
+    template = "propose.md"
+
+    def __init__(self, failures: int):
+        from selfprog.proposers.mutate import MutateProposer
+
+        self.failures = failures
+        self.calls = 0
+        self.then = MutateProposer()
+
+    def adopt(self, candidate_id: int | None, folder: Path | None) -> None:
+        pass
+
+    def propose(self, request, k):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+        return self.then.propose(request, k)
+
+
+def test_what_a_proposer_raises_is_recorded_and_only_a_streak_stops_the_run(
+    tmp_path: Path,
+) -> None:
+    from selfprog.loop import CALL_BREAKER, Driver
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.generations=4", "run.population=1", "selection.noise_seeds=1")
+    once = RaisingProposer(failures=1)
+    assert drive_within(Driver(run, once, FakeScheduler(ok_unless(set())))) == "finished"
+    states_now = [(c.generation, c.state, c.reason) for c in run.archive.candidates()]
+    assert states_now[1] == (
+        1,
+        "invalid",
+        "the proposer failed: the proposer raised RuntimeError: CUDA out of memory. Tried to "
+        "allocate 2.00 GiB",
+    )
+    assert [s for _, s, _ in states_now[2:]] == ["ok"] * 3  # the run went on
+
+    streak = make_run(
+        tmp_path / "streak", "run.generations=5", "run.population=2", "selection.noise_seeds=1"
+    )
+    ended = drive_within(
+        Driver(streak, RaisingProposer(failures=9), FakeScheduler(ok_unless(set())))
+    )
+    assert ended.startswith(f"stopped: the proposer raised {CALL_BREAKER} calls in a row")
+    assert "RuntimeError: CUDA out of memory" in ended and "resume once it is fixed" in ended
+    assert [c.state for c in streak.archive.candidates()] == ["ok"] + ["invalid"] * 6
+    fixed = Driver(streak, RaisingProposer(failures=0), FakeScheduler(ok_unless(set())))
+    assert drive_within(fixed) == "finished"
+    check_complete(streak.root, 5, 2)
+
+
+class FailingCleanup:
+    """A scheduler whose engine fails when asked to remove the run's sandboxes, after the first."""
+
+    def __init__(self, inner):  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.cleanups = 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)
+
+    def stop_all(self, labels):  # type: ignore[no-untyped-def]
+        from selfprog.errors import RunnerError
+
+        self.cleanups += 1
+        if self.cleanups > 1:
+            raise RunnerError("the Docker engine failed to remove this run's sandboxes")
+        return 0
+
+
+def test_an_engine_failing_as_the_run_stops_does_not_hide_why_it_stopped(tmp_path: Path) -> None:
+    from selfprog.loop import BREAKER, Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from tests.fakes import FakeScheduler
+
+    run = make_run(tmp_path, "run.generations=3", "run.population=2", "selection.noise_seeds=1")
+    engine_gone = FailingCleanup(
+        FakeScheduler(
+            lambda job: ok_unless(set())(job) if job.candidate_id == 1 else harness_error(job)
+        )
+    )
+    ended = drive_within(Driver(run, MutateProposer(), engine_gone))
+    assert ended.startswith(f"stopped: the harness failed on {BREAKER} candidates in a row")
+    assert engine_gone.cleanups == 2

@@ -187,12 +187,6 @@ def test_openai_client_error_is_not_retried() -> None:
     assert all(p.error.startswith("PermanentHTTPError: HTTP 400") for p in proposals)
 
 
-def test_openai_malformed_body() -> None:
-    with FakeOpenAI([Reply(200, "<html>not json</html>")]).running() as fake:
-        proposals = proposer(fake.url).propose(request(), 1)
-    assert "not a chat completion" in proposals[0].error
-
-
 def test_openai_needs_an_endpoint_and_model() -> None:
     with pytest.raises(ConfigError, match=r"needs proposer.base_url and proposer.model"):
         OpenAIProposer.from_config(ProposerSection(kind="openai"))
@@ -338,3 +332,49 @@ def test_the_menu_is_shuffled_per_call_and_the_reason_comes_first(tinylm: Target
     answer = Proposal(text=f"Reason: it should help\n{lit.path}: {lit.name} = {values[0]}")
     chosen = menu.proposal(files, answer)
     assert not chosen.error and chosen.rationale.endswith("it should help")
+
+
+def test_a_local_model_that_cannot_serve_the_run_is_refused_before_it_starts(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """What transformers or llguidance would raise mid-run is one line at load instead."""
+    import shutil
+
+    from selfprog.proposers.transformers import TransformersProposer
+
+    with pytest.raises(ConfigError, match=r"temperature must be above 0, not 0"):
+        TransformersProposer.load(str(tiny_model), temperature=0.0)
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_model, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "nope"}))
+    with pytest.raises(ConfigError, match=r"cannot load the model .*nope"):
+        TransformersProposer.load(str(unknown))
+
+
+def test_a_constrained_local_model_needs_a_tokenizer_llguidance_reads(tiny_model: Path) -> None:
+    from selfprog.proposers.transformers import TransformersProposer, grammar_vocabulary
+
+    lm = TransformersProposer.load(str(tiny_model), edit_mode="constrained")
+    assert lm.vocabulary is not None  # read once at load, not at every call
+
+    class SlowTokenizer:  # the kind llguidance.hf refuses ("Only fast tokenizers")
+        pass
+
+    with pytest.raises(ConfigError, match=r"need a fast tokenizer.*SlowTokenizer.*edit_mode=free"):
+        grammar_vocabulary(SlowTokenizer(), "m")
+
+
+def test_a_proxy_setting_the_client_cannot_use_is_refused_before_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    section = ProposerSection(kind="openai", base_url="https://example.invalid/v1", model="m")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "ftp://proxy.invalid:21")
+    with pytest.raises(ConfigError, match=r"proxy and certificate settings: ValueError"):
+        OpenAIProposer.from_config(section)
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent/ca.pem")
+    with pytest.raises(ConfigError, match=r"FileNotFoundError"):
+        OpenAIProposer.from_config(section)

@@ -242,7 +242,7 @@ def test_an_answer_that_is_not_utf8_or_empty_is_recorded_with_its_reason(tinylm:
         lm = chooser(fake.url)
         garbled = lm.propose(ProposalRequest(1, files, "p", 1), 1)
         empty = lm.propose(ProposalRequest(1, files, "p", 2), 1)
-    assert "not a chat completion" in garbled[0].error
+    assert "names no listed setting and value: '\ufffd\ufffd bad'" in garbled[0].error
     assert "names no listed setting and value: ''" in empty[0].error
 
 

@@ -140,7 +140,10 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        scheduler.close()
+        try:
+            scheduler.close()
+        except SelfprogError as exc:  # the engine failing as the run ends: resume cleans up
+            log.warning("%s", exc)
     with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) cannot be written to
         print(summary(run.archive, run.target.metric, minimize, run.root, ended), flush=True)
     if ended == "stopped at once":  # recorded and killed: no thread stuck in a hung call may

@@ -14,6 +14,12 @@ and the run goes on, unless `FAILING` calls in a row are refused: a model
 the server does not serve or a prompt beyond its context fails every call,
 so that stops the run too, naming the server's answer.
 
+A 2xx reply is read by selfprog, not the client (selfprog.proposers.reply):
+a body that is no chat completion (not JSON, another shape, no choices or
+message, cut off, an unfinished stream, over MAX_REPLY_BYTES) is asked again
+up to GARBLED_TRIES times, then recorded like a refusal, so a server that
+only answers garbage stops the run as one that refuses every call does.
+
 Servers differ: some refuse `n` > 1 (llama.cpp), reasoning models refuse
 `max_tokens` (they take `max_completion_tokens`) and `temperature`. A 400
 that names one of these optional parameters drops it for the rest of the
@@ -45,8 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
 
 from selfprog.config import ProposerSection
@@ -54,6 +62,7 @@ from selfprog.edits import rationale
 from selfprog.errors import ConfigError, Outage
 from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.proposers.menu import CHOOSE_SYSTEM, NO_SETTINGS, Menu
+from selfprog.proposers.reply import Completion, GarbledReply, read_completion
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,8 @@ OPTIONAL = ("n", "temperature", "max_tokens", "max_completion_tokens", "response
 SMALL_MODEL = 1_000_000_000  # parameters: below this, `auto` constrains the edits
 ROUNDS = 3  # calls that may ask again for answers that repeated a choice
 FAILING = 3  # calls in a row the server refuses: a misconfiguration, not bad luck
+GARBLED_TRIES = 3  # attempts at a call whose replies are garbled, before one is recorded as such
+MAX_REPLY_BYTES = 8 * 2**20  # no chat answer is this large: a body past it is not read on
 
 
 REFUSING = (
@@ -131,23 +142,6 @@ def size_in_name(model: str) -> float | None:
     return max(sizes, default=None)  # `Qwen2.5-7B-Instruct-1M`: 7B, its context is the 1M
 
 
-def _count(value: Any) -> int:
-    """Returns a usage count a server sent, or 0 for none, nonsense or a negative number."""
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _text(content: Any) -> str:
-    """Returns an answer's text: a string, or the text parts of a list; valid UTF-8 either way."""
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    if not isinstance(content, str):
-        return ""
-    return content.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate becomes "?"
-
-
 def _retry_after(response: Any) -> float | None:
     """Returns the seconds a response's Retry-After asks for, if it gives a number."""
     value = response.headers.get("Retry-After")
@@ -158,8 +152,31 @@ def _retry_after(response: Any) -> float | None:
 
 
 def _transient(exc: BaseException) -> bool:
-    # a connection refused or dropped, a server restarting mid-answer, a timeout
-    return isinstance(exc, TransientHTTPError | openai.APIConnectionError)
+    # a connection refused or dropped, a server restarting mid-answer, a timeout, a body cut
+    # off or garbled by a proxy on the way (a few tries only: see _GarbledAgain)
+    return isinstance(exc, TransientHTTPError | openai.APIConnectionError | GarbledReply)
+
+
+class _GarbledAgain(stop_base):
+    """Stops retrying a call whose replies stay garbled after GARBLED_TRIES attempts."""
+
+    def __call__(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        return isinstance(exc, GarbledReply) and state.attempt_number >= GARBLED_TRIES
+
+
+def _read_capped(response: Any, limit: int) -> bytes:
+    """Returns a response's body, or raises GarbledReply once it grows past limit bytes."""
+    chunks, size = [], 0
+    try:
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise GarbledReply(f"a reply of over {limit // 2**20} MiB, more than any answer")
+            chunks.append(chunk)
+    except httpx2.HTTPError as exc:  # the status came, the body was cut off or cannot be decoded
+        raise GarbledReply(f"a reply cut off or unreadable ({type(exc).__name__}: {exc})") from None
+    return b"".join(chunks)
 
 
 class _WaitRetryAfter:
@@ -225,7 +242,7 @@ class OpenAIProposer:
         if edit_mode == "auto":
             size = size_in_name(section.model)
             edit_mode = "constrained" if size is not None and size < SMALL_MODEL else "free"
-        return cls(
+        proposer = cls(
             base_url=section.base_url.rstrip("/"),
             model=section.model,
             api_key=api_key,
@@ -234,6 +251,14 @@ class OpenAIProposer:
             timeout=section.timeout,
             edit_mode=edit_mode,
         )
+        try:  # now, not at the first call: a proxy or certificate setting it cannot use
+            proposer._client()
+        except (ImportError, ValueError, OSError) as exc:
+            raise ConfigError(
+                f"cannot make a client for {section.base_url} with this environment's proxy "
+                f"and certificate settings: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+        return proposer
 
     def _client(self) -> openai.OpenAI:
         if self.client is None:
@@ -245,9 +270,20 @@ class OpenAIProposer:
             )
         return self.client
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, body: dict[str, Any]) -> Completion:
+        """Returns the server's reply to one request, read and checked by us, not the client.
+
+        Raises:
+            TransientHTTPError: a 429 or 5xx.
+            PermanentHTTPError: any other refusal.
+            GarbledReply: a 2xx whose body is no chat completion, cut off or too large.
+            openai.APIConnectionError: no answer.
+        """
         try:
-            reply = self._client().chat.completions.create(**body)
+            completions = self._client().chat.completions.with_streaming_response
+            with completions.create(**body) as response:
+                raw = _read_capped(response, MAX_REPLY_BYTES)
+                content_type = str(response.headers.get("content-type") or "")
         except openai.APIStatusError as exc:
             status, text = exc.status_code, exc.response.text
             if status >= 500 and VALIDATION in text.lower():
@@ -255,13 +291,7 @@ class OpenAIProposer:
             if status == 429 or status >= 500:
                 raise TransientHTTPError(status, text[:200], _retry_after(exc.response)) from None
             raise PermanentHTTPError(f"HTTP {status}: {text[:300]}", status, text[:2000]) from None
-        except openai.APIResponseValidationError as exc:
-            raise PermanentHTTPError(
-                f"not a chat completion: {exc.response.text[:200]!r}"
-            ) from None
-        if not isinstance(reply, openai.types.chat.ChatCompletion) or not reply.choices:
-            raise PermanentHTTPError(f"not a chat completion: {str(reply)[:200]!r}")
-        return reply.model_dump()
+        return read_completion(raw, content_type)
 
     def _body(self, prompt: str, n: int, menu: Menu | None) -> dict[str, Any]:
         system = SYSTEM if menu is None else CHOOSE_SYSTEM
@@ -296,23 +326,26 @@ class OpenAIProposer:
             body["n"] = n
         return body
 
-    def _call(self, prompt: str, n: int, menu: Menu | None = None) -> dict[str, Any]:
+    def _say_retrying(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        tries = (
+            min(self.attempts, GARBLED_TRIES) if isinstance(exc, GarbledReply) else self.attempts
+        )
+        log.warning("openai: %s; retrying (attempt %d of %d)", exc, state.attempt_number + 1, tries)
+
+    def _call(self, prompt: str, n: int, menu: Menu | None = None) -> Completion:
         """Returns the server's reply, dropping what it refuses and retrying what is passing.
 
         Raises:
             Outage: the endpoint is down after every retry, or refuses the key, model or path.
-            PermanentHTTPError: it refused this request (the proposals record why).
+            PermanentHTTPError: it refused this request, or its replies stayed garbled (the
+                proposals record why).
         """
         retrying = Retrying(
             retry=retry_if_exception(_transient),
-            stop=stop_after_attempt(self.attempts),
+            stop=stop_after_attempt(self.attempts) | _GarbledAgain(),
             wait=_WaitRetryAfter(self.backoff_initial, self.backoff_max),
-            before_sleep=lambda s: log.warning(
-                "openai: %s; retrying (attempt %d of %d)",
-                s.outcome.exception() if s.outcome else "?",
-                s.attempt_number + 1,
-                self.attempts,
-            ),
+            before_sleep=self._say_retrying,
             reraise=True,
         )
         while True:
@@ -338,6 +371,10 @@ class OpenAIProposer:
                         "openai: constrained answers are asked for in the prompt only, "
                         "and checked against the menu"
                     )
+            except GarbledReply as exc:  # an answer, if a useless one: recorded, the run goes on
+                tries = retrying.statistics.get("attempt_number", 1)
+                asked = "once" if tries == 1 else f"{tries} times"
+                raise PermanentHTTPError(f"no usable reply, asked {asked}: {exc}") from None
             except (TransientHTTPError, openai.APIConnectionError) as exc:
                 raise Outage(
                     f"the proposer's endpoint {self.base_url} failed after {self.attempts} "
@@ -413,14 +450,9 @@ class OpenAIProposer:
                 break
             self.refusals = 0
             latency = time.perf_counter() - start
-            choices = reply["choices"][:want]
-            usage = reply.get("usage") or {}  # some servers send none, or nulls
-            tokens_in, tokens_out = (
-                _count(usage.get("prompt_tokens")),
-                _count(usage.get("completion_tokens")),
-            )
-            for i, choice in enumerate(choices):
-                text = _text((choice.get("message") or {}).get("content"))
+            choices = reply.choices[:want]
+            tokens_in, tokens_out = reply.tokens_in, reply.tokens_out
+            for i, (text, finish) in enumerate(choices):
                 proposals.append(
                     Proposal(
                         text=text,
@@ -429,8 +461,8 @@ class OpenAIProposer:
                         tokens_out=tokens_out // len(choices)
                         + (tokens_out % len(choices) if i == 0 else 0),
                         latency=latency,
-                        model=str(reply.get("model") or self.model),
-                        finish=str(choice.get("finish_reason") or ""),
+                        model=reply.model or self.model,
+                        finish=finish,
                     )
                 )
         return proposals

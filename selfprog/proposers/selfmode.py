@@ -65,6 +65,7 @@ class SelfProposer(TransformersProposer):
                 f"candidate {candidate_id} is the best, but its fine-tuned model is not in {folder}"
             )
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         params = dict(self.model.named_parameters())
@@ -76,7 +77,7 @@ class SelfProposer(TransformersProposer):
                 assert folder is not None
                 try:
                     delta = load_file(folder / DELTA)
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, SafetensorError) as exc:
                     raise SelfprogError(
                         f"cannot load the model fine-tuned by candidate {candidate_id}: {exc}"
                     ) from None

@@ -48,6 +48,7 @@ class TransformersProposer:
     temperature: float = 0.8
     max_new_tokens: int = 2048
     edit_mode: str = "free"  # or "constrained"
+    vocabulary: Any = None  # the tokenizer as llguidance reads it (made once: about a second)
     name: str = "transformers"
 
     @property
@@ -87,6 +88,11 @@ class TransformersProposer:
 
         from selfprog.models import resolve
 
+        if not temperature > 0:  # generate() samples k answers: greedy decoding gives one
+            raise ConfigError(
+                f"a local model samples its answers: proposer.temperature must be above 0, "
+                f"not {temperature:g} (e.g. 0.8)"
+            )
         path = resolve(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -94,16 +100,16 @@ class TransformersProposer:
             dtype = torch.bfloat16 if on_gpu else torch.float32
             placed = {"": device} if device else "auto"
             model = AutoModelForCausalLM.from_pretrained(path, device_map=placed, dtype=dtype)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot load the model {name!r}: {str(exc).splitlines()[0]}"
-            ) from None
+        except (OSError, ValueError, KeyError) as exc:  # missing, or not a causal LM it knows
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot load the model {name!r}: {first[:300]}") from None
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         parameters = model.num_parameters()
         if edit_mode == "auto":
             edit_mode = "constrained" if parameters < SMALL_MODEL else "free"
+        vocabulary = grammar_vocabulary(tokenizer, name) if edit_mode == "constrained" else None
         log.info(
             "loaded %s (%.1fM parameters) on %s; %s edits",
             name,
@@ -111,7 +117,7 @@ class TransformersProposer:
             model.device,
             edit_mode,
         )
-        return cls(model, tokenizer, name, temperature, max_new_tokens, edit_mode)
+        return cls(model, tokenizer, name, temperature, max_new_tokens, edit_mode, vocabulary)
 
     def context_length(self) -> int | None:
         """Returns the longest input the model takes, if its config says."""
@@ -212,7 +218,9 @@ class TransformersProposer:
 
         processors = LogitsProcessorList()
         if grammar is not None:
-            processors.append(GrammarConstraint(self.tokenizer, grammar, rows))
+            if self.vocabulary is None:
+                self.vocabulary = grammar_vocabulary(self.tokenizer, self.model_name)
+            processors.append(GrammarConstraint(self.vocabulary, grammar, rows))
         prefix.batch_repeat_interleave(rows)
         return self.model.generate(
             input_ids=inputs["input_ids"].repeat(rows, 1),
@@ -226,16 +234,31 @@ class TransformersProposer:
         )
 
 
+def grammar_vocabulary(tokenizer: Any, name: str) -> Any:
+    """Returns the tokenizer's vocabulary as llguidance reads it.
+
+    Raises:
+        ConfigError: llguidance cannot read this tokenizer (it takes fast tokenizers only).
+    """
+    import llguidance.hf
+    from transformers import TokenizersBackend
+
+    if not isinstance(tokenizer, TokenizersBackend):
+        raise ConfigError(
+            f"constrained edits need a fast tokenizer, and {name!r} has a "
+            f"{type(tokenizer).__name__}; set proposer.edit_mode=free"
+        )
+    return llguidance.hf.from_tokenizer(tokenizer)
+
+
 class GrammarConstraint:
     """A logits processor: each row of the batch may only continue its answer within the grammar."""
 
-    def __init__(self, tokenizer: Any, grammar: str, rows: int):
+    def __init__(self, vocabulary: Any, grammar: str, rows: int):
         import llguidance
-        import llguidance.hf
         import llguidance.torch
 
         self._torch = llguidance.torch
-        vocabulary = llguidance.hf.from_tokenizer(tokenizer)
         compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
         self.matchers = [llguidance.LLMatcher(vocabulary, compiled) for _ in range(rows)]
         for matcher in self.matchers:

@@ -24,7 +24,7 @@ import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -71,6 +71,18 @@ _retry = retry(
 )
 
 
+@contextlib.contextmanager
+def engine_errors(action: str) -> Iterator[None]:
+    """Turns what the Docker SDK raises (its own errors, requests' below it) into one line."""
+    try:
+        yield
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunnerError(
+            f"the Docker engine failed to {action} ({type(exc).__name__}: {first[:240]})"
+        ) from exc
+
+
 def connect() -> Any:
     """Returns a client for the Docker engine named by the environment (DOCKER_HOST).
 
@@ -115,7 +127,8 @@ class DockerRunner:
 
     def __init__(self, image: str = OFFLINE_IMAGE, client: Any = None):
         self.client = client or connect()
-        self.image = ensure_image(self.client, image)
+        with engine_errors(f"find or build the sandbox image {image}"):
+            self.image = ensure_image(self.client, image)
 
     def _container_config(
         self, phase: Phase, limits: Limits, labels: Mapping[str, str], nonce: str = ""
@@ -198,13 +211,15 @@ class DockerRunner:
         }
 
     def stop_all(self, labels: Mapping[str, str]) -> int:
-        return remove_leftovers(self.client, labels)
+        with engine_errors("remove this run's sandboxes"):
+            return remove_leftovers(self.client, labels)
 
     def gpu_support(self) -> bool:
         """Returns whether the engine can pass NVIDIA GPUs into containers: NVIDIA's runtime is
         registered, or its hook (which `--gpus` calls) is installed beside a local engine."""
-        if "nvidia" in (self.client.info().get("Runtimes") or {}):
-            return True
+        with engine_errors("say which runtimes it has"):
+            if "nvidia" in (self.client.info().get("Runtimes") or {}):
+                return True
         local = os.environ.get("DOCKER_HOST", "unix://").startswith("unix://")
         return local and shutil.which("nvidia-container-runtime-hook") is not None
 
@@ -223,11 +238,12 @@ class DockerRunner:
 
     def run(self, phase: Phase, limits: Limits, labels: Mapping[str, str]) -> PhaseOutcome:
         nonce = secrets.token_hex(16) if phase.out_writable else ""
-        container_id = self._create(self._container_config(phase, limits, labels, nonce))
-        try:
-            return self._run(container_id, phase, limits, nonce)
-        finally:
-            self._remove(container_id)
+        with engine_errors(f"run the {phase.name} phase"):
+            container_id = self._create(self._container_config(phase, limits, labels, nonce))
+            try:
+                return self._run(container_id, phase, limits, nonce)
+            finally:
+                self._remove(container_id)
 
     def _phase_end(self, container_id: str, nonce: str) -> int | None:
         """Returns the phase's exit code once the supervisor has reported it, else None."""
