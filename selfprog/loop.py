@@ -299,30 +299,34 @@ class Driver:
             except Outage as exc:  # unrecorded, so resume asks it again; what runs may finish
                 self._halt(f"stopped: {exc}; resume once it is back")
                 return
+            if self._failing(call):  # unrecorded, as an outage's call: resume asks it again
+                return
             self.breeder.record(call)
-            self._count_failure(call)
             spent = self._spend_reached()  # after every call: one generation may cost a lot
             if spent and not self.breeder.exhausted:
                 log.info("%s: no more proposer calls; what was bred is scored", spent)
                 self.breeder.exhausted = spent
 
-    def _count_failure(self, call: Call) -> None:
-        """Stops the run once CALL_BREAKER proposer calls in a row raised instead of answering."""
+    def _failing(self, call: Call) -> bool:
+        """Returns whether the proposer raised on CALL_BREAKER calls in a row, this one the last
+        (the run stops); a lone call that raised is recorded as its children's failure."""
         if not call.failure:
             self.raised = 0
-            return
+            return False
         self.raised += 1
+        if self.raised >= CALL_BREAKER:
+            self._halt(
+                f"stopped: the proposer raised on {self.raised} calls in a row, the last "
+                f"{call.failure}; resume once it is fixed (-v shows where it was raised)"
+            )
+            return True
         log.warning(
             "generation %d: the proposer raised %s; its %d children are invalid",
             call.generation,
             call.failure,
             call.k,
         )
-        if self.raised >= CALL_BREAKER:
-            self._halt(
-                f"stopped: the proposer raised {self.raised} calls in a row, the last "
-                f"{call.failure}; resume once it is fixed (-v shows where it was raised)"
-            )
+        return False
 
     def _halt(self, reason: str) -> None:
         if not self.halted:

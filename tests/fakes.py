@@ -21,6 +21,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     cut: int | None = None  # send only this many bytes of the body, then hang up
+    drip: float = 0.0  # seconds between the body's bytes, sent one at a time
 
 
 def chat(*contents: str, prompt_tokens: int = 100, completion_tokens: int = 50) -> Reply:
@@ -80,7 +81,13 @@ class FakeOpenAI:
                         self.send_header(key, value)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data[: reply.cut])
+                    if reply.drip:
+                        for i in range(len(data[: reply.cut])):
+                            self.wfile.write(data[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(reply.drip)
+                    else:
+                        self.wfile.write(data[: reply.cut])
                     self.close_connection = reply.cut is not None
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)

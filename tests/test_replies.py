@@ -89,6 +89,62 @@ def test_a_malformed_reply_is_asked_again_then_recorded_with_its_reason(name: st
         assert reason in p.error, p.error
 
 
+def test_a_reply_dripped_a_byte_at_a_time_is_given_up_at_the_timeout() -> None:
+    """Each byte comes within the read timeout; the whole body never does."""
+    drip = Reply(200, GOOD, JSON, drip=0.2)
+    with FakeOpenAI([], then=drip).running() as fake:
+        lm = OpenAIProposer(base_url=fake.url, model="m", timeout=1.0, backoff_initial=0.01)
+        [p] = ask(lm)
+    assert "a reply still arriving after 1s" in p.error and len(fake.requests) == GARBLED_TRIES
+
+
+def test_an_error_reply_cut_off_or_undecodable_is_a_passing_failure_not_a_crash() -> None:
+    cut = Reply(502, "<html>Bad Gateway</html>" * 10, {"Content-Type": "text/html"}, cut=8)
+    undecodable = Reply(500, b"not gzip", {**JSON, "Content-Encoding": "gzip"})
+    for reply in (cut, undecodable):
+        with FakeOpenAI([reply, chat(EDIT)]).running() as fake:
+            [p] = ask(proposer(fake.url))
+        assert not p.error and len(fake.requests) == 2  # retried as a server error
+    with (
+        FakeOpenAI([], then=undecodable).running() as fake,
+        pytest.raises(
+            Outage, match=r"failed after 2 attempts \(TransientHTTPError: HTTP 0: DecodingError"
+        ),
+    ):
+        ask(proposer(fake.url, attempts=2))
+
+
+def test_an_error_reply_is_read_only_as_far_as_a_refusal_needs() -> None:
+    """A gzip bomb on a 400: the client would inflate all of it (256 MiB here) before raising."""
+    import gzip
+    import tracemalloc
+
+    bomb = gzip.compress(b'{"error": "bad request"}' + b" " * 2**28, compresslevel=9)
+    with FakeOpenAI([Reply(400, bomb, {**JSON, "Content-Encoding": "gzip"})]).running() as fake:
+        tracemalloc.start()
+        try:
+            [p] = ask(proposer(fake.url))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert p.error.startswith('PermanentHTTPError: HTTP 400: {"error": "bad request"}')
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_retry_after_beyond_reason_is_an_outage_and_one_beyond_numbers_is_ignored() -> None:
+    far = Reply(503, "busy", {"Retry-After": "100000000"})
+    with (
+        FakeOpenAI([far]).running() as fake,
+        pytest.raises(Outage, match=r"asks to be called again in 100000000s; resume then"),
+    ):
+        ask(proposer(fake.url))
+    for value in ("inf", "1e400", "nan"):
+        odd = Reply(503, "busy", {"Retry-After": value})
+        with FakeOpenAI([odd, chat(EDIT)]).running() as fake:
+            [p] = ask(proposer(fake.url))  # the backoff's wait, not forever nor a crash
+        assert not p.error, value
+
+
 def test_a_garbled_reply_once_is_asked_again_and_the_next_answer_counts() -> None:
     script = [Reply(200, "<html>proxy hiccup</html>", JSON), chat(EDIT)]
     with FakeOpenAI(script).running() as fake:
@@ -109,6 +165,15 @@ def test_a_completion_under_any_label_or_as_a_stream_is_read() -> None:
         answers = [ask(lm)[0] for _ in script]
     assert [(p.text, p.error) for p in answers] == [(EDIT, "")] * 3
     assert (answers[2].tokens_in, answers[2].tokens_out, answers[2].finish) == (7, 3, "stop")
+
+
+def test_a_stream_is_read_by_its_own_line_breaks_and_shapes() -> None:
+    text = "a line\u2028and a separator\u0085kept"
+    raw = (delta(text, "stop") + "data: [DONE]\n\n").encode()
+    assert read_completion(raw, "text/event-stream").choices == ((text, "stop"),)
+    for choices in ("5", "true", '{"a": 1}'):
+        with pytest.raises(GarbledReply, match="choices that are not a list"):
+            read_completion(f'data: {{"choices": {choices}}}\n\ndata: [DONE]\n'.encode())
 
 
 def test_odd_but_readable_fields_are_read_as_empty() -> None:

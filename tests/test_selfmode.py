@@ -119,3 +119,37 @@ def test_kept_outputs_are_plain_files_only(tmp_path) -> None:  # type: ignore[no
     (out / "delta.safetensors").symlink_to(secret)
     (out / "extra.bin").write_bytes(b"weights")
     assert read_kept(("delta.safetensors", "extra.bin"), out) == {"extra.bin": b"weights"}
+
+
+def test_an_adoption_that_fails_part_way_is_undone_by_the_next(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A delta that fails after some weights changed (here a name the model lacks) must not
+    leave a mix that later proposes under a candidate's name; a corrupt file is one line."""
+    import torch
+    from safetensors.torch import save_file
+
+    from selfprog.errors import SelfprogError
+    from selfprog.proposers.selfmode import DELTA, SelfProposer
+
+    lm = SelfProposer.load(str(tiny_model), edit_mode="free")
+    params = dict(lm.model.named_parameters())
+    first, second = "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"
+    base = {name: params[name].detach().clone() for name in (first, second)}
+    one, two, bad = (tmp_path / name for name in ("1", "2", "bad"))
+    for folder in (one, two, bad):
+        folder.mkdir()
+    save_file({first: base[first] * 2, second: base[second] * 2}, one / DELTA)
+    save_file({first: base[first] * 3, "z.not.a.parameter": torch.zeros(1)}, two / DELTA)
+    (bad / DELTA).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+
+    lm.adopt(1, one)
+    with pytest.raises(SelfprogError, match=r"z\.not\.a\.parameter, which is not a parameter"):
+        lm.adopt(2, two)
+    assert torch.equal(params[first], base[first] * 3)  # part of candidate 2 was loaded
+    lm.adopt(1, one)
+    assert lm.model_name.endswith("+candidate-1")
+    assert torch.equal(params[first], base[first] * 2)
+    assert torch.equal(params[second], base[second] * 2)
+    with pytest.raises(SelfprogError, match="cannot load the model fine-tuned by candidate 3"):
+        lm.adopt(3, bad)
+    lm.adopt(None, None)
+    assert torch.equal(params[first], base[first]) and torch.equal(params[second], base[second])

@@ -43,10 +43,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,8 @@ ROUNDS = 3  # calls that may ask again for answers that repeated a choice
 FAILING = 3  # calls in a row the server refuses: a misconfiguration, not bad luck
 GARBLED_TRIES = 3  # attempts at a call whose replies are garbled, before one is recorded as such
 MAX_REPLY_BYTES = 8 * 2**20  # no chat answer is this large: a body past it is not read on
+MAX_REFUSAL_BYTES = 16 * 2**10  # of an error reply's body, as sent (a refusal says it in less)
+MAX_RETRY_AFTER = 600.0  # seconds: a server asking to wait longer is down for now (an outage)
 
 
 REFUSING = (
@@ -143,12 +147,43 @@ def size_in_name(model: str) -> float | None:
 
 
 def _retry_after(response: Any) -> float | None:
-    """Returns the seconds a response's Retry-After asks for, if it gives a number."""
+    """Returns the seconds a response's Retry-After asks for, if it gives a finite number."""
     value = response.headers.get("Retry-After")
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None  # an HTTP date: fall back to the backoff
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class _BoundedBody(httpx2.SyncByteStream):
+    """A response body read with limits: an error reply's is cut at MAX_REFUSAL_BYTES (and
+    ends quietly where the connection fails), any body still arriving after `seconds` fails."""
+
+    def __init__(self, inner: Any, refusal: bool, seconds: float):
+        self.inner = inner
+        self.refusal = refusal
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+
+    def __iter__(self) -> Iterator[bytes]:
+        size = 0
+        try:
+            for chunk in self.inner:
+                if time.monotonic() > self.deadline:  # a drip of bytes, each within the timeout
+                    raise httpx2.ReadTimeout(f"a reply still arriving after {self.seconds:g}s")
+                size += len(chunk)
+                if self.refusal and size > MAX_REFUSAL_BYTES:
+                    yield chunk[: len(chunk) - (size - MAX_REFUSAL_BYTES)]
+                    return
+                yield chunk
+        except httpx2.HTTPError:
+            if not self.refusal:
+                raise
+            # an error reply cut off: its status says enough
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _transient(exc: BaseException) -> bool:
@@ -262,13 +297,19 @@ class OpenAIProposer:
 
     def _client(self) -> openai.OpenAI:
         if self.client is None:
+            # the client reads an error reply's body whole, before we see it: bounded here
+            hooks = {"response": [self._bound_body]}
             self.client = openai.OpenAI(
                 base_url=self.base_url,
                 api_key=self.api_key or "none",  # a local server takes any
                 timeout=self.timeout,
                 max_retries=0,  # tenacity retries, honouring Retry-After
+                http_client=openai.DefaultHttpxClient(event_hooks=hooks),
             )
         return self.client
+
+    def _bound_body(self, response: httpx2.Response) -> None:
+        response.stream = _BoundedBody(response.stream, response.status_code >= 400, self.timeout)
 
     def _post(self, body: dict[str, Any]) -> Completion:
         """Returns the server's reply to one request, read and checked by us, not the client.
@@ -289,8 +330,16 @@ class OpenAIProposer:
             if status >= 500 and VALIDATION in text.lower():
                 status = 400  # the request, not the server: asking again cannot help
             if status == 429 or status >= 500:
-                raise TransientHTTPError(status, text[:200], _retry_after(exc.response)) from None
+                wait = _retry_after(exc.response)
+                if wait is not None and wait > MAX_RETRY_AFTER:
+                    raise Outage(
+                        f"the proposer's endpoint {self.base_url} answered HTTP {status} and "
+                        f"asks to be called again in {wait:.0f}s; resume then"
+                    ) from None
+                raise TransientHTTPError(status, text[:200], wait) from None
             raise PermanentHTTPError(f"HTTP {status}: {text[:300]}", status, text[:2000]) from None
+        except httpx2.HTTPError as exc:  # an error reply whose body cannot even be decoded
+            raise TransientHTTPError(0, f"{type(exc).__name__}: {exc}", None) from None
         return read_completion(raw, content_type)
 
     def _body(self, prompt: str, n: int, menu: Menu | None) -> dict[str, Any]:
@@ -376,9 +425,10 @@ class OpenAIProposer:
                 asked = "once" if tries == 1 else f"{tries} times"
                 raise PermanentHTTPError(f"no usable reply, asked {asked}: {exc}") from None
             except (TransientHTTPError, openai.APIConnectionError) as exc:
+                cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # e.g. too many redirects
                 raise Outage(
                     f"the proposer's endpoint {self.base_url} failed after {self.attempts} "
-                    f"attempts ({type(exc).__name__}: {str(exc)[:200]})"
+                    f"attempts ({type(exc).__name__}: {str(exc)[:200]}{cause[:200]})"
                 ) from None
 
     def propose(self, request: ProposalRequest, k: int) -> list[Proposal]:

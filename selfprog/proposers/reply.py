@@ -76,7 +76,8 @@ def _read_stream(raw: bytes) -> Completion:
     usage: Any = None
     model = ""
     done = False
-    for line in raw.decode("utf-8", "replace").splitlines():
+    for line in raw.decode("utf-8", "replace").split("\n"):  # JSON may hold a raw U+2028
+        line = line.rstrip("\r")
         if not line.startswith("data:"):
             continue  # comments, event names, blank separators
         payload = line[5:].strip()
@@ -93,7 +94,10 @@ def _read_stream(raw: bytes) -> Completion:
             raise GarbledReply("a stream with an event that is not an object")
         usage = chunk.get("usage") or usage
         model = model or _model(chunk)
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise GarbledReply("a stream with choices that are not a list")
+        for choice in choices:
             if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
                 raise GarbledReply("a stream with a choice of another shape")
             index = choice.get("index", 0)

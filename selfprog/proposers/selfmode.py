@@ -23,6 +23,7 @@ from selfprog.proposers.transformers import TransformersProposer
 log = logging.getLogger(__name__)
 
 DELTA = "delta.safetensors"
+MIXED = -1  # `adopted` while weights change: the next adopt restores and loads, whatever it is
 
 
 @dataclass
@@ -69,6 +70,7 @@ class SelfProposer(TransformersProposer):
         from safetensors.torch import load_file
 
         params = dict(self.model.named_parameters())
+        self.adopted = MIXED  # until the change is whole: a failure part way leaves no name
         with torch.no_grad():
             for name, value in self.pristine.items():  # back to the base model first
                 params[name].copy_(value)
