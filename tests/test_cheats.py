@@ -478,6 +478,14 @@ def test_training_past_its_budget_is_killed_over_budget(
 
 LOADED = 3.0  # how much slower start-up and saving are on a loaded machine (bench/README)
 ALLOWANCE_BUDGET = 8.0  # seconds: the budget the cheat below was seen to win on (issue 25)
+GENEROUS = 60.0  # a target's allowance far above what start-up needs: the measured one holds
+
+
+def generous(target: Target) -> Target:
+    """Returns the target with a loose allowance (an upper bound, as a GPU target's may be)."""
+    return dataclasses.replace(
+        target, budget=dataclasses.replace(target.budget, allowance=GENEROUS)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -512,9 +520,10 @@ def test_training_four_times_its_budget_is_killed_at_the_seeds_allowance(
     seed_measured: Result,
     tmp_path: Path,
 ) -> None:
-    """Train longer than told: held to the seed's start-up and saving, not the target's 20 s."""
-    budget = ALLOWANCE_BUDGET
-    held = ceilings([seed_measured.timings], tinylm, budget, 0, seed_seconds=0)
+    """Train longer than told: held to the seed's start-up and saving, not the target's allowance
+    (under which it would end `ok`, its 32 s of training within 8 s + 60 s)."""
+    budget, target = ALLOWANCE_BUDGET, generous(tinylm)
+    held = ceilings([seed_measured.timings], target, budget, 0, seed_seconds=0)
     edit_train(
         seed_program,
         (
@@ -524,7 +533,7 @@ def test_training_four_times_its_budget_is_killed_at_the_seeds_allowance(
         IGNORE_THE_LIMIT,
     )
     result = score(
-        tinylm, seed_program, docker_runner, dataset, tmp_path, budget_seconds=budget, ceilings=held
+        target, seed_program, docker_runner, dataset, tmp_path, budget_seconds=budget, ceilings=held
     )
     assert result.state is State.OVER_BUDGET, (result.state, result.reason, result.timings)
     assert result.reason.startswith(
@@ -532,7 +541,7 @@ def test_training_four_times_its_budget_is_killed_at_the_seeds_allowance(
         f"start-up and saving, measured on the seed ({ALLOWANCE_MARGIN:g} times its "
         f"{held.overrun:.1f}s"
     )
-    assert result.timings["train"] < budget + tinylm.budget.allowance  # the target's: 28 s
+    assert result.timings["train"] < held.train + 5  # killed there
 
 
 @pytest.mark.docker
@@ -546,8 +555,8 @@ def test_an_honest_candidate_on_a_loaded_machine_is_not_over_budget(
 ) -> None:
     """Its start-up and saving as slow as with both workers busy: the allowance's margin holds it.
     It trains its budget from its first step and never reads the time limit."""
-    budget = 2.0  # the allowance does not depend on it
-    held = ceilings([seed_measured.timings], tinylm, budget, 0, seed_seconds=0)
+    budget, target = 2.0, generous(tinylm)  # the margin, not the target's cap, must hold it
+    held = ceilings([seed_measured.timings], target, budget, 0, seed_seconds=0)
     slower = (LOADED - 1) * held.overrun
     edit_train(seed_program, IGNORE_THE_LIMIT)
     train = seed_program / "train.py"
@@ -555,7 +564,7 @@ def test_an_honest_candidate_on_a_loaded_machine_is_not_over_budget(
         f"__import__('time').sleep({slower:.2f})  # a loaded machine\n" + train.read_text()
     )
     result = score(
-        tinylm, seed_program, docker_runner, dataset, tmp_path, budget_seconds=budget, ceilings=held
+        target, seed_program, docker_runner, dataset, tmp_path, budget_seconds=budget, ceilings=held
     )
     assert result.state is State.OK, (result.state, result.reason, result.timings, held)
     assert result.timings["train"] > budget + slower  # it was slowed, and it was not stopped
