@@ -29,7 +29,13 @@ from selfprog.records import (
     program_hash,
     read_program,
 )
-from selfprog.schema import SCHEMA, SCHEMA_VERSION, add_indexes, migrate
+from selfprog.schema import (
+    EVALUATION_TIMINGS_SINCE,
+    SCHEMA,
+    SCHEMA_VERSION,
+    add_indexes,
+    migrate,
+)
 from selfprog.states import FAILED, UNFINISHED, State
 
 ARCHIVE_FILE = "archive.sqlite"
@@ -260,6 +266,23 @@ class Archive(Ledger, Phases):
             (candidate_id,),
         )
         return [float(r[0]) for r in rows]
+
+    def ok_timings(self, candidate_id: int) -> list[dict[str, float]]:
+        """Returns the phase times of a candidate's `ok` evaluations (its first evaluation's, kept
+        on the candidate, where an older selfprog recorded none)."""
+        kept: list[str | None] = [None]
+        if self.version >= EVALUATION_TIMINGS_SINCE:
+            rows = self.db.execute(
+                "SELECT timings FROM evaluations WHERE candidate_id = ? AND state = 'ok' "
+                "ORDER BY id",
+                (candidate_id,),
+            )
+            kept = [r[0] for r in rows] or [None]
+        found = [json.loads(text) for text in kept if text]
+        if len(found) < len(kept):
+            candidate = self.candidate(candidate_id)
+            found += [candidate.timings] if candidate.state == State.OK.value else []
+        return found
 
     def repeated_scores(self) -> dict[int, list[float]]:
         """Returns the `ok` scores of every candidate with more than one, oldest first: the noise's sample."""

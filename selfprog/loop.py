@@ -38,7 +38,7 @@ from selfprog.population import Population, derive_seed
 from selfprog.proposers.base import Proposer
 from selfprog.rundir import MODELS, Run
 from selfprog.scheduler import Job, Outcome, Phased, Placed, Scheduler
-from selfprog.scoring import Result, ceilings
+from selfprog.scoring import Ceilings, Result, ceilings
 from selfprog.states import State
 
 log = logging.getLogger(__name__)
@@ -215,14 +215,14 @@ class Driver:
         """Returns the evaluations due, running or not: (candidate, index), in id order."""
         return [(c.id, i) for c, i in self.archive.due_evaluations(self.run.config.run.seed)]
 
-    def _ceilings(self) -> tuple[float, float]:
-        """Returns the wall-clock ceilings (training under a step budget, evaluation) of a job,
-        from the seed's times. 0 = none: the seed itself is held to the target's timeouts."""
-        seconds, steps = self.run.budget()
+    def _ceilings(self, candidate_id: int) -> Ceilings:
+        """Returns a job's wall-clock ceilings, from the seed's times, its repeats included. None
+        before the seed is scored; the seed's training is never held by them: it measures."""
         seed = self.archive.seed()
         if seed is None or seed.state != State.OK.value:
-            return 0.0, 0.0
-        return ceilings(seed.timings, self.run.target, seconds, steps)
+            return Ceilings()
+        held = ceilings(self.archive.ok_timings(seed.id), self.run.target, *self.run.budget())
+        return Ceilings(evaluate=held.evaluate) if candidate_id == seed.id else held
 
     def _start_evaluations(self) -> None:
         if self.synchronous and self.breeder.open_generation():
@@ -243,7 +243,7 @@ class Driver:
                 index,
                 self.archive.program(phash),
                 self.run.config.run.seed + index,
-                *self._ceilings(),
+                self._ceilings(candidate_id),
             )
             if job.index == 0:
                 self.archive.mark_running(job.candidate_id)

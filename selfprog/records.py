@@ -124,7 +124,7 @@ def insert_evaluation(
 ) -> None:
     db.execute(
         "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created, "
-        "node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "node, timings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             candidate_id,
             seed,
@@ -134,6 +134,7 @@ def insert_evaluation(
             result.data_hash,
             time.time(),
             node,
+            json.dumps(dict(result.timings)),
         ),
     )
 

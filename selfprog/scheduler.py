@@ -29,7 +29,7 @@ from selfprog.errors import RunnerError
 from selfprog.rundir import Run
 from selfprog.runners import make_runner
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
-from selfprog.scoring import Result, score_program
+from selfprog.scoring import Ceilings, Result, score_program
 from selfprog.states import State
 from selfprog.target import Target
 from selfprog.targetcheck import require_private_heldout
@@ -48,8 +48,7 @@ class Job:
     index: int
     files: Mapping[str, str]
     seed: int
-    step_limit: float = 0.0  # a step budget's wall-clock ceiling, from the seed's time (0 = none)
-    eval_limit: float = 0.0  # the evaluation's wall-clock ceiling, from the seed's time (0 = none)
+    ceilings: Ceilings = field(default_factory=Ceilings)  # from the seed's times (0 = none yet)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -156,8 +155,7 @@ def score_job(scoring: Scoring, job: Job, runner: Runner, work: Path, node: str)
             seed=job.seed,
             budget_seconds=scoring.budget_seconds,
             budget_steps=scoring.budget_steps,
-            step_limit=job.step_limit,
-            eval_limit=job.eval_limit,
+            ceilings=job.ceilings,
             labels=job_labels(scoring, job),
         )
         kept: dict[str, bytes] = {}

@@ -8,8 +8,9 @@ import sqlite3
 from selfprog.records import file_key, key_of
 
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
-# 6: the jobs running now, each in its phase
-SCHEMA_VERSION = 6
+# 6: the jobs running now, each in its phase; 7: each evaluation's phase times
+SCHEMA_VERSION = 7
+EVALUATION_TIMINGS_SINCE = 7  # a reader of an older, unmigrated archive has none
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,7 +43,7 @@ CREATE TABLE candidates (
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
     seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
-    created REAL NOT NULL, node TEXT
+    created REAL NOT NULL, node TEXT, timings TEXT
 );
 CREATE TABLE jobs (
     candidate_id INTEGER NOT NULL, evaluation INTEGER NOT NULL, phase TEXT NOT NULL,
@@ -79,7 +80,7 @@ def add_indexes(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Brings an archive written by schema 1 to 5 to the current schema.
+    """Brings an archive written by schema 1 to 6 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
@@ -88,7 +89,8 @@ def migrate(db: sqlite3.Connection) -> None:
     proposal, and an index of evaluations by candidate; schema 4 each proposer
     call's estimated cost; schema 5 each candidate's `program_key`, filled in here
     from the stored programs; schema 6 the jobs running now, each in its phase (train
-    or evaluate) and since when, for those who watch a run.
+    or evaluate) and since when, for those who watch a run; schema 7 each evaluation's
+    phase times (the seed's repeats measure the allowance of a seconds budget).
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -96,6 +98,7 @@ def migrate(db: sqlite3.Connection) -> None:
         ("proposals", "finish", "TEXT"),
         ("calls", "cost", "REAL"),
         ("candidates", "program_key", "TEXT"),
+        ("evaluations", "timings", "TEXT"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}

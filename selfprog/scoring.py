@@ -12,7 +12,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 RESULT_MARKER = "SELFPROG_RESULT"
 MAX_SOURCE_BYTES = 2**20  # an editable file larger than this is not a program to run
 MARGIN = 5.0  # a step budget's ceiling: this many times the seed's training time + allowance
+ALLOWANCE_MARGIN = 3.0  # a seconds budget's allowance: this many times the seed's overrun + slack
+ALLOWANCE_SLACK = 5.0  # seconds; the target's allowance caps the sum (bench/allowance.py)
 EVAL_MARGIN = 2.0  # the evaluation's: this many times the seed's evaluation time + EVAL_SLACK
 EVAL_SLACK = 10.0  # seconds
 
@@ -98,10 +100,21 @@ def stage_program(target: Target, program_dir: Path, dest: Path) -> Path:
 
 
 def _train_failure(
-    outcome: PhaseOutcome, limits: Limits, budget: Budget, seconds: float, limit: float
+    outcome: PhaseOutcome,
+    limits: Limits,
+    budget: Budget,
+    seconds: float,
+    limit: float,
+    held: Ceilings,
 ) -> Result | None:
     if outcome.timed_out and limit < budget.timeout:
-        if seconds > 0:
+        if seconds > 0 and held.train and limit < seconds + budget.allowance:
+            allowed = (
+                f"its budget of {seconds:g}s plus {limit - seconds:.1f}s for start-up and saving, "
+                f"measured on the seed ({ALLOWANCE_MARGIN:g} times its {held.overrun:.1f}s beyond "
+                f"its budget, plus {ALLOWANCE_SLACK:g}s)"
+            )
+        elif seconds > 0:
             allowed = f"its budget of {seconds:g}s plus {budget.allowance:g}s for start-up"
         else:
             allowed = f"{limit:.0f}s (the step budget's ceiling, from the seed's training time)"
@@ -133,21 +146,51 @@ def _train_failure(
     return None
 
 
-def ceilings(
-    seed_timings: Mapping[str, float], target: Target, seconds: float, steps: int
-) -> tuple[float, float]:
-    """Returns the wall-clock ceilings of a candidate (training under a step budget, evaluation),
-    from the seed's measured phase times; 0 where there is none.
+@dataclass(frozen=True, slots=True)
+class Ceilings:
+    """A candidate's wall-clock ceilings, from the seed's measured phase times; 0 = none measured
+    (the target's allowance and timeouts hold)."""
 
-    Steps cannot be counted from outside the sandbox, and candidate code the
-    evaluator runs could go on training there; time can be held, measured on
-    the seed, generously (a loaded machine must not end honest candidates).
-    A seconds budget holds training by itself.
+    train: float = 0.0  # the training phase's, under a seconds budget or a step budget
+    evaluate: float = 0.0  # the evaluation phase's
+    overrun: float = 0.0  # the seed's training time beyond its seconds budget: start-up, saving
+
+
+def ceilings(
+    seed_timings: Iterable[Mapping[str, float]],
+    target: Target,
+    seconds: float,
+    steps: int,
+    seed_seconds: float | None = None,
+) -> Ceilings:
+    """Returns the wall-clock ceilings of a candidate, from the seed's measured phase times (one
+    mapping per evaluation of the seed, its repeats included).
+
+    Under a seconds budget, training may run the budget plus an allowance for
+    start-up and saving: ALLOWANCE_MARGIN times the seed's overrun of its own
+    budget (`seed_seconds`, the candidate's unless given) plus ALLOWANCE_SLACK,
+    what a loaded machine needs, never more than the target's allowance. The
+    seed's smallest overrun counts: the margin is the load, and its repeats
+    may have run beside other candidates. Steps cannot be counted from outside
+    the sandbox, and candidate code the evaluator runs could go on training
+    there: time can be held, a multiple of the seed's slowest phase times.
     """
-    measured_train, measured_eval = (seed_timings.get(p, 0.0) for p in ("train", "evaluate"))
-    train = MARGIN * measured_train + target.budget.allowance if measured_train else 0.0
+    runs = list(seed_timings)
+    measured_train, measured_eval = (
+        max((t.get(phase, 0.0) for t in runs), default=0.0) for phase in ("train", "evaluate")
+    )
     evaluate = EVAL_MARGIN * measured_eval + EVAL_SLACK if measured_eval else 0.0
-    return (train if steps > 0 and seconds == 0 else 0.0), evaluate
+    if seconds > 0:
+        seed_budget = seconds if seed_seconds is None else seed_seconds
+        trained = [t["train"] for t in runs if t.get("train") and t["train"] >= seed_budget]
+        if not trained:  # none measured, or the seed stopped early (its steps): no overrun
+            return Ceilings(evaluate=evaluate)
+        overrun = min(trained) - seed_budget
+        allowance = min(target.budget.allowance, ALLOWANCE_MARGIN * overrun + ALLOWANCE_SLACK)
+        return Ceilings(seconds + allowance, evaluate, overrun)
+    if steps > 0 and measured_train:
+        return Ceilings(MARGIN * measured_train + target.budget.allowance, evaluate)
+    return Ceilings(evaluate=evaluate)
 
 
 def train_stats(out_dir: Path) -> dict[str, Any]:
@@ -275,8 +318,7 @@ def score_program(
     seed: int = 0,
     budget_seconds: float | None = None,
     budget_steps: int | None = None,
-    step_limit: float = 0.0,
-    eval_limit: float = 0.0,
+    ceilings: Ceilings | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> Result:
     """Returns the result of training a program with its own code and scoring it with the target's.
@@ -285,12 +327,13 @@ def score_program(
     output folder; the evaluation phase runs the target's fixed evaluator on
     those weights, with the held-out split and a one-time nonce on its stdin.
     Only the evaluator's nonce-marked stdout line counts. The harness enforces
-    the budget: training still running at the budget plus the target's
-    start-up allowance is killed (`over_budget`); `step_limit` is that
-    ceiling for a step budget (from the seed's measured time; 0 = none yet),
-    and `eval_limit` the evaluation's, so that candidate code run by the
+    the budget: training still running at `ceilings.train` (from the seed's
+    measured times, see `ceilings`; before the seed is measured, the budget
+    plus the target's allowance) is killed (`over_budget`), and the
+    evaluation at `ceilings.evaluate`, so that candidate code run by the
     evaluator cannot go on training there.
     """
+    held = ceilings or Ceilings()
     limits = limits or Limits()
     labels = dict(labels or {})
     program_dir, work_dir = program_dir.resolve(), work_dir.resolve()  # phases run elsewhere
@@ -305,7 +348,7 @@ def score_program(
     out_dir.chmod(0o777)  # the sandbox user may differ from ours
     seconds = target.budget.seconds if budget_seconds is None else budget_seconds
     steps = target.budget.steps if budget_steps is None else budget_steps
-    limit = target.budget.train_limit(seconds, step_limit if steps > 0 else 0.0)
+    limit = target.budget.train_limit(seconds, held.train)
     train = Phase(
         name="train",
         argv=target.train,
@@ -325,12 +368,12 @@ def score_program(
     log.debug("training %s (%s runner)", program_dir, runner.name)
     trained = runner.run(train, limits, {**labels, "selfprog.phase": "train"})
     timings = {"train": trained.seconds}
-    failed = _train_failure(trained, limits, target.budget, seconds, limit)
+    failed = _train_failure(trained, limits, target.budget, seconds, limit, held)
     if failed is not None:
         timings["total"] = time.perf_counter() - start
         return _finish(failed, data, timings, trained.log_tail)
     nonce = secrets.token_hex(16)
-    eval_timeout = min(target.budget.eval_timeout, eval_limit or target.budget.eval_timeout)
+    eval_timeout = min(target.budget.eval_timeout, held.evaluate or target.budget.eval_timeout)
     evaluate = Phase(
         name="evaluate",
         argv=target.evaluate,

@@ -46,19 +46,21 @@ class Budget:
     steps: int  # training step budget, 0 = none
     timeout: float  # the training phase is killed after this many seconds
     eval_timeout: float  # the evaluation phase is killed after this many seconds
-    allowance: float = 30.0  # start-up and saving, on top of a seconds budget
+    allowance: float = 30.0  # start-up and saving on top of a seconds budget, at most (see scoring)
 
     def train_limit(self, seconds: float, measured: float = 0.0) -> float:
         """Returns the wall-clock seconds after which the harness kills the training phase.
 
-        A seconds budget ends at the budget plus the allowance. A step budget
-        cannot be counted from outside: it ends at `measured` (a ceiling derived
-        from the seed's own training time) when there is one. Never past timeout.
+        `measured` is the ceiling derived from the seed's own times once there
+        is one (a seconds budget plus the seed's measured allowance; a step
+        budget, which cannot be counted from outside, a multiple of the seed's
+        training time). Before it, a seconds budget ends at the budget plus
+        the allowance. Never past timeout.
         """
-        if seconds > 0:
-            return min(self.timeout, seconds + self.allowance)
         if measured > 0:
             return min(self.timeout, measured)
+        if seconds > 0:
+            return min(self.timeout, seconds + self.allowance)
         return self.timeout
 
 

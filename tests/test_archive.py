@@ -73,6 +73,20 @@ def test_results_and_every_evaluation_are_kept(tmp_path: Path) -> None:
         reader.candidate(99)
 
 
+def test_each_evaluation_keeps_its_phase_times(tmp_path: Path) -> None:
+    """The seed's repeats measure the allowance of a seconds budget: their times are kept."""
+    archive = Archive.create(tmp_path / "a.sqlite", {})
+    with archive.transaction() as db:
+        cid = archive.add_candidate(db, generation=0, state="pending")
+    archive.finish(cid, Result(State.OK, score=3.0, timings={"train": 12.0}), seed=0)
+    archive.add_evaluation(cid, Result(State.OK, score=3.1, timings={"train": 11.0}), seed=1)
+    archive.add_evaluation(cid, Result(State.TIMEOUT, timings={"train": 300.0}), seed=2)
+    assert archive.ok_timings(cid) == [{"train": 12.0}, {"train": 11.0}]
+    # an archive an older selfprog wrote kept the first evaluation's times on the candidate only
+    archive.db.execute("UPDATE evaluations SET timings = NULL")
+    assert archive.ok_timings(cid) == [{"train": 12.0}]
+
+
 def test_foreign_newer_and_missing_archives(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="not a selfprog run"):
         Archive(tmp_path / "none.sqlite")

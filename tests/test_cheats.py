@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from selfprog.data import Dataset
-from selfprog.scoring import State
+from selfprog.scoring import ALLOWANCE_MARGIN, Ceilings, Result, State, ceilings
 from selfprog.target import Target
 from tests.test_scoring import score
 
@@ -323,7 +323,13 @@ def test_an_evaluation_past_its_ceiling_is_over_budget(
     model = seed_program / "model.py"
     model.write_text(model.read_text() + AROUND + SLOW_SERVER)
     result = score(
-        tinylm, seed_program, local_runner, dataset, tmp_path, budget_steps=20, eval_limit=8.0
+        tinylm,
+        seed_program,
+        local_runner,
+        dataset,
+        tmp_path,
+        budget_steps=20,
+        ceilings=Ceilings(evaluate=8.0),
     )
     assert result.state is State.OVER_BUDGET, (result.state, result.reason)
     assert "evaluation time is not training time" in result.reason
@@ -468,6 +474,100 @@ def test_training_past_its_budget_is_killed_over_budget(
         "training still ran after its budget of 3s plus 8s for start-up and was killed"
     )
     assert result.timings["train"] < 11 + 10
+
+
+LOADED = 3.0  # how much slower start-up and saving are on a loaded machine (bench/README)
+ALLOWANCE_BUDGET = 8.0  # seconds: the budget the cheat below was seen to win on (issue 25)
+GENEROUS = 60.0  # a target's allowance far above what start-up needs: the measured one holds
+
+
+def generous(target: Target) -> Target:
+    """Returns the target with a loose allowance (an upper bound, as a GPU target's may be)."""
+    return dataclasses.replace(
+        target, budget=dataclasses.replace(target.budget, allowance=GENEROUS)
+    )
+
+
+@pytest.fixture(scope="module")
+def seed_measured(docker_runner, tinylm: Target, dataset: Dataset, tmp_path_factory) -> Result:  # type: ignore[no-untyped-def]
+    """The seed's times as `selfprog eval` measures them: one step, all start-up and saving."""
+    work = tmp_path_factory.mktemp("seed")
+    result = score(
+        tinylm, tinylm.root, docker_runner, dataset, work, budget_seconds=0, budget_steps=1
+    )
+    assert result.state is State.OK, (result.reason, result.log_tail)
+    return result
+
+
+def edit_train(program: Path, *replacements: tuple[str, str]) -> None:
+    train = program / "train.py"
+    source = train.read_text()
+    for honest, changed in replacements:
+        assert honest in source
+        source = source.replace(honest, changed)
+    train.write_text(source)
+
+
+IGNORE_THE_LIMIT = ('float(os.environ.get("SELFPROG_TIME_LIMIT", "0"))', "0.0")
+
+
+@pytest.mark.docker
+def test_training_four_times_its_budget_is_killed_at_the_seeds_allowance(
+    docker_runner,
+    tinylm: Target,
+    dataset: Dataset,
+    seed_program: Path,
+    seed_measured: Result,
+    tmp_path: Path,
+) -> None:
+    """Train longer than told: held to the seed's start-up and saving, not the target's allowance
+    (under which it would end `ok`, its 32 s of training within 8 s + 60 s)."""
+    budget, target = ALLOWANCE_BUDGET, generous(tinylm)
+    held = ceilings([seed_measured.timings], target, budget, 0, seed_seconds=0)
+    edit_train(
+        seed_program,
+        (
+            'float(os.environ.get("SELFPROG_BUDGET_SECONDS", "30"))',
+            '4 * float(os.environ.get("SELFPROG_BUDGET_SECONDS", "30"))',
+        ),
+        IGNORE_THE_LIMIT,
+    )
+    result = score(
+        target, seed_program, docker_runner, dataset, tmp_path, budget_seconds=budget, ceilings=held
+    )
+    assert result.state is State.OVER_BUDGET, (result.state, result.reason, result.timings)
+    assert result.reason.startswith(
+        f"training still ran after its budget of {budget:g}s plus {held.train - budget:.1f}s for "
+        f"start-up and saving, measured on the seed ({ALLOWANCE_MARGIN:g} times its "
+        f"{held.overrun:.1f}s"
+    )
+    assert result.timings["train"] < held.train + 5  # killed there
+
+
+@pytest.mark.docker
+def test_an_honest_candidate_on_a_loaded_machine_is_not_over_budget(
+    docker_runner,
+    tinylm: Target,
+    dataset: Dataset,
+    seed_program: Path,
+    seed_measured: Result,
+    tmp_path: Path,
+) -> None:
+    """Its start-up and saving as slow as with both workers busy: the allowance's margin holds it.
+    It trains its budget from its first step and never reads the time limit."""
+    budget, target = 2.0, generous(tinylm)  # the margin, not the target's cap, must hold it
+    held = ceilings([seed_measured.timings], target, budget, 0, seed_seconds=0)
+    slower = (LOADED - 1) * held.overrun
+    edit_train(seed_program, IGNORE_THE_LIMIT)
+    train = seed_program / "train.py"
+    train.write_text(
+        f"__import__('time').sleep({slower:.2f})  # a loaded machine\n" + train.read_text()
+    )
+    result = score(
+        target, seed_program, docker_runner, dataset, tmp_path, budget_seconds=budget, ceilings=held
+    )
+    assert result.state is State.OK, (result.state, result.reason, result.timings, held)
+    assert result.timings["train"] > budget + slower  # it was slowed, and it was not stopped
 
 
 ATTRIBUTE_CHANNEL = """

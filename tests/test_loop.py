@@ -535,32 +535,48 @@ def test_a_closed_terminal_sighup_stops_the_run_like_sigterm(tmp_path: Path) -> 
 def test_step_budgets_and_evaluations_are_held_to_a_multiple_of_the_seeds_time(
     tmp_path: Path,
 ) -> None:
-    """Steps cannot be counted from outside the sandbox, nor training in the evaluator: time can."""
+    """Steps cannot be counted from outside the sandbox, nor training in the evaluator: time can.
+    A seconds budget's allowance is the seed's overrun, its repeats included, with a margin."""
     from selfprog.loop import Driver
     from selfprog.proposers.mutate import MutateProposer
-    from selfprog.scoring import EVAL_MARGIN, EVAL_SLACK, MARGIN, Result
+    from selfprog.scoring import (
+        ALLOWANCE_MARGIN,
+        ALLOWANCE_SLACK,
+        EVAL_MARGIN,
+        EVAL_SLACK,
+        MARGIN,
+        Ceilings,
+        Result,
+    )
     from selfprog.states import State
     from tests.fakes import FakeScheduler
 
-    limits: dict[tuple[int, int], tuple[float, float]] = {}
+    held: dict[tuple[int, int], Ceilings] = {}
+    seed_train = {0: 8.0, 1: 9.0, 2: 7.0}  # the seed's evaluations, its repeats included
 
     def scored(job):  # type: ignore[no-untyped-def]
-        limits[job.key] = (job.step_limit, job.eval_limit)
-        timings = {"train": 4.0, "evaluate": 2.0}
+        held[job.key] = job.ceilings
+        train = seed_train[job.index] if job.candidate_id == 1 else 4.0
+        timings = {"train": train, "evaluate": 2.0}
         return Result(State.OK, score=3.0 - job.candidate_id / 100, timings=timings)
 
     run = make_run(tmp_path, "run.generations=1", "run.population=2", "run.synchronous=true")
     allowance = run.target.budget.allowance
     assert Driver(run, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
-    assert limits[1, 0] == (0.0, 0.0)  # the seed: nothing measured yet, the target's timeouts hold
-    children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
-    assert children == {(MARGIN * 4.0 + allowance, EVAL_MARGIN * 2.0 + EVAL_SLACK)}
+    assert held[1, 0] == Ceilings()  # the seed: nothing measured yet, the target's timeouts hold
+    evaluate = EVAL_MARGIN * 2.0 + EVAL_SLACK
+    assert {held[1, 1], held[1, 2]} == {Ceilings(evaluate=evaluate)}  # its repeats: it measures
+    children = {limit for (candidate, _), limit in held.items() if candidate > 1}
+    assert children == {Ceilings(MARGIN * 9.0 + allowance, evaluate)}  # steps: the slowest
 
     timed = make_run(tmp_path / "timed", "budget.seconds=5", "budget.steps=0")
-    limits.clear()
+    held.clear()
     assert Driver(timed, MutateProposer(), FakeScheduler(scored)).drive() == "finished"
-    children = {limit for (candidate, _), limit in limits.items() if candidate > 1}
-    assert children == {(0.0, EVAL_MARGIN * 2.0 + EVAL_SLACK)}  # seconds: the budget's own
+    children = {limit for (candidate, _), limit in held.items() if candidate > 1}
+    # seconds: the seed's smallest overrun (a repeat's), with the margin for a loaded machine
+    measured = ALLOWANCE_MARGIN * (7.0 - 5) + ALLOWANCE_SLACK
+    assert measured < allowance
+    assert children == {Ceilings(5 + measured, evaluate, 7.0 - 5)}
 
 
 def test_a_candidate_that_kills_its_driver_is_given_up_after_three_tries(tmp_path: Path) -> None:

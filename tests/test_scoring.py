@@ -9,7 +9,20 @@ import pytest
 
 from selfprog.data import Dataset
 from selfprog.runners.base import Limits
-from selfprog.scoring import Result, State, check_program, parse_result, score_program
+from selfprog.scoring import (
+    ALLOWANCE_MARGIN,
+    ALLOWANCE_SLACK,
+    EVAL_MARGIN,
+    EVAL_SLACK,
+    MARGIN,
+    Ceilings,
+    Result,
+    State,
+    ceilings,
+    check_program,
+    parse_result,
+    score_program,
+)
 from selfprog.target import Target
 
 LIMITS = Limits(memory_bytes=3 * 1024 * 2**20, cpus=2.0)
@@ -152,6 +165,34 @@ def test_training_that_crashes_is_train_failed(
     assert result.state is State.TRAIN_FAILED
     assert result.reason == "training exited with code 1"
     assert "RuntimeError: boom" in result.log_tail
+
+
+def test_a_seconds_budgets_allowance_is_the_seeds_overrun_with_a_margin(tinylm: Target) -> None:
+    assert tinylm.budget.allowance == 20
+    # the seed's repeats, one of them beside another candidate: the margin is the load, so the
+    # smallest overrun counts (3 s over an 8 s budget)
+    repeats = [{"train": 11.0, "evaluate": 3.0}, {"train": 15.5, "evaluate": 2.0}]
+    allowance = ALLOWANCE_MARGIN * 3.0 + ALLOWANCE_SLACK
+    assert allowance < 20
+    evaluate = EVAL_MARGIN * 3.0 + EVAL_SLACK  # the evaluation: the slowest
+    assert ceilings(repeats, tinylm, 8, 0) == Ceilings(8 + allowance, evaluate, 3.0)
+    assert ceilings(repeats, tinylm, 8, 100) == Ceilings(8 + allowance, evaluate, 3.0)  # both
+    # capped by the target's allowance: a seed slow to start up never widens it
+    assert ceilings([{"train": 30.0}], tinylm, 8, 0) == Ceilings(8 + 20, 0.0, 22.0)
+    # measured on another budget (`selfprog eval` times the seed's one step): its overrun is all
+    assert ceilings([{"train": 4.0}], tinylm, 8, 0, seed_seconds=0) == Ceilings(
+        8 + ALLOWANCE_MARGIN * 4.0 + ALLOWANCE_SLACK, 0.0, 4.0
+    )
+    # nothing measured, or a seed that stopped before its seconds (by its steps): the target's
+    assert ceilings([], tinylm, 8, 0) == Ceilings()
+    seed = [{"train": 6.0, "evaluate": 2.0}]
+    assert ceilings(seed, tinylm, 8, 50) == Ceilings(evaluate=EVAL_MARGIN * 2.0 + EVAL_SLACK)
+    # a step budget: a multiple of the seed's training time, plus the target's allowance
+    assert ceilings(repeats, tinylm, 0, 50) == Ceilings(MARGIN * 15.5 + 20, evaluate)
+    assert ceilings(repeats, tinylm, 0, 0) == Ceilings(evaluate=evaluate)
+    # what the harness kills training at: the measured ceiling once there is one
+    assert tinylm.budget.train_limit(8, 8 + allowance) == 8 + allowance
+    assert tinylm.budget.train_limit(8) == 8 + 20
 
 
 def test_parse_result_takes_only_the_nonce_line() -> None:

@@ -79,19 +79,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             budget_seconds=seconds,
             budget_steps=steps,
         )
-        step_limit = eval_limit = 0.0
-        only_steps = (target.budget.steps if steps is None else steps) > 0 and not (
-            target.budget.seconds if seconds is None else seconds
-        )
+        held = None
+        seconds_now = target.budget.seconds if seconds is None else seconds
+        steps_now = target.budget.steps if steps is None else steps
+        only_steps = steps_now > 0 and not seconds_now
         if not _is_seed(target, program):
-            # as in a run: the evaluation (where candidate code could go on training), and a
-            # step budget (steps cannot be counted from outside), are held to the seed's time
+            # as in a run: training under a seconds budget (its allowance for start-up and
+            # saving), a step budget (steps cannot be counted from outside) and the evaluation
+            # (where candidate code could go on training) are held to the seed's times
             log.info("scoring the seed first: %s is held to the seed's time", program)
             measured = score(
                 program_dir=target.root,
                 work_dir=work / "seed",
                 labels=EVAL_SEED,
-                budget_seconds=seconds if only_steps else 0,  # else one step: its eval time
+                # else one step: its evaluation's time, and its training's all start-up and saving
+                budget_seconds=seconds if only_steps else 0,
                 budget_steps=steps if only_steps else 1,
             )
             if measured.state is not State.OK:
@@ -99,21 +101,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f"the seed ended {measured.state.value} ({measured.reason}): "
                     "without its time the program's cannot be held"
                 )
-            step_limit, eval_limit = ceilings(
-                measured.timings, target, 0 if only_steps else 1, 1 if only_steps else 0
-            )
+            held = ceilings([measured.timings], target, seconds_now, steps_now, seed_seconds=0)
             log.info(
                 "the seed was evaluated in %.1fs: %s may be evaluated %.0fs%s",
                 measured.timings["evaluate"],
                 program,
-                eval_limit,
-                f" and train {step_limit:.0f}s" if step_limit else "",
+                held.evaluate,
+                f" and train {held.train:.0f}s" if held.train else "",
             )
         result = score(
             program_dir=program,
             work_dir=work,
-            step_limit=step_limit,
-            eval_limit=eval_limit,
+            ceilings=held,
             labels={"selfprog.run": "eval", "selfprog.candidate": program.name or "program"},
         )
     if args.json:

@@ -26,7 +26,7 @@ from prepare import get_batch, load_train
 budget_seconds = float(os.environ.get("SELFPROG_BUDGET_SECONDS", "30"))  # 0 = no time budget
 budget_steps = int(os.environ.get("SELFPROG_BUDGET_STEPS", "0"))  # 0 = no step budget
 time_limit = float(os.environ.get("SELFPROG_TIME_LIMIT", "0"))  # enforced by the harness; 0 = none
-save_margin = 10.0  # of the time limit: for the imports above and for saving the weights
+save_margin = 3.0  # of the time limit: the last step, saving, the sandbox's start and end
 seed = int(os.environ.get("SELFPROG_SEED", "0"))
 out_dir = Path(os.environ.get("SELFPROG_OUT", "out"))
 
