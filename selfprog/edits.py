@@ -17,13 +17,13 @@ then ignoring trailing whitespace, then ignoring indentation.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from selfprog.errors import SelfprogError
+from selfprog.records import parse_python
 
 SEARCH, DIVIDER, REPLACE = "<<<<<<< SEARCH", "=======", ">>>>>>> REPLACE"
 _FENCE = re.compile(r"^\s*(```+|~~~+)\s*(.*)$")
@@ -192,7 +192,7 @@ def apply_edits(
     for path in {e.path for e in edits}:
         if path.endswith(".py"):
             try:
-                ast.parse(result[path], filename=path)
+                parse_python(result[path], filename=path)
             except SyntaxError as exc:
                 raise EditError(
                     f"{path} does not parse after the edits: {exc.msg} (line {exc.lineno})"

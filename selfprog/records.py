@@ -11,10 +11,25 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+_PARSING = threading.Lock()
+
+
+def parse_python(source: str | bytes, filename: str = "<unknown>", **options: Any) -> ast.Module:
+    """Returns ast.parse(source), one thread at a time.
+
+    CPython 3.11 keeps the syntax tree builder's recursion count per
+    interpreter, not per thread: two threads parsing at once can fail with
+    "SystemError: AST constructor recursion depth mismatch" (gh-106905), and
+    selfprog parses on the driver's, the proposer's and the scoring threads.
+    """
+    with _PARSING:
+        return ast.parse(source, filename=filename, **options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +92,7 @@ def file_key(path: str, text: str) -> str:
     """
     if path.endswith(".py") and not _CODING.search("\n".join(text.split("\n", 2)[:2])):
         try:
-            tree = ast.parse(text, type_comments=True)
+            tree = parse_python(text, type_comments=True)
             if _depth(tree) <= MAX_DEPTH:  # dumping recurses: deeper would depend on the stack
                 return content_hash(ast.dump(tree).encode())
         except (SyntaxError, ValueError, RecursionError, MemoryError):

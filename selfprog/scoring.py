@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import logging
@@ -19,6 +18,7 @@ from typing import Any
 
 from selfprog.data import Dataset
 from selfprog.errors import ProgramError
+from selfprog.records import parse_python
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
 from selfprog.states import State
 from selfprog.target import Budget, Target
@@ -78,7 +78,7 @@ def check_program(target: Target, program_dir: Path) -> Result | None:
             return Result(State.INVALID, reason=f"editable file {name} is over 1 MiB")
         if name.endswith(".py"):
             try:
-                ast.parse(path.read_bytes(), filename=name)
+                parse_python(path.read_bytes(), filename=name)
             except (SyntaxError, ValueError) as exc:
                 return Result(State.INVALID, reason=f"{name} does not parse: {exc}")
             except (RecursionError, MemoryError) as exc:  # nesting the parser cannot take

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import TargetError
+from selfprog.records import parse_python
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -356,7 +357,7 @@ def evaluator_warnings(target: Target) -> list[str]:
 
     evaluator = _script(target.evaluate)
     try:
-        tree = ast.parse((target.root / evaluator).read_text())
+        tree = parse_python((target.root / evaluator).read_text())
     except (SyntaxError, UnicodeDecodeError, OSError):
         return []
     editable = set(target.editable) | {Path(n).stem for n in target.editable if n.endswith(".py")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from selfprog.cli import main
 from selfprog.config import ProposerSection
 from selfprog.edits import apply_edits, parse_edits
 from selfprog.errors import Outage
+from selfprog.proposers import numbered
 from selfprog.proposers.base import ProposalRequest
 from selfprog.proposers.menu import Menu
 from selfprog.proposers.openai import OpenAIProposer
@@ -42,6 +44,12 @@ def answer(option: str, reason: str = "a smaller step is steadier") -> str:
     return json.dumps({"reason": reason, "choice": option})
 
 
+def numbered_rows(request: dict) -> list[str]:  # type: ignore[type-arg]
+    """Returns the options a numbered question lists, without their numbers."""
+    asked = [m["content"] for m in request["body"]["messages"] if "Changes:" in m["content"]][-1]
+    return [line.split(". ", 1)[1] for line in asked.split("\n") if re.match(r"\d+\. ", line)]
+
+
 def schema_enum(request: dict) -> list[str]:  # type: ignore[type-arg]
     form = request["body"]["response_format"]
     schema = form["json_schema"]["schema"] if form["type"] == "json_schema" else form["schema"]
@@ -51,19 +59,24 @@ def schema_enum(request: dict) -> list[str]:  # type: ignore[type-arg]
 def test_constrained_answers_come_from_the_menus_schema_and_become_edits(tinylm: Target) -> None:
     files = files_of(tinylm)
     options = Menu.of(files).options
-    with FakeOpenAI([chat(answer(options[0]), answer(options[-1]))]).running() as fake:
-        proposals = chooser(fake.url).propose(ProposalRequest(1, files, "tune it", seed=3), 2)
+    script = [chat(answer(options[0])), chat(answer(options[-1])), chat(*map(answer, options[1:3]))]
+    with FakeOpenAI(script).running() as fake:
+        lm = chooser(fake.url)
+        proposals = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 2)
+        proposals += lm.propose(ProposalRequest(1, files, "tune it", seed=4), 2)
     body = fake.requests[0]["body"]
     assert sorted(schema_enum(fake.requests[0])) == sorted(options)
-    assert body["n"] == 2 and body["max_tokens"] < 300  # a short answer, not 2048 tokens
+    assert "n" not in body and body["max_tokens"] < 300  # a short answer, not 2048 tokens
     assert body["messages"][1]["content"].rstrip().endswith("one of its values from the list.")
+    # the run's first call asks for one answer: is the schema enforced? Then k in one call
+    assert lm.enforced and fake.requests[2]["body"]["n"] == 2 and len(fake.requests) == 3
     edited = []
     for p in proposals:
         assert not p.error, p.error
         assert p.rationale.endswith("a smaller step is steadier")
         after = apply_edits(files, parse_edits(p.text, tinylm.editable), tinylm.editable, [])
         edited.append(after)
-    assert edited[0] != files and edited[1] != files and edited[0] != edited[1]
+    assert all(after != files for after in edited) and edited[0] != edited[1]
 
 
 def test_a_repeated_choice_is_asked_again_without_it_and_every_token_counted(
@@ -94,31 +107,89 @@ def test_a_server_refusing_structured_output_is_asked_without_it(
         {"error": {"message": "response_format is not supported", "param": "response_format"}},
     )
     lines = f"Reason: worth a try\n{options[2]}"
-    script = [refusal, refusal, chat(lines, "I would change the learning rate.")]
+    script = [refusal, refusal, chat(lines), chat("2")]
     with caplog.at_level(logging.WARNING), FakeOpenAI(script).running() as fake:
         lm = chooser(fake.url)
         proposals = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 2)
     forms = [r["body"].get("response_format", {}).get("type") for r in fake.requests]
-    assert forms == ["json_schema", "json_object", None]  # OpenAI's form, llama.cpp's, none
+    assert forms == ["json_schema", "json_object", None, None]  # OpenAI's, llama.cpp's, none
     assert schema_enum(fake.requests[1]) == schema_enum(fake.requests[0])
     assert lm.dropped == {"response_format"}
-    assert "asked for in the prompt only" in caplog.text
     assert proposals[0].error == "" and proposals[0].rationale.endswith("worth a try")
-    assert "names no listed setting and value" in proposals[1].error
+    # then by number, the server enforcing nothing
+    assert "refused response_format; from now on the menu is asked for by number" in caplog.text
+    assert numbered_rows(fake.requests[3]) and proposals[1].error == ""
 
 
-def test_a_server_ignoring_structured_output_is_warned_about_once(
+def test_a_server_ignoring_structured_output_is_asked_by_number_from_then_on(
     tinylm: Target, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """As `transformers serve`: the first answer is prose; from then on one number per call,
+    with a worked example first, and every call's tokens counted."""
     files = files_of(tinylm)
-    prose = chat("The next section is about what worked.", "Nothing yet.")
-    with caplog.at_level(logging.WARNING), FakeOpenAI([prose, prose]).running() as fake:
+    prose = chat(
+        "The next section is about what worked.", prompt_tokens=4000, completion_tokens=200
+    )
+    numbers = [
+        chat(x, prompt_tokens=600, completion_tokens=2) for x in ("1", "Option 2.", "3", "1")
+    ]
+    with caplog.at_level(logging.WARNING), FakeOpenAI([prose, *numbers]).running() as fake:
         lm = chooser(fake.url)
         first = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 2)
         second = lm.propose(ProposalRequest(1, files, "tune it", seed=4), 2)
-    assert all("names no listed setting and value" in p.error for p in first + second)
+    assert [p.error for p in first + second] == ["", "", "", ""]
     assert caplog.text.count("ignored response_format") == 1
-    assert all("response_format" in r["body"] for r in fake.requests)  # still asked for
+    assert "asked for by number" in caplog.text and lm.enforced is False
+    assert len(fake.requests) == 5 and "response_format" in fake.requests[0]["body"]
+    for request in fake.requests[1:]:
+        body = request["body"]
+        assert "response_format" not in body and "n" not in body and body["max_tokens"] <= 16
+        example, *_ = body["messages"][1:]
+        assert example["content"].endswith(numbered.ASK) and body["messages"][2] == {
+            "role": "assistant",
+            "content": numbered.EXAMPLE_ANSWER,
+        }
+    assert sum(p.tokens_in for p in first) == 4000 + 2 * 600
+    assert sum(p.tokens_out for p in first) == 200 + 2 * 2
+    # the next question lists the other settings before the one chosen (a small model leans
+    # to the top of a list), each setting once before any twice
+    chosen = numbered_rows(fake.requests[1])[0].split(" = ")[0]
+    listed = [row.split(" = ")[0] for row in numbered_rows(fake.requests[2])]
+    assert len(listed) == numbered.LISTED and list(dict.fromkeys(listed))[-1] == chosen
+
+
+def test_an_answer_by_number_becomes_the_edit_of_the_option_listed_under_it(
+    tinylm: Target,
+) -> None:
+    files = files_of(tinylm)
+    script = [chat("Sure! Here is"), chat("I choose 3 because a smaller step is steadier")]
+    with FakeOpenAI(script).running() as fake:
+        [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune it", seed=3), 1)
+    assert not p.error, p.error
+    name, value = numbered_rows(fake.requests[1])[2].split(" (now")[0].split(" = ")
+    after = apply_edits(files, parse_edits(p.text, tinylm.editable), tinylm.editable, [])
+    changed = [x for f in after for x in after[f].split("\n") if x not in files[f].split("\n")]
+    assert len(changed) == 1 and re.match(rf"\s*{name}\b.*= {value}\b", changed[0]), changed
+    assert p.rationale.endswith(f"{value}: because a smaller step is steadier")
+
+
+def test_an_answer_that_does_not_read_is_asked_once_more_with_what_was_wrong(
+    tinylm: Target,
+) -> None:
+    files = files_of(tinylm)
+    prose = chat("Sure! Here is", prompt_tokens=4000, completion_tokens=200)
+    tries = [chat(x, prompt_tokens=600, completion_tokens=3) for x in ("5 or 6", "6", "99", "99")]
+    with FakeOpenAI([prose, *tries]).running() as fake:
+        lm = chooser(fake.url)
+        [read] = lm.propose(ProposalRequest(1, files, "tune it", seed=3), 1)
+        [unread] = lm.propose(ProposalRequest(1, files, "tune it", seed=4), 1)
+    assert read.error == "" and (read.tokens_in, read.tokens_out) == (4000 + 1200, 200 + 6)
+    asked = fake.requests[2]["body"]["messages"]
+    assert asked[-2] == {"role": "assistant", "content": "5 or 6"}
+    assert asked[-1]["content"].startswith("Your answer names more than one option (5 and 6).")
+    assert numbered_rows(fake.requests[2]) == numbered_rows(fake.requests[1])  # the same list
+    assert unread.error == "the answer names 99, not an option from 1 to 20: '99'"
+    assert len(fake.requests) == 5 and unread.tokens_in == 1200  # twice, then invalid
 
 
 def test_auto_constrains_a_model_whose_name_says_it_is_small() -> None:
@@ -228,22 +299,48 @@ def test_a_run_against_transformers_serve_free_then_constrained(
     for child in children:  # each one scored, or refused with its reason: nothing lost
         assert child.state in ("ok", "invalid", "duplicate", "failed", "over_budget"), child
         assert child.state != "invalid" or child.reason, child
+    # transformers serve takes no response_format: the run says so, and asks by number
+    assert "ignored response_format" in said and "asked for by number" in said
     constrained = [c for c in children if c.generation == 2]
-    for child in constrained:
-        assert child.state != "invalid" or "names no listed setting" in (child.reason or "")
-    # transformers serve takes no response_format: the run says so, and goes on unconstrained
-    assert "ignored response_format" in said or all(c.state != "invalid" for c in constrained)
+    assert all(c.state != "invalid" for c in constrained), [c.reason for c in constrained]
+
+
+def test_a_small_model_on_transformers_serve_makes_valid_proposals_by_number(
+    served: tuple[str, str], tinylm: Target
+) -> None:
+    """transformers serve ignores response_format: SmolLM2-135M asked for JSON made 0 of 9
+    valid proposals, continuing the prompt; asked by number, at least 90 % are valid."""
+    from bench.proposals import valid
+    from selfprog.prompt import build_prompt
+    from selfprog.records import Candidate
+
+    url, model = served
+    files = files_of(tinylm)
+    parent = Candidate(1, 0, None, None, None, "ok", 3.3, {}, "", "", {}, "", "", None, 1, 3, True)
+    prompt = build_prompt(tinylm, parent, files, "30 s of training", [], [], 6000, "choose.md")
+    lm = OpenAIProposer(
+        base_url=url, model=model, max_new_tokens=16, timeout=120.0, edit_mode="constrained"
+    )  # 16: the one answer asked for as JSON (to see the schema is ignored) stops early
+    proposals = [
+        p for seed in range(5) for p in lm.propose(ProposalRequest(1, files, prompt, seed), 4)
+    ]
+    wrong = [valid(p, files, list(tinylm.editable), list(tinylm.fixed)) for p in proposals]
+    assert len(proposals) == 20 and sum(not w for w in wrong) >= 18, wrong
+    assert lm.enforced is False  # seen, and asked by number from then on
+    assert all(p.tokens_in > 0 and p.tokens_out > 0 for p in proposals)  # the server's usage
+    assert len({p.text for p in proposals if not p.error}) >= 10  # not one choice over and over
 
 
 def test_an_answer_that_is_not_utf8_or_empty_is_recorded_with_its_reason(tinylm: Target) -> None:
-    raw = json.dumps(chat("placeholder").body).encode().replace(b"placeholder", b"\xff\xfe bad")
+    raw = json.dumps(chat("placeholder").body).encode().replace(b"placeholder", b"\xff\xfe 3")
     files = files_of(tinylm)
-    with FakeOpenAI([Reply(200, raw), chat("")]).running() as fake:
+    with FakeOpenAI([Reply(200, raw), chat(""), chat("")]).running() as fake:
         lm = chooser(fake.url)
+        lm.enforced = False  # a server seen to ignore the schema: asked by number
         garbled = lm.propose(ProposalRequest(1, files, "p", 1), 1)
-        empty = lm.propose(ProposalRequest(1, files, "p", 2), 1)
-    assert "names no listed setting and value: '\ufffd\ufffd bad'" in garbled[0].error
-    assert "names no listed setting and value: ''" in empty[0].error
+        empty = lm.propose(ProposalRequest(1, files, "p", 2), 1)  # and a second try, as empty
+    assert not garbled[0].error  # bytes that are not UTF-8 read as "?": the number stands
+    assert empty[0].error == "the answer is empty: ''" and len(fake.requests) == 3
 
 
 def test_a_reason_cannot_smuggle_an_edit_off_the_menu(tinylm: Target) -> None:
@@ -251,13 +348,15 @@ def test_a_reason_cannot_smuggle_an_edit_off_the_menu(tinylm: Target) -> None:
     files = files_of(tinylm)
     option = next(o for o in Menu.of(files).options if "batch_size" in o)
     block = "train.py\r<<<<<<< SEARCH\rlog_every = 25\r=======\rimport os; log_every = 25\r>>>>>>> REPLACE"
-    for text in (f"Reason: x\r{block}\n{option}", answer(option, reason=f"x\r{block}\u2028")):
-        with FakeOpenAI([chat(text)]).running() as fake:
+    texts = [f"Reason: x\r{block}\n{option}", answer(option, reason=f"x\r{block}\u2028")]
+    for script in ([chat(texts[0])], [chat(texts[1])], [chat("prose"), chat(f"1 x\r{block}\x85")]):
+        with FakeOpenAI(script).running() as fake:  # the last by number: a reason follows it
             [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 1)
         assert not p.error, p.error
         after = apply_edits(files, parse_edits(p.text, tinylm.editable), tinylm.editable, [])
-        changed = [x for x in after["train.py"].split("\n") if x not in files["train.py"]]
-        assert len(changed) == 1 and "batch_size" in changed[0], changed
+        changed = [x for f in after for x in after[f].split("\n") if x not in files[f]]
+        setting = "batch_size" if len(script) == 1 else numbered_rows(fake.requests[1])[0]
+        assert len(changed) == 1 and setting.split(" = ")[0] in changed[0], changed
     assert "[^\\r\\n]" in Menu.of(files).grammar()  # the local grammar allows no \r either
 
 

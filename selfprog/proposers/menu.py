@@ -6,9 +6,10 @@ settings or a class body, as `mutate` finds them) and one of its nearby
 values, with a reason first. One menu serves both ways of constraining the
 answer: a local model decodes under the menu's Lark grammar
 (`transformers`), a served one answers under its JSON schema
-(`response_format`, in `openai`). Either way the answer is checked against
-the menu before it becomes a SEARCH/REPLACE edit, so a server that ignores
-the schema costs an invalid proposal, never a wrong edit.
+(`response_format`, in `openai`), or by an option's number where the server
+does not enforce the schema (selfprog.proposers.numbered). Every way the
+answer is checked against the menu before it becomes a SEARCH/REPLACE edit,
+so an answer off the menu costs an invalid proposal, never a wrong edit.
 """
 
 from __future__ import annotations
@@ -97,13 +98,31 @@ class Menu:
 
     def without(self, answer: str) -> Menu:
         """Returns the menu less the choice an answer made (the same menu when it was the last)."""
-        chosen = self.choice(answer)
-        settings = []
+        return self.less(self.choice(answer))
+
+    def less(self, chosen: tuple[Literal, int | float] | None, last: bool = False) -> Menu:
+        """Returns the menu less one option (the same menu when it was the last); with last,
+        the chosen setting's other values go to the end, after every other setting."""
+        settings: list[tuple[Literal, list[int | float], str]] = []
+        chosen_setting: list[tuple[Literal, list[int | float], str]] = []
         for lit, values, line in self.settings:
             left = [v for v in values if chosen != (lit, v)]
             if left:
-                settings.append((lit, left, line))
+                mine = last and chosen is not None and chosen[0] == lit
+                (chosen_setting if mine else settings).append((lit, left, line))
+        settings += chosen_setting
         return Menu(settings) if settings else self  # all taken: repeats are better than none
+
+    def listed(self, limit: int) -> list[tuple[Literal, int | float]]:
+        """Returns up to limit options in menu order, each setting once before any twice."""
+        rounds = max((len(values) for _, values, _ in self.settings), default=0)
+        spread = [
+            (lit, values[i])
+            for i in range(rounds)
+            for lit, values, _ in self.settings
+            if i < len(values)
+        ]
+        return spread[:limit]
 
     @staticmethod
     def _key(lit: Literal) -> str:
@@ -166,10 +185,18 @@ class Menu:
             return dataclasses.replace(
                 answer, error=f"the answer names no listed setting and value: {named!r}"
             )
-        edit = change(files, [chosen])
         reason, _ = _parts(answer.text)
-        why = f"{edit.rationale}: {reason}" if reason else edit.rationale
-        return dataclasses.replace(answer, text=f"{why}\n\n{edit.text}", rationale=rationale(why))
+        return edit(files, chosen, answer, reason)
+
+
+def edit(
+    files: Mapping[str, str], chosen: tuple[Literal, int | float], answer: Proposal, reason: str
+) -> Proposal:
+    """Returns an answer as the SEARCH/REPLACE edit of its chosen option, the reason one line."""
+    made = change(files, [chosen])
+    reason = one_line(reason)  # never an edit block of its own
+    why = f"{made.rationale}: {reason}" if reason else made.rationale
+    return dataclasses.replace(answer, text=f"{why}\n\n{made.text}", rationale=rationale(why))
 
 
 def _parts(answer: str) -> tuple[str, list[str]]:
@@ -187,13 +214,13 @@ def _parts(answer: str) -> tuple[str, list[str]]:
         parsed = None
     if isinstance(parsed, dict):
         reason, choice = parsed.get("reason"), parsed.get("choice")
-        return _one_line(reason), [choice] if isinstance(choice, str) else []
+        return one_line(reason), [choice] if isinstance(choice, str) else []
     lines = answer.strip().split("\n")
     reason = next((x.strip()[7:] for x in lines if x.strip().startswith("Reason:")), "")
-    return _one_line(reason), lines
+    return one_line(reason), lines
 
 
-def _one_line(reason: Any) -> str:
+def one_line(reason: Any) -> str:
     """Returns a reason as one short line of valid UTF-8: no line break of any kind can start
     an edit block, and a lone surrogate (JSON's `\\ud800`) cannot stop the archive storing it."""
     if not isinstance(reason, str):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from selfprog.edits import DIVIDER, REPLACE, SEARCH
 from selfprog.proposers.base import Proposal, ProposalRequest
+from selfprog.records import parse_python
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ def _settings(module: list[ast.stmt]) -> list[ast.stmt]:
 def tunable_literals(path: str, source: str) -> list[Literal]:
     """Returns the numbers assigned to one name in a module's settings or a class body."""
     found: list[Literal] = []
-    tree = ast.parse(source)
+    tree = parse_python(source)
     lines = source.split("\n")
 
     def column(line: int, byte_offset: int) -> int:  # ast counts UTF-8 bytes, slicing characters

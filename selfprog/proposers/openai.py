@@ -32,10 +32,21 @@ value from the parent's menu (selfprog.proposers.menu), and the request
 carries the menu's JSON schema as `response_format`, which vLLM, llama.cpp's
 server, SGLang and hosted APIs enforce: OpenAI's `json_schema` form first,
 then (refused) the `json_object` form with a `schema` that llama.cpp's and
-llama-cpp-python's servers take, then none, each for the rest of the run. One
-that ignores it (`transformers serve`) is warned about once. Either way every answer is checked against the menu.
+llama-cpp-python's servers take, then none, each for the rest of the run.
 Answers of one call that choose the same edit are asked again, with the
-menu less what was chosen, up to `ROUNDS` times.
+menu less what was chosen, up to `ROUNDS` times. The run's first call asks
+for one answer, to see whether the server enforces the schema.
+
+A server that does not (it refused every form, or it ignores them and an
+answer is not JSON: `transformers serve`) lets a small model answer as it
+likes, and SmolLM2-135M continues the prompt instead. From then on, with one
+warning, the proposer asks as such a model can answer
+(selfprog.proposers.numbered): a short numbered list of the menu's options
+after a worked example, answered by one number, read leniently but strictly,
+and asked once more with what was wrong before it is recorded invalid.
+Through `transformers serve` that took SmolLM2 from 0 to 20 of 20 valid
+proposals. Either way every answer is checked against the menu, and every
+call's tokens are counted.
 """
 
 from __future__ import annotations
@@ -64,6 +75,7 @@ from selfprog.edits import rationale
 from selfprog.errors import ConfigError, Outage
 from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.proposers.menu import CHOOSE_SYSTEM, NO_SETTINGS, Menu
+from selfprog.proposers.numbered import TRIES, Question
 from selfprog.proposers.reply import Completion, GarbledReply, read_completion
 
 log = logging.getLogger(__name__)
@@ -245,7 +257,7 @@ class OpenAIProposer:
     name: str = "openai"
     dropped: set[str] = field(default_factory=set)  # the optional parameters this server refused
     client: openai.OpenAI | None = field(default=None, repr=False)  # made at the first call
-    unenforced: bool = False  # the server ignored a response_format once (warned)
+    enforced: bool | None = None  # does the server enforce the schema? (None: not seen yet)
     schema_form: str = "json_schema"  # the response_format form this server takes, or "json_object"
     refusals: int = 0  # calls refused in a row
 
@@ -342,15 +354,13 @@ class OpenAIProposer:
             raise TransientHTTPError(0, f"{type(exc).__name__}: {exc}", None) from None
         return read_completion(raw, content_type)
 
-    def _body(self, prompt: str, n: int, menu: Menu | None) -> dict[str, Any]:
-        system = SYSTEM if menu is None else CHOOSE_SYSTEM
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": prompt},
-            ],
-        }
+    def _body(self, prompt: str | Question, n: int, menu: Menu | None) -> dict[str, Any]:
+        if isinstance(prompt, Question):  # by number: messages of its own
+            messages = [{"role": "system", "content": CHOOSE_SYSTEM}, *prompt.messages]
+        else:
+            system = SYSTEM if menu is None else CHOOSE_SYSTEM
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
         if menu is not None and "response_format" not in self.dropped:
             schema = menu.json_schema()
             body["response_format"] = (
@@ -366,6 +376,8 @@ class OpenAIProposer:
         limit = self.max_new_tokens
         if menu is not None:  # an answer is short: a reason and a choice in JSON
             limit = min(limit or menu.max_tokens + 16, menu.max_tokens + 16)
+        if isinstance(prompt, Question):
+            limit = min(limit or prompt.max_tokens, prompt.max_tokens)
         if limit:
             for key in ("max_tokens", "max_completion_tokens"):  # the second for reasoning models
                 if key not in self.dropped:
@@ -382,7 +394,7 @@ class OpenAIProposer:
         )
         log.warning("openai: %s; retrying (attempt %d of %d)", exc, state.attempt_number + 1, tries)
 
-    def _call(self, prompt: str, n: int, menu: Menu | None = None) -> Completion:
+    def _call(self, prompt: str | Question, n: int, menu: Menu | None = None) -> Completion:
         """Returns the server's reply, dropping what it refuses and retrying what is passing.
 
         Raises:
@@ -415,11 +427,6 @@ class OpenAIProposer:
                     continue
                 self.dropped.add(refused)
                 log.warning("openai: the server refused `%s`; not sent from now on", refused)
-                if refused == "response_format":
-                    log.warning(
-                        "openai: constrained answers are asked for in the prompt only, "
-                        "and checked against the menu"
-                    )
             except GarbledReply as exc:  # an answer, if a useless one: recorded, the run goes on
                 tries = retrying.statistics.get("attempt_number", 1)
                 asked = "once" if tries == 1 else f"{tries} times"
@@ -445,11 +452,20 @@ class OpenAIProposer:
         left, spent_in, spent_out = menu, 0, 0  # the tokens of answers asked again
         again = ROUNDS - 1  # calls that may ask again for answers that repeated a choice
         while len(proposals) < k:  # each call answers at least one: an error fills them all
-            want = 1 if "n" in self.dropped else k - len(proposals)  # one each: a smaller menu
+            if self.enforced is False:  # the rest by number
+                proposals += self._by_number(request, left, k - len(proposals))
+                break
+            # one each: a smaller menu; one first: k long answers are wasted where it is ignored
+            one = "n" in self.dropped or self.enforced is None
+            want = 1 if one else k - len(proposals)
             answers = self._answers(f"{request.prompt}\n{left.describe(as_json=True)}", want, left)
             self._check_enforced(answers)
             repeated = False
             for answer in answers:
+                unread = not answer.error and menu.choice(answer.text) is None
+                if unread and self.enforced is False:
+                    spent_in, spent_out = spent_in + answer.tokens_in, spent_out + answer.tokens_out
+                    continue  # asked again, by number
                 repeat = not answer.error and left.choice(answer.text) is None
                 if repeat and menu.choice(answer.text) and again > 0:
                     spent_in, spent_out = spent_in + answer.tokens_in, spent_out + answer.tokens_out
@@ -466,21 +482,48 @@ class OpenAIProposer:
         )
         return proposals
 
-    def _check_enforced(self, answers: list[Proposal]) -> None:
-        """Warns once when the server answered a response_format with something not JSON."""
-        if self.unenforced or "response_format" in self.dropped:
-            return
-        for answer in answers:  # even one cut at the token limit starts as an object would
-            if not answer.error and not answer.text.lstrip().startswith("{"):
-                self.unenforced = True
-                log.warning(
-                    "openai: %s ignored response_format (an answer is not JSON); constrained "
-                    "answers are not enforced by this server, only checked against the menu",
-                    self.base_url,
-                )
-                return
+    def _by_number(self, request: ProposalRequest, menu: Menu, k: int) -> list[Proposal]:
+        """Returns k proposals, each the option of a numbered list the model answered by number.
 
-    def _answers(self, prompt: str, k: int, menu: Menu | None) -> list[Proposal]:
+        One call each, and one more where the answer does not read, showing what was wrong.
+        """
+        proposals: list[Proposal] = []
+        for _ in range(k):
+            question = Question.of(menu, request.prompt)
+            answers: list[Proposal] = []
+            while len(answers) < TRIES:
+                answers += self._answers(question, 1, None)
+                wrong = question.wrong(answers[-1])
+                if not wrong:
+                    break
+                question = question.again(answers[-1].text, wrong)
+            proposals.append(question.proposal(request.files, answers))
+            if not proposals[-1].error:  # the next question lists the other settings first
+                menu = menu.less(question.option(answers[-1].text), last=True)
+        return proposals
+
+    def _check_enforced(self, answers: list[Proposal]) -> None:
+        """Notes whether the server enforces the schema; where not, asks by number from now on."""
+        if self.enforced is not None:
+            return
+        read = [answer for answer in answers if not answer.error]
+        if "response_format" in self.dropped:
+            why = "refused response_format"
+        elif any(not a.text.lstrip().startswith("{") for a in read):  # even one cut short would
+            why = "ignored response_format (an answer is not JSON)"
+        else:
+            if read:
+                self.enforced = True
+            return
+        self.enforced = False
+        log.warning(
+            "openai: %s %s; from now on the menu is asked for by number (a numbered list, "
+            "answered with one number) and checked against the menu",
+            self.base_url,
+            why,
+        )
+
+    def _answers(self, prompt: str | Question, k: int, menu: Menu | None) -> list[Proposal]:
         """Returns k answers to a prompt (under a menu's schema), as few calls as the server allows."""
         proposals: list[Proposal] = []
         while len(proposals) < k:  # servers that ignore n answer one choice per call
