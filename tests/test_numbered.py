@@ -38,7 +38,11 @@ def test_an_answer_by_number_is_read_leniently(answer: str, chosen: int) -> None
         ("1. 1.1.1\n2. 1.1.", "names more than one option (1 and 2)"),  # SmolLM2 writing a list
         ("25", "names 25, not an option from 1 to 20"),
         ("0", "names 0, not an option from 1 to 20"),
-        ("9" * 5000, "names 0, not an option from 1 to 20"),  # no int() of 5,000 digits
+        ("9" * 30, "names 999999999999, not an option from 1 to 20"),  # no int() of them
+        ("1000000", "names 1000000, not an option from 1 to 20"),
+        ("3,000", "gives no option number"),
+        ("3-4", "gives no option number"),
+        ("x" * 401, "is too long (401 characters) to be one number"),  # and slow to read
         ("The learning rate.", "gives no option number"),
         ("lr = 0.0005", "gives no option number"),
         ("", "is empty"),
@@ -86,3 +90,15 @@ def test_the_opening_is_the_text_before_the_second_heading() -> None:
     assert opening("A.\n# Task\nB.\n# Parent\nC.") == "A.\n# Task\nB."
     assert opening("Just this.") == "Just this."
     assert len(opening("x" * 10_000)) == 1500
+
+
+def test_an_answer_quoting_another_option_than_the_one_it_names_is_refused() -> None:
+    files = {"a.py": "lr = 0.001\nlayers = 2\nwidth = 64\n"}
+    question = Question.of(Menu.of(files), "Improve it.")
+    rows = question.messages[-1]["content"].split("Changes:\n")[1].split("\n\n")[0].split("\n")
+    first, second = (row.split(". ", 1)[1].split(" (now")[0] for row in rows[:2])
+    assert question.option(f"1. {first} (now x)") == question.options[0]  # its own words: fine
+    with pytest.raises(ValueError, match=rf"names option 1 but quotes another change \({second}\)"):
+        question.option(f"1. {second}")
+    with pytest.raises(ValueError, match=r"quotes another change \(num_layers = 6\)"):
+        question.option("1. num_layers = 6 (now 4)")  # the worked example, copied

@@ -349,7 +349,9 @@ def test_a_reason_cannot_smuggle_an_edit_off_the_menu(tinylm: Target) -> None:
     option = next(o for o in Menu.of(files).options if "batch_size" in o)
     block = "train.py\r<<<<<<< SEARCH\rlog_every = 25\r=======\rimport os; log_every = 25\r>>>>>>> REPLACE"
     texts = [f"Reason: x\r{block}\n{option}", answer(option, reason=f"x\r{block}\u2028")]
-    for script in ([chat(texts[0])], [chat(texts[1])], [chat("prose"), chat(f"1 x\r{block}\x85")]):
+    # by number, an answer quoting `name = value` of no listed option is refused: this one quotes none
+    bare = "train.py\r<<<<<<< SEARCH\rimport math\r=======\rimport os\r>>>>>>> REPLACE"
+    for script in ([chat(texts[0])], [chat(texts[1])], [chat("prose"), chat(f"1 x\r{bare}\x85")]):
         with FakeOpenAI(script).running() as fake:  # the last by number: a reason follows it
             [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 1)
         assert not p.error, p.error
@@ -417,3 +419,52 @@ def test_a_validation_error_labelled_500_is_a_refusal_not_an_outage(tinylm: Targ
         [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 1)
     assert not p.error and len(fake.requests) == 2  # not retried as a server error
     assert fake.requests[1]["body"]["response_format"]["type"] == "json_object"
+
+
+def test_whether_a_server_enforces_the_schema_is_judged_by_answers_that_read(
+    tinylm: Target,
+) -> None:
+    """A first answer that only starts like JSON is no proof; a fenced one that reads is;
+    and two answers in a row that do not read overturn an earlier verdict."""
+    files = files_of(tinylm)
+    option = Menu.of(files).options[0]
+    fenced = chat(f"```json\n{answer(option)}\n```")
+    prose = chat('{"reason": "a smaller learning rate, because it is steadier."} I think.')
+    with FakeOpenAI([prose, chat("1")]).running() as fake:
+        lm = chooser(fake.url)
+        [p] = lm.propose(ProposalRequest(1, files, "tune", seed=1), 1)
+    assert lm.enforced is False and not p.error  # asked again by number
+    with FakeOpenAI([fenced]).running() as fake:
+        lm = chooser(fake.url)
+        [p] = lm.propose(ProposalRequest(1, files, "tune", seed=1), 1)
+    assert lm.enforced is True and not p.error
+    script = [chat("prose, not a choice")] * 2 + [chat("1")]
+    with FakeOpenAI(script).running() as fake:  # a proposer that has seen it enforced
+        lm = chooser(fake.url)
+        lm.enforced = True
+        one = lm.propose(ProposalRequest(1, files, "tune", seed=2), 1)
+        two = lm.propose(ProposalRequest(1, files, "tune", seed=3), 1)
+    assert "names no listed setting" in one[0].error and lm.enforced is False
+    assert not two[0].error and numbered_rows(fake.requests[2])  # asked again, by number
+
+
+def test_a_refused_first_call_answers_for_the_whole_call(tinylm: Target) -> None:
+    """Undecided whether the schema is enforced, the first call asks for one answer: a refusal
+    still fills all k proposals with its reason, as one call, not k calls in a row."""
+    files = files_of(tinylm)
+    too_long = Reply(400, {"error": {"message": "maximum context length is 2048 tokens"}})
+    with FakeOpenAI([too_long]).running() as fake:
+        proposals = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 4)
+    assert len(fake.requests) == 1 and len(proposals) == 4
+    assert all("maximum context length" in p.error for p in proposals)
+
+
+def test_a_reason_shows_no_escape_or_control_character(tinylm: Target) -> None:
+    files = files_of(tinylm)
+    option = Menu.of(files).options[0]
+    hostile = "\x1b[2J\x1b]0;pwned\x07 ok\x00\u202e"
+    with FakeOpenAI([chat(answer(option, reason=hostile))]).running() as fake:
+        [p] = chooser(fake.url).propose(ProposalRequest(1, files, "tune", seed=1), 1)
+    assert not p.error
+    for ch in ("\x1b", "\x07", "\x00", "\u202e"):
+        assert ch not in p.rationale and ch not in p.text, repr(p.rationale)

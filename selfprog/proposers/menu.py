@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from selfprog import untrusted
 from selfprog.edits import rationale
 from selfprog.proposers.base import Proposal
 from selfprog.proposers.mutate import Literal, change, changed_files, neighbours, tunable_literals
@@ -222,7 +223,8 @@ def _parts(answer: str) -> tuple[str, list[str]]:
 
 def one_line(reason: Any) -> str:
     """Returns a reason as one short line of valid UTF-8: no line break of any kind can start
-    an edit block, and a lone surrogate (JSON's `\\ud800`) cannot stop the archive storing it."""
+    an edit block, no escape or control character reaches a terminal, and a lone surrogate
+    (JSON's `\\ud800`) cannot stop the archive storing it."""
     if not isinstance(reason, str):
         return ""
-    return " ".join(reason.encode("utf-8", "replace").decode().split())[:REASON_CHARS]
+    return untrusted.one_line(reason.encode("utf-8", "replace").decode(), REASON_CHARS)

@@ -41,8 +41,11 @@ EXAMPLE_ANSWER = "2"
 
 # `name = value` and `(now value)`: an option's words echoed, whose numbers are values
 _VALUE = re.compile(r"[A-Za-z_][\w.]*\s*=\s*[-+]?[\w.]+|\(now [^)]*\)")
-# a whole number standing alone: not in a decimal, an exponent, a name or a range's end
-_WHOLE = re.compile(r"(?<![\w.+\-])\d+(?![\w]|\.\d)")
+# a whole number standing alone: not in a decimal, an exponent, a name, 3,000 or a range 3-4
+_WHOLE = re.compile(r"(?<![\w.+\-,])\d+(?![\w]|[.,-]\d)")
+# `name = value` as an option gives it: a quote of another option than the one named is refused
+_QUOTE = re.compile(r"([A-Za-z_][\w.]*)\s*=\s*([-+]?[\w.]+)")
+MAX_ANSWER_CHARS = 400  # a number and a few words; longer is no answer (and slow to read)
 
 
 def opening(prompt: str) -> str:
@@ -64,16 +67,22 @@ def number(answer: str, count: int) -> int:
     """
     if not answer.strip():
         raise ValueError("is empty")
-    found = [int(x) if len(x) < 7 else 0 for x in _WHOLE.findall(_VALUE.sub(" ", answer))]
-    named = list(dict.fromkeys(n for n in found if 1 <= n <= count))
+    if len(answer) > MAX_ANSWER_CHARS:
+        raise ValueError(f"is too long ({len(answer)} characters) to be one number")
+    found = _WHOLE.findall(_VALUE.sub(" ", answer))
+    named = list(dict.fromkeys(n for n in map(_whole, found) if 1 <= n <= count))
     if len(named) == 1:
         return named[0]
     if named:
         listed = ", ".join(map(str, named[:-1])) + f" and {named[-1]}"
         raise ValueError(f"names more than one option ({listed})")
     if found:
-        raise ValueError(f"names {found[0]}, not an option from 1 to {count}")
+        raise ValueError(f"names {found[0][:12]}, not an option from 1 to {count}")
     raise ValueError("gives no option number")
+
+
+def _whole(digits: str) -> int:
+    return int(digits) if len(digits) < 7 else 0  # any digits: full-width and Arabic-Indic ones too
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,14 @@ class Question:
         Raises:
             ValueError: what is wrong with the answer, as a clause.
         """
-        return self.options[number(answer, len(self.options)) - 1]
+        chosen = number(answer, len(self.options))
+        lit, value = self.options[chosen - 1]
+        for name, quoted in _QUOTE.findall(answer):  # an echo of the list's words must be its own
+            if (name, quoted) != (lit.name, str(value)):
+                raise ValueError(
+                    f"names option {chosen} but quotes another change ({name} = {quoted})"
+                )
+        return lit, value
 
     def wrong(self, answer: Proposal) -> str:
         """Returns what is wrong with an answer, or "" when it reads (or failed: not asked again)."""
@@ -160,6 +176,6 @@ def _asking(task: str, rows: list[str] | tuple[str, ...]) -> str:
 def _after_number(answer: str, chosen: int) -> str:
     """Returns what an answer says after its number ("because ..."), as its reason."""
     for found in _WHOLE.finditer(answer):
-        if found.group() == str(chosen):
+        if _whole(found.group()) == chosen:
             return answer[found.end() :].lstrip(" .:)*-")
     return ""

@@ -258,6 +258,7 @@ class OpenAIProposer:
     dropped: set[str] = field(default_factory=set)  # the optional parameters this server refused
     client: openai.OpenAI | None = field(default=None, repr=False)  # made at the first call
     enforced: bool | None = None  # does the server enforce the schema? (None: not seen yet)
+    unread: int = 0  # answers in a row that did not read as a choice of the menu
     schema_form: str = "json_schema"  # the response_format form this server takes, or "json_object"
     refusals: int = 0  # calls refused in a row
 
@@ -459,7 +460,10 @@ class OpenAIProposer:
             one = "n" in self.dropped or self.enforced is None
             want = 1 if one else k - len(proposals)
             answers = self._answers(f"{request.prompt}\n{left.describe(as_json=True)}", want, left)
-            self._check_enforced(answers)
+            if all(answer.error for answer in answers):  # a refusal answers for the whole call
+                proposals += [answers[0]] * (k - len(proposals))
+                break
+            self._check_enforced(answers, menu)
             repeated = False
             for answer in answers:
                 unread = not answer.error and menu.choice(answer.text) is None
@@ -502,19 +506,31 @@ class OpenAIProposer:
                 menu = menu.less(question.option(answers[-1].text), last=True)
         return proposals
 
-    def _check_enforced(self, answers: list[Proposal]) -> None:
-        """Notes whether the server enforces the schema; where not, asks by number from now on."""
-        if self.enforced is not None:
+    def _check_enforced(self, answers: list[Proposal], menu: Menu) -> None:
+        """Notes whether the server enforces the schema, from whether its answers read as a
+        choice of the menu; where not, asks by number from now on.
+
+        An answer cut at the token limit says nothing either way; two in a row that do not
+        read overturn an earlier verdict (a first answer may read by chance).
+        """
+        if self.enforced is False:
             return
-        read = [answer for answer in answers if not answer.error]
         if "response_format" in self.dropped:
-            why = "refused response_format"
-        elif any(not a.text.lstrip().startswith("{") for a in read):  # even one cut short would
-            why = "ignored response_format (an answer is not JSON)"
-        else:
-            if read:
-                self.enforced = True
+            self._ask_by_number("refused response_format")
             return
+        for answer in answers:
+            if answer.error or answer.finish == "length":
+                continue
+            if menu.choice(answer.text) is not None:
+                self.unread = 0
+                self.enforced = True
+                continue
+            self.unread += 1
+            if self.enforced is None or self.unread >= 2:
+                self._ask_by_number("ignored response_format (an answer is not a choice)")
+                return
+
+    def _ask_by_number(self, why: str) -> None:
         self.enforced = False
         log.warning(
             "openai: %s %s; from now on the menu is asked for by number (a numbered list, "
