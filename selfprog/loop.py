@@ -38,7 +38,7 @@ from selfprog.population import Population, derive_seed
 from selfprog.proposers.base import Proposer
 from selfprog.rundir import MODELS, Run
 from selfprog.scheduler import Job, Outcome, Phased, Placed, Scheduler
-from selfprog.scoring import Ceilings, Result, ceilings
+from selfprog.scoring import Ceilings, Result, ceilings, held_late
 from selfprog.states import State
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,15 @@ class Driver:
         if self.synchronous and self.breeder.open_generation():
             return  # a generation is scored once it is bred whole
         free = self.scheduler.slots - len(self.in_flight)
+        seed = self.archive.seed()
+        measuring = seed is not None and seed.state in (State.PENDING.value, State.RUNNING.value)
         for candidate_id, index in self._due():
             if free <= 0:
                 return
             if (candidate_id, index) in self.in_flight or (candidate_id, index) in self.held:
                 continue
+            if measuring and seed is not None and candidate_id != seed.id:
+                continue  # the seed's first evaluation measures the ceilings children are held to
             candidate = self.archive.candidate(candidate_id)
             if index == 0 and candidate.attempts >= MAX_ATTEMPTS:  # a poison candidate
                 self._give_up(candidate_id)
@@ -362,6 +366,10 @@ class Driver:
 
     def _finish(self, outcome: Outcome) -> None:
         job, result = outcome.job, outcome.result
+        if not job.ceilings.train:  # it started before the seed was measured: held now
+            seed = self.archive.seed()
+            if seed is not None and seed.id != job.candidate_id:
+                result = held_late(result, self._ceilings(job.candidate_id), self.run.budget()[0])
         if result.metrics.get("train_device") == "cpu" and getattr(self.scheduler, "gpu_slots", 0):
             log.warning(
                 "candidate %d trained on the CPU, though it was given a GPU", job.candidate_id

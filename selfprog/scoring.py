@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import stat
+import statistics
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -170,8 +171,9 @@ def ceilings(
     start-up and saving: ALLOWANCE_MARGIN times the seed's overrun of its own
     budget (`seed_seconds`, the candidate's unless given) plus ALLOWANCE_SLACK,
     what a loaded machine needs, never more than the target's allowance. The
-    seed's smallest overrun counts: the margin is the load, and its repeats
-    may have run beside other candidates. Steps cannot be counted from outside
+    seed's median overrun counts: the margin is the load, and its repeats
+    may have run beside other candidates. With a step budget too, the seed
+    may stop on its steps, so nothing is measured (the target's allowance). Steps cannot be counted from outside
     the sandbox, and candidate code the evaluator runs could go on training
     there: time can be held, a multiple of the seed's slowest phase times.
     """
@@ -183,14 +185,36 @@ def ceilings(
     if seconds > 0:
         seed_budget = seconds if seed_seconds is None else seed_seconds
         trained = [t["train"] for t in runs if t.get("train") and t["train"] >= seed_budget]
-        if not trained:  # none measured, or the seed stopped early (its steps): no overrun
-            return Ceilings(evaluate=evaluate)
-        overrun = min(trained) - seed_budget
+        if not trained or (steps > 0 and seed_seconds is None):  # steps may have ended it
+            return Ceilings(evaluate=evaluate)  # early: its time past the budget is no overrun
+        overrun = statistics.median(trained) - seed_budget
         allowance = min(target.budget.allowance, ALLOWANCE_MARGIN * overrun + ALLOWANCE_SLACK)
         return Ceilings(seconds + allowance, evaluate, overrun)
     if steps > 0 and measured_train:
         return Ceilings(MARGIN * measured_train + target.budget.allowance, evaluate)
     return Ceilings(evaluate=evaluate)
+
+
+def held_late(result: Result, held: Ceilings, seconds: float) -> Result:
+    """Returns a result scored without a training ceiling (it started before the seed was
+    measured), `over_budget` if its training ran past the ceiling measured since."""
+    trained = result.timings.get("train", 0.0)
+    if result.state is not State.OK or not held.train or trained <= held.train:
+        return result
+    allowed = (
+        f"its budget of {seconds:g}s plus {held.train - seconds:.1f}s"
+        if seconds > 0
+        else (f"{held.train:.0f}s (the step budget's ceiling)")
+    )
+    return dataclasses.replace(
+        result,
+        state=State.OVER_BUDGET,
+        score=None,
+        reason=(
+            f"training ran {trained:.1f}s, past {allowed}, measured on the seed after it "
+            "started (it ran while the seed was first scored)"
+        ),
+    )
 
 
 def train_stats(out_dir: Path) -> dict[str, Any]:
@@ -349,6 +373,9 @@ def score_program(
     seconds = target.budget.seconds if budget_seconds is None else budget_seconds
     steps = target.budget.steps if budget_steps is None else budget_steps
     limit = target.budget.train_limit(seconds, held.train)
+    told = limit  # what the program is told: the seed's own overrun and slack, not the margin
+    if seconds > 0 and held.overrun:  # a program pacing itself to it gains no training time
+        told = min(limit, seconds + held.overrun + ALLOWANCE_SLACK)
     train = Phase(
         name="train",
         argv=target.train,
@@ -359,7 +386,8 @@ def score_program(
         env={
             "SELFPROG_BUDGET_SECONDS": f"{seconds:g}",
             "SELFPROG_BUDGET_STEPS": str(steps),
-            "SELFPROG_TIME_LIMIT": f"{limit:g}",  # the phase is killed this long after it starts
+            # the phase ends by then (it is killed at `limit`, later: a margin for load)
+            "SELFPROG_TIME_LIMIT": f"{told:g}",
             "SELFPROG_SEED": str(seed),
         },
         timeout=limit,

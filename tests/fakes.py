@@ -119,11 +119,14 @@ class FakeScheduler:
         outage_after: int | None = None,
         hold: frozenset[int] = frozenset(),
         hold_for: int = 0,
+        hold_polls: int = 0,
     ):
         self.score = score  # job -> Result
         self.slots = slots
         self.hold = hold  # candidates whose jobs end only after hold_for other jobs ended
         self.hold_for = hold_for
+        self.hold_polls = hold_polls  # or until this many looks went by (a slow candidate)
+        self.polls = 0
         self.outage_after = outage_after  # raise Outage once this many jobs have ended
         self.queue: list[Any] = []
         self.ended = 0
@@ -140,8 +143,10 @@ class FakeScheduler:
             raise Outage("lost the fake cluster")
         if not self.queue:
             return []
+        self.polls += 1
         free = [j for j in self.queue if j.candidate_id not in self.hold]
-        if not free and self.ended < self.hold_for:
+        patience = not self.hold_polls or self.polls < self.hold_polls
+        if not free and self.ended < self.hold_for and patience:
             time.sleep(0.01)
             return []  # a slow candidate: still running
         job = (free or self.queue)[0]

@@ -170,13 +170,14 @@ def test_training_that_crashes_is_train_failed(
 def test_a_seconds_budgets_allowance_is_the_seeds_overrun_with_a_margin(tinylm: Target) -> None:
     assert tinylm.budget.allowance == 20
     # the seed's repeats, one of them beside another candidate: the margin is the load, so the
-    # smallest overrun counts (3 s over an 8 s budget)
-    repeats = [{"train": 11.0, "evaluate": 3.0}, {"train": 15.5, "evaluate": 2.0}]
-    allowance = ALLOWANCE_MARGIN * 3.0 + ALLOWANCE_SLACK
+    # median overrun counts (3.5 s over an 8 s budget)
+    repeats = [{"train": 11.0, "evaluate": 3.0}, {"train": 15.5, "evaluate": 2.0}, {"train": 11.5}]
+    allowance = ALLOWANCE_MARGIN * 3.5 + ALLOWANCE_SLACK
     assert allowance < 20
     evaluate = EVAL_MARGIN * 3.0 + EVAL_SLACK  # the evaluation: the slowest
-    assert ceilings(repeats, tinylm, 8, 0) == Ceilings(8 + allowance, evaluate, 3.0)
-    assert ceilings(repeats, tinylm, 8, 100) == Ceilings(8 + allowance, evaluate, 3.0)  # both
+    assert ceilings(repeats, tinylm, 8, 0) == Ceilings(8 + allowance, evaluate, 3.5)
+    # a step budget too: the seed may have stopped on its steps, so nothing is measured
+    assert ceilings(repeats, tinylm, 8, 100) == Ceilings(evaluate=evaluate)
     # capped by the target's allowance: a seed slow to start up never widens it
     assert ceilings([{"train": 30.0}], tinylm, 8, 0) == Ceilings(8 + 20, 0.0, 22.0)
     # measured on another budget (`selfprog eval` times the seed's one step): its overrun is all
@@ -186,7 +187,7 @@ def test_a_seconds_budgets_allowance_is_the_seeds_overrun_with_a_margin(tinylm: 
     # nothing measured, or a seed that stopped before its seconds (by its steps): the target's
     assert ceilings([], tinylm, 8, 0) == Ceilings()
     seed = [{"train": 6.0, "evaluate": 2.0}]
-    assert ceilings(seed, tinylm, 8, 50) == Ceilings(evaluate=EVAL_MARGIN * 2.0 + EVAL_SLACK)
+    assert ceilings(seed, tinylm, 8, 0) == Ceilings(evaluate=EVAL_MARGIN * 2.0 + EVAL_SLACK)
     # a step budget: a multiple of the seed's training time, plus the target's allowance
     assert ceilings(repeats, tinylm, 0, 50) == Ceilings(MARGIN * 15.5 + 20, evaluate)
     assert ceilings(repeats, tinylm, 0, 0) == Ceilings(evaluate=evaluate)
@@ -212,3 +213,47 @@ def test_training_out_of_gpu_memory_is_oom_with_the_cuda_message(
     result = score(tinylm, seed_program, local_runner, dataset, tmp_path)
     assert result.state is State.OOM
     assert result.reason == f"training ran out of GPU memory: {message}"
+
+
+class TimedOut:
+    """A runner whose training is always killed at its limit; keeps what the phase was told."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {}
+        self.timeout = 0.0
+
+    def run(self, phase, limits, labels):  # type: ignore[no-untyped-def]
+        from selfprog.runners.base import PhaseOutcome
+
+        self.env, self.timeout = dict(phase.env), phase.timeout
+        return PhaseOutcome(None, phase.timeout, "", "", timed_out=True)
+
+
+def test_a_program_is_told_the_seeds_own_time_and_killed_only_after_the_margin(
+    tinylm: Target, dataset: Dataset, seed_program: Path, tmp_path: Path
+) -> None:
+    """A program pacing itself to SELFPROG_TIME_LIMIT gains no more than the seed needed: the
+    margin for a loaded machine is the harness's, and the program is not told it."""
+    held = ceilings([{"train": 12.0}], tinylm, 8, 0)  # the seed: 4 s past its 8 s budget
+    runner = TimedOut()
+    result = score(tinylm, seed_program, runner, dataset, tmp_path, budget_seconds=8, ceilings=held)
+    assert runner.timeout == held.train == 8 + ALLOWANCE_MARGIN * 4 + ALLOWANCE_SLACK
+    assert float(runner.env["SELFPROG_TIME_LIMIT"]) == 8 + 4 + ALLOWANCE_SLACK < held.train
+    assert result.state is State.OVER_BUDGET
+    score(tinylm, seed_program, runner, dataset, tmp_path, budget_seconds=8)  # none measured
+    assert float(runner.env["SELFPROG_TIME_LIMIT"]) == runner.timeout == 8 + 20
+
+
+def test_a_job_started_before_the_seed_was_measured_is_held_when_it_ends(tinylm: Target) -> None:
+    from selfprog.scoring import Result, held_late
+
+    held = ceilings([{"train": 12.0}], tinylm, 8, 0)
+    cheat = Result(State.OK, score=1.0, timings={"train": 27.0})  # 8 s + the target's 20
+    late = held_late(cheat, held, 8)
+    assert late.state is State.OVER_BUDGET and late.score is None
+    assert "training ran 27.0s, past its budget of 8s plus 17.0s" in late.reason
+    honest = Result(State.OK, score=1.0, timings={"train": 13.0})
+    assert held_late(honest, held, 8) is honest
+    assert held_late(cheat, Ceilings(), 8) is cheat  # nothing measured yet: nothing to hold to
