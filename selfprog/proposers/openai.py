@@ -510,8 +510,8 @@ class OpenAIProposer:
         """Notes whether the server enforces the schema, from whether its answers read as a
         choice of the menu; where not, asks by number from now on.
 
-        An answer cut at the token limit says nothing either way; two in a row that do not
-        read overturn an earlier verdict (a first answer may read by chance).
+        A JSON answer cut at the token limit says nothing either way (prose cut there is
+        unread); two in a row that do not read overturn an earlier verdict.
         """
         if self.enforced is False:
             return
@@ -519,7 +519,8 @@ class OpenAIProposer:
             self._ask_by_number("refused response_format")
             return
         for answer in answers:
-            if answer.error or answer.finish == "length":
+            cut = answer.finish == "length" and answer.text.lstrip().startswith("{")
+            if answer.error or cut:  # JSON cut at the token limit: says nothing either way
                 continue
             if menu.choice(answer.text) is not None:
                 self.unread = 0
