@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.errors import SelfprogError
+from selfprog.families import Families, record_settings
 from selfprog.ledger import Ledger
 from selfprog.phases import Phases
 from selfprog.records import (
@@ -55,7 +56,7 @@ def _chunks(ids: Iterable[int]) -> Iterator[tuple[list[int], str]]:
         yield part, ", ".join("?" * len(part))
 
 
-class Archive(Ledger, Phases):
+class Archive(Ledger, Phases, Families):
     """A run's archive. Writers are the one driver; readers open it with readonly=True."""
 
     def __init__(self, path: Path, readonly: bool = False):
@@ -155,6 +156,7 @@ class Archive(Ledger, Phases):
             db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, data))
         phash = program_hash(files)
         db.execute("INSERT OR IGNORE INTO programs VALUES (?, ?)", (phash, json.dumps(manifest)))
+        record_settings(db, phash, files)
         return phash
 
     def program(self, phash: str) -> dict[str, str]:
@@ -490,6 +492,23 @@ class Archive(Ledger, Phases):
             (*FAILED, n),
         )
         return [candidate_of(row) for row in rows]
+
+    def one_failure(self, n: int) -> str:
+        """Returns the reason the n latest children share when no child ever held a program
+        (every one failed before training, the same way), else ""."""
+        trained = self.db.execute(
+            "SELECT 1 FROM candidates WHERE generation > 0 AND program_hash IS NOT NULL LIMIT 1"
+        ).fetchone()
+        if trained:
+            return ""
+        reasons = {
+            str(reason)
+            for (reason,) in self.db.execute(
+                "SELECT reason FROM candidates WHERE generation > 0 ORDER BY id DESC LIMIT ?", (n,)
+            )
+        }
+        count = self.db.execute("SELECT COUNT(*) FROM candidates WHERE generation > 0").fetchone()
+        return reasons.pop() if len(reasons) == 1 and int(count[0]) >= n else ""
 
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM candidates GROUP BY state")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfprog import settings
 from selfprog.archive import DUPLICATE, PENDING
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
 from selfprog.errors import SelfprogError
@@ -174,6 +175,7 @@ class Breeder:
         assert parent.program_hash is not None
         files = self.archive.program(parent.program_hash)
         best = [c for c in self.archive.best(self.population.minimize, 4) if c.id != parent.id]
+        history = self.archive.family_history(self.archive.family_of(parent.program_hash))
         prompt = build_prompt(
             run.target,
             parent,
@@ -183,6 +185,13 @@ class Breeder:
             self.archive.recent_failures(4),
             run.config.proposer.prompt_tokens,
             self.proposer.template,
+            history,
+        )
+        space = settings.space_for(
+            settings.of_program(files),
+            files,
+            run.target.space,
+            around=history[0].values if history else None,  # the family's first program
         )
         request = ProposalRequest(
             parent_id=parent.id,
@@ -191,6 +200,9 @@ class Breeder:
             seed=derive_seed(run.config.run.seed, generation, parent.id),
             # read on the proposer's thread: a read of its own, never a write
             known=lambda program: self._known(program_key(program)),
+            space=tuple(space),
+            history=tuple(history),
+            minimize=self.population.minimize,
         )
         self.on_event({"event": "proposing", "generation": generation, "parent": parent.id, "k": k})
         return Call(generation, parent, files, request, k, self.weights_for(generation))

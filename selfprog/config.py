@@ -57,7 +57,7 @@ class RunnerSection:
 
 @dataclass(frozen=True, slots=True)
 class ProposerSection:
-    kind: str = "mutate"
+    kind: str = "tune"
     model: str = ""
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"
@@ -66,6 +66,7 @@ class ProposerSection:
     timeout: float = 120.0
     prompt_tokens: int = 6000
     max_changes: int = 2
+    sampler: str = "tpe"  # tune: Optuna's tpe, random, cmaes or gp
     edit_mode: str = "auto"
     device: str = ""  # a local model's: "" a GPU no candidate uses (else the CPU), cpu, cuda:N
     price_in: float = 0.0  # per million prompt tokens, for the estimated cost (0: unpriced)
@@ -104,7 +105,8 @@ _CHOICES = {
     ("run", "on_interrupt"): ("finish", "kill"),
     ("runner", "kind"): ("docker", "local", "ray"),
     ("runner", "sandbox"): ("docker", "local"),
-    ("proposer", "kind"): ("mutate", "openai", "transformers", "self"),
+    ("proposer", "kind"): ("tune", "mutate", "openai", "transformers", "self"),
+    ("proposer", "sampler"): ("tpe", "random", "cmaes", "gp"),
     ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }

@@ -40,6 +40,7 @@ from selfprog.rundir import MODELS, Run
 from selfprog.scheduler import Job, Outcome, Phased, Placed, Scheduler
 from selfprog.scoring import Ceilings, Result, ceilings, held_late
 from selfprog.states import State
+from selfprog.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ POLL = 0.2  # seconds between looks when nothing has ended
 MAX_ATTEMPTS = 3  # starts of one candidate that ended with its driver dying, before it is given up
 BREAKER = 3  # harness errors in a row, nothing else ending between, that stop the run
 CALL_BREAKER = 3  # proposer calls in a row that raised instead of answering: stop the run
+FUTILE = 8  # children that all failed before training, for one reason, with none ever trained
 
 
 class StopRequest:
@@ -306,6 +308,14 @@ class Driver:
             if self._failing(call):  # unrecorded, as an outage's call: resume asks it again
                 return
             self.breeder.record(call)
+            futile = self.archive.one_failure(FUTILE)
+            if futile:
+                self._halt(
+                    f"stopped: no child has trained, and the last {FUTILE} all failed the same "
+                    f"way: {one_line(futile, 300)}; fix the target or the proposer, then resume "
+                    "(`selfprog resume RUN --set proposer.kind=...`)"
+                )
+                return
             spent = self._spend_reached()  # after every call: one generation may cost a lot
             if spent and not self.breeder.exhausted:
                 log.info("%s: no more proposer calls; what was bred is scored", spent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from importlib import resources
 from string import Template
 
 from selfprog.records import Candidate
+from selfprog.settings import Trial, Value
+from selfprog.states import UNFINISHED
 from selfprog.target import Target
 from selfprog.untrusted import ANSI, printable
 
@@ -28,6 +31,8 @@ LOG = Cap(lines=8, chars=1200, tail=True)
 REASON = Cap(lines=4, chars=400, tail=True)
 RATIONALE = Cap(lines=6, chars=600, tail=False)
 DIFF = Cap(lines=80, chars=4000, tail=False)
+TRIED = Cap(lines=16, chars=2400, tail=False)
+TRIED_BEST, TRIED_FAILED = 10, 4  # rows of the family's table: the best scored, the latest failures
 
 
 def estimate_tokens(text: str) -> int:
@@ -95,6 +100,40 @@ def _failed(failures: Sequence[Candidate]) -> list[str]:
     return items
 
 
+def _value(value: Value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return json.dumps(value[:40]) if isinstance(value, str) else str(value)
+
+
+def tried(history: Sequence[Trial], metric: str, minimize: bool) -> str:
+    """Returns the parent's family as a table: the settings that differ, and how each scored."""
+    done = [t for t in history if t.state not in UNFINISHED]
+    if len(done) < 2:
+        return "Nothing yet."
+    keys = [
+        key
+        for key in dict.fromkeys(k for t in done for k in t.values)
+        if len({json.dumps(t.values.get(key)) for t in done}) > 1
+    ]
+    scored = sorted(
+        (t for t in done if t.state == "ok" and t.score is not None),
+        key=lambda t: (t.score or 0.0) * (1 if minimize else -1),
+    )
+    failed = [t for t in done if t.state != "ok"][-TRIED_FAILED:]
+    rows = [f"| candidate | {metric} | {' | '.join(keys)} |"]
+    for t in scored[:TRIED_BEST] + failed:
+        result = f"{t.score:.4f}" if t.state == "ok" and t.score is not None else t.state
+        cells = [_value(t.values[k]) if k in t.values else "-" for k in keys]
+        rows.append(f"| {t.candidate_id} | {result} | {' | '.join(cells)} |")
+    table = "\n".join(rows)
+    heading = (
+        f"{len(done)} programs differing from the parent only in these settings were scored "
+        f"({len(scored)} ok); the best {min(len(scored), TRIED_BEST)} and the latest failures:"
+    )
+    return heading + "\n" + _untrusted("The family's settings and scores", table, TRIED)
+
+
 def build_prompt(
     target: Target,
     parent: Candidate,
@@ -104,6 +143,7 @@ def build_prompt(
     failures: Sequence[Candidate],
     max_tokens: int,
     template: str = "propose.md",
+    history: Sequence[Trial] = (),
 ) -> str:
     """Returns the prompt, dropping the oldest context first until it fits max_tokens.
 
@@ -133,6 +173,7 @@ def build_prompt(
             parent_source=_source(files),
             what_worked="\n\n".join(worked) or "Nothing yet.",
             what_failed="\n\n".join(failed) or "Nothing yet.",
+            what_was_tried=tried(history, target.metric, target.minimize),
         )
         if estimate_tokens(text) <= max_tokens or not (worked or failed):
             return text

@@ -8,8 +8,9 @@ import sqlite3
 from selfprog.records import file_key, key_of
 
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
-# 6: the jobs running now, each in its phase; 7: each evaluation's phase times
-SCHEMA_VERSION = 7
+# 6: the jobs running now, each in its phase; 7: each evaluation's phase times;
+# 8: each program's family and settings
+SCHEMA_VERSION = 8
 EVALUATION_TIMINGS_SINCE = 7  # a reader of an older, unmigrated archive has none
 
 SCHEMA = """
@@ -52,6 +53,10 @@ CREATE TABLE jobs (
 CREATE TABLE changes (
     id INTEGER PRIMARY KEY, created REAL NOT NULL, key TEXT NOT NULL, old TEXT, new TEXT NOT NULL
 );
+CREATE TABLE program_settings (
+    program_hash TEXT PRIMARY KEY, family TEXT NOT NULL, settings TEXT NOT NULL
+);
+CREATE INDEX program_settings_by_family ON program_settings(family);
 CREATE INDEX candidates_by_state ON candidates(state);
 CREATE INDEX candidates_by_program ON candidates(program_hash);
 CREATE INDEX evaluations_by_candidate ON evaluations(candidate_id);
@@ -90,7 +95,8 @@ def migrate(db: sqlite3.Connection) -> None:
     call's estimated cost; schema 5 each candidate's `program_key`, filled in here
     from the stored programs; schema 6 the jobs running now, each in its phase (train
     or evaluate) and since when, for those who watch a run; schema 7 each evaluation's
-    phase times (the seed's repeats measure the allowance of a seconds budget).
+    phase times (the seed's repeats measure the allowance of a seconds budget); schema 8
+    each stored program's family and settings' values, filled in here from the programs.
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -117,7 +123,15 @@ def migrate(db: sqlite3.Connection) -> None:
             "NOT NULL, phase TEXT NOT NULL, since REAL NOT NULL, "
             "PRIMARY KEY (candidate_id, evaluation))"
         )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS program_settings (program_hash TEXT PRIMARY KEY, "
+            "family TEXT NOT NULL, settings TEXT NOT NULL)"
+        )
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS program_settings_by_family ON program_settings(family)"
+        )
         _fill_program_keys(db)
+        _fill_settings(db)
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
@@ -141,3 +155,17 @@ def _fill_program_keys(db: sqlite3.Connection) -> None:
         db.execute(
             "UPDATE candidates SET program_key = ? WHERE program_hash = ?", (key_of(keys), phash)
         )
+
+
+def _fill_settings(db: sqlite3.Connection) -> None:
+    """Gives each program of an older archive its family and settings' values."""
+    from selfprog.families import record_settings
+    from selfprog.records import read_program
+
+    unread = db.execute(
+        "SELECT hash FROM programs WHERE hash NOT IN (SELECT program_hash FROM program_settings)"
+    ).fetchall()
+    for (phash,) in unread:
+        files = read_program(db, phash)
+        if files is not None:
+            record_settings(db, phash, files)

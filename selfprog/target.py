@@ -7,11 +7,12 @@ import posixpath
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from selfprog import settings
 from selfprog.errors import TargetError
 from selfprog.records import parse_python
 
@@ -26,7 +27,10 @@ BUNDLED = ("tinylm", "selftune", "gpulm")
 # the keys target.toml may hold, per table ("" is the top level)
 OPTIONAL_TABLES = ("model", "prompt")
 _SCHEMA: dict[str, tuple[str, ...]] = {
-    "": ("name", "description", "files", "commands", "data", "model", "metric", "budget", "prompt"),
+    "": (
+        *("name", "description", "files", "commands", "data", "model", "metric", "budget"),
+        *("prompt", "space"),
+    ),
     "files": ("editable", "fixed"),
     "commands": ("prepare", "train", "evaluate"),
     "data": ("train", "shared", "heldout", "manifest"),
@@ -89,6 +93,7 @@ class Target:
     task: str = DEFAULT_TASK  # what the program is, as prompts say it ("improving <task>")
     rules: tuple[str, ...] = ()  # what every version of the program must keep, for prompts
     descriptors: tuple[str, ...] = ()  # metrics that place a candidate on map-elites' grid
+    space: settings.Declared = field(default_factory=settings.Declared)  # [space]: tuned there
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -226,6 +231,11 @@ def load_target(where: str | Path) -> Target:
     )
     if budget_read and budget.seconds == 0 and budget.steps == 0:
         read.problems.append("[budget] needs seconds or steps above 0")
+    space, space_problems = settings.parse_declared(raw.get("space"))
+    read.problems += space_problems
+    if not space_problems and not _file_problems(root, editable, fixed):
+        seed = {name: (root / name).read_text(errors="replace") for name in editable}
+        read.problems += settings.declared_problems(space, settings.of_program(seed))
     target = Target(
         name=read.string("", "name"),
         root=root,
@@ -247,6 +257,7 @@ def load_target(where: str | Path) -> Target:
         task=read.string("prompt", "task", default=DEFAULT_TASK),
         rules=read.strings("prompt", "rules", optional=True),
         descriptors=read.strings("metric", "descriptors", optional=True),
+        space=space,
     )
     if target.name and not NAME.fullmatch(target.name):
         read.problems.append(

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfprog import settings
 from selfprog.data import Dataset, default_cache, prepare_data
 from selfprog.errors import TargetError
 from selfprog.runners.base import Limits, Phase, Runner
@@ -163,6 +164,35 @@ def require_private_heldout(target: Target, data: Dataset, runner: Runner, limit
         log.warning("%s: %s", target.name, found.what)
 
 
+def space_findings(target: Target) -> list[Finding]:
+    """Returns the settings the numeric proposer tunes in the seed, each with its range."""
+    files = {name: (target.root / name).read_text(errors="replace") for name in target.editable}
+    found = settings.of_program(files)
+    dims = settings.space_for(found, files, target.space)
+    if not dims:
+        return [
+            Finding(
+                "warn",
+                "space: no tunable setting in the editable files: the numeric proposer has "
+                "nothing to change; assign the settings as constants at the top of a file, or "
+                "declare them in [space] (docs/targets.md)",
+            )
+        ]
+    values = {s.key: s.value for s in found}
+    tuned = [
+        Finding(
+            "ok" if d.contains(values[d.key]) else "warn",
+            f"space: {d.key} = {settings.render(values[d.key], '')}: {d.describe()}"
+            + ("" if d.contains(values[d.key]) else " (the seed's value is outside it)"),
+        )
+        for d in dims
+    ]
+    left = [s.key for s in found if s.key not in {d.key for d in dims}]
+    if left:
+        tuned.append(Finding("ok", f"space: left alone: {', '.join(left)}"))
+    return tuned
+
+
 def check_target(
     target: Target, runner: Runner, limits: Limits, budget_steps: int, cache: Path | None = None
 ) -> list[Finding]:
@@ -175,6 +205,7 @@ def check_target(
         Finding("warn", f"{name} is in the folder but in no [files] list: it is never staged")
         for name in unlisted_scripts(target)
     ] + [Finding("warn", text) for text in evaluator_warnings(target)]
+    findings += space_findings(target)
     with tempfile.TemporaryDirectory(prefix="selfprog-check-") as tmp:
         try:
             data = prepare_data(target, cache or Path(tmp) / "data")

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selfprog.errors import SelfprogError
-from selfprog.proposers.mutate import tunable_literals
 from selfprog.queries import evaluations, last_finished, times
 from selfprog.records import Candidate
 from selfprog.rundir import CONFIG_FILE, Run, lock_holder
+from selfprog.settings import numbers as tunable_literals
 from selfprog.states import FAILED, UNFINISHED, State
 from selfprog.untrusted import clean
 
@@ -93,7 +93,7 @@ def settings(files: Mapping[str, str]) -> dict[str, int | float]:
             key, n = f"{path}/{lit.name}", 2
             while key in found:  # the same name in a second class body
                 key, n = f"{path}/{lit.name}#{n}", n + 1
-            found[key] = lit.value
+            found[key] = lit.number
     return found
 
 

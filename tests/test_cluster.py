@@ -31,6 +31,8 @@ except ImportError:
     pytest.skip("Ray is not installed (pip install 'selfprog[ray]')", allow_module_level=True)
 
 FLAGS = [
+    "--proposer",
+    "mutate",
     "--runner",
     "ray",
     "--generations",

@@ -44,6 +44,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short real run (mutate, local runner, step budget) plus one recorded failure."""
     root = tmp_path_factory.mktemp("runs")
     flags = [
+        "--proposer",
+        "mutate",
         "--generations",
         "2",
         "--population",

@@ -19,6 +19,8 @@ from selfprog.loop import derive_seed
 from selfprog.rundir import driver_lock
 
 RUN_FLAGS = [
+    "--proposer",
+    "mutate",  # mild edits: every child trains in about the seed's time, so the states are stable
     "--generations",
     "3",
     "--population",

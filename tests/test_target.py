@@ -260,6 +260,8 @@ def test_check_warns_of_unlisted_scripts_and_an_evaluator_reaching_candidate_cod
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "warn  helper.py is in the folder but in no [files] list: it is never staged" in lines
+    assert 'ok    space: activation = "relu": one of "relu", "tanh", "gelu", "silu"' in lines
+    assert "ok    space: learning_rate = 0.01: float 0.001 .. 0.1, log" in lines
     assert any(line.startswith("ok    seed: trained 20 steps and scored val_mse") for line in lines)
     assert any(line.startswith("warn  held-out split: not checked") for line in lines)
     assert "warn  evaluate.py reaches the program folder (sys.path): candidate code must run" in (

@@ -137,6 +137,7 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
                 ended = driver.drive()
             except KeyboardInterrupt:
                 ended = "stopped at once"
+            run.archive.set_meta("ended", ended)  # for `status`, until the next drive ends
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -198,6 +199,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "run": str(run.root),
         "target": run.target.name,
         "driver": holder,
+        "ended": None if holder is not None else archive.meta("ended"),  # why it last stopped
         "counts": archive.counts(),
         "generation": archive.last_generation(),
         "generations": run.config.run.generations,
@@ -224,6 +226,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"generation  {report['generation']} of {report['generations']}",
         f"candidates  {sum(report['counts'].values())} ({_counts_text(report['counts'])})",
     ]
+    if report["ended"]:
+        lines.append(f"ended       {report['ended']}")
     if best:
         lines.append(
             f"best        {run.target.metric} {best[0].score:.4f}, candidate {best[0].id}: {best[0].rationale}"
@@ -276,7 +280,9 @@ def add_verbs(verbs: Any) -> None:
     rn.add_argument("--run-dir", help="the run folder to create")
     rn.add_argument("--target", help="a bundled target name or a target folder")
     rn.add_argument(
-        "--proposer", choices=("mutate", "openai", "transformers", "self"), help="the proposer"
+        "--proposer",
+        choices=("tune", "mutate", "openai", "transformers", "self"),
+        help="the proposer",
     )
     rn.add_argument(
         "--model", help="the proposer's model: a fetched alias (smollm2), a folder or a name"

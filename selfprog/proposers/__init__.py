@@ -20,6 +20,10 @@ def make_proposer(section: ProposerSection, base_model: str = "", device: str = 
             "proposer.max_new_tokens = 0 (the server's own limit) is for the openai proposer; "
             "a local model needs a number"
         )
+    if section.kind == "tune":
+        from selfprog.proposers.tune import TuneProposer
+
+        return TuneProposer(sampler=section.sampler)
     if section.kind == "mutate":
         from selfprog.proposers.mutate import MutateProposer
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from selfprog.settings import Dimension, Trial
+
 
 @dataclass(frozen=True, slots=True)
 class ProposalRequest:
@@ -17,6 +19,9 @@ class ProposalRequest:
     prompt: str  # the full prompt, for proposers that read one
     seed: int  # deterministic proposers draw from this
     known: Callable[[Mapping[str, str]], bool] | None = None  # is this program in the archive?
+    space: tuple[Dimension, ...] = ()  # where the parent's settings may go
+    history: tuple[Trial, ...] = ()  # the parent's family so far: settings, state, score
+    minimize: bool = True  # the metric's direction
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,7 @@ class Menu:
                 named.add(lit.name)
                 values = [
                     v
-                    for v in neighbours(lit.value)
+                    for v in neighbours(lit.number)
                     if known is None or not known(changed_files(files, [(lit, v)]))
                 ]
                 if values:

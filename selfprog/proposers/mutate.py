@@ -8,76 +8,18 @@ the output is SEARCH/REPLACE text, exactly as an LM would write it.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-from selfprog.edits import DIVIDER, REPLACE, SEARCH
+from selfprog import settings
 from selfprog.proposers.base import Proposal, ProposalRequest
-from selfprog.records import parse_python
+from selfprog.settings import Setting as Literal
+from selfprog.settings import numbers as tunable_literals
 
-
-@dataclass(frozen=True, slots=True)
-class Literal:
-    """A tunable number: `name = 3e-4` at module level or a class-level default."""
-
-    path: str
-    name: str
-    value: int | float
-    line: int  # 1-based
-    col: int
-    end_col: int
-
-
-def _settings(module: list[ast.stmt]) -> list[ast.stmt]:
-    """Returns the module's leading run of imports and assignments: its settings."""
-    kept = []
-    for node in module:
-        docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-        if not (
-            docstring or isinstance(node, ast.Assign | ast.AnnAssign | ast.Import | ast.ImportFrom)
-        ):
-            break
-        kept.append(node)
-    return kept
-
-
-def tunable_literals(path: str, source: str) -> list[Literal]:
-    """Returns the numbers assigned to one name in a module's settings or a class body."""
-    found: list[Literal] = []
-    tree = parse_python(source)
-    lines = source.split("\n")
-
-    def column(line: int, byte_offset: int) -> int:  # ast counts UTF-8 bytes, slicing characters
-        return len(lines[line - 1].encode()[:byte_offset].decode(errors="replace"))
-
-    classes = [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
-    bodies = [_settings(tree.body), *classes]
-    for body in bodies:
-        for node in body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target, value = node.targets[0], node.value
-            elif isinstance(node, ast.AnnAssign) and node.value is not None:
-                target, value = node.target, node.value
-            else:
-                continue
-            if not isinstance(target, ast.Name) or not isinstance(value, ast.Constant):
-                continue
-            if target.id.isupper():  # by convention a constant, not a setting
-                continue
-            number = value.value
-            if isinstance(number, bool) or not isinstance(number, int | float):
-                continue
-            if value.lineno != value.end_lineno or value.end_col_offset is None:
-                continue
-            start = column(value.lineno, value.col_offset)
-            end = column(value.lineno, value.end_col_offset)
-            found.append(Literal(path, target.id, number, value.lineno, start, end))
-    return found
+__all__ = ["Literal", "MutateProposer", "change", "changed_files", "neighbours", "tunable_literals"]
 
 
 def perturb(value: int | float, rng: random.Random) -> int | float:
@@ -97,27 +39,6 @@ def perturb(value: int | float, rng: random.Random) -> int | float:
     moved = 1.0 - (1.0 - value) * factor if 0.5 <= value < 1.0 else value * factor
     rounded = float(f"{moved:.2g}")
     return rounded if rounded != value else moved
-
-
-def _format(value: int | float, like: str) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if "e" in like.lower():
-        return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e")
-    return repr(value)
-
-
-def _block(lines: list[str], index: int, new: str) -> tuple[str, str]:
-    """Returns SEARCH and REPLACE text around line index, grown until SEARCH is unique."""
-    source = "\n".join(lines)
-    before, after = index, index + 1
-    while True:
-        search = "\n".join(lines[before:after])
-        if source.count(search) == 1 or (before == 0 and after == len(lines)):
-            break
-        before, after = max(0, before - 1), min(len(lines), after + 1)
-    replace = "\n".join([*lines[before:index], new, *lines[index + 1 : after]])
-    return search, replace
 
 
 def neighbours(value: int | float) -> list[int | float]:
@@ -140,36 +61,17 @@ def neighbours(value: int | float) -> list[int | float]:
     return sorted({v for v in options if v != value})
 
 
-def _changed(
-    files: Mapping[str, str], changes: list[tuple[Literal, int | float]]
-) -> tuple[dict[str, str], list[str], list[str]]:
-    """Returns the files with each literal set, the SEARCH/REPLACE blocks, and their reasons."""
-    blocks, reasons = [], []
-    current = dict(files)  # later blocks are written against the earlier ones' result
-    for lit, new_value in sorted(changes, key=lambda c: (c[0].path, c[0].line)):
-        lines = current[lit.path].split("\n")
-        line = lines[lit.line - 1]
-        old_text = line[lit.col : lit.end_col]
-        new_line = line[: lit.col] + _format(new_value, old_text) + line[lit.end_col :]
-        search, replace = _block(lines, lit.line - 1, new_line)
-        current[lit.path] = current[lit.path].replace(search, replace, 1)
-        blocks.append(f"{lit.path}\n{SEARCH}\n{search}\n{DIVIDER}\n{replace}\n{REPLACE}\n")
-        reasons.append(f"{lit.path}: {lit.name} {old_text} → {_format(new_value, old_text)}")
-    return current, blocks, reasons
-
-
 def changed_files(
     files: Mapping[str, str], changes: list[tuple[Literal, int | float]]
 ) -> dict[str, str]:
     """Returns the program with each literal set to its new value."""
-    return _changed(files, changes)[0]
+    return settings.changed_files(files, changes)
 
 
 def change(files: Mapping[str, str], changes: list[tuple[Literal, int | float]]) -> Proposal:
     """Returns the SEARCH/REPLACE proposal that sets each literal to its new value."""
-    _, blocks, reasons = _changed(files, changes)
-    rationale = "; ".join(reasons)
-    return Proposal(text=f"{rationale}\n\n" + "\n".join(blocks), rationale=rationale)
+    text, rationale = settings.edit_text(files, changes)
+    return Proposal(text=text, rationale=rationale)
 
 
 class MutateProposer:
@@ -194,5 +96,5 @@ class MutateProposer:
             return Proposal(text="", error="no numeric literals to perturb")
         chosen = rng.sample(literals, min(len(literals), rng.randint(1, self.max_changes)))
         chosen.sort(key=lambda lit: (lit.path, lit.line))
-        proposal = change(files, [(lit, perturb(lit.value, rng)) for lit in chosen])
+        proposal = change(files, [(lit, perturb(lit.number, rng)) for lit in chosen])
         return dataclasses.replace(proposal, model="mutate")

@@ -1,0 +1,234 @@
+"""The `tune` proposer: Optuna's samplers over a family's history, rebuilt on every call."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from selfprog import settings
+from selfprog.archive import ARCHIVE_FILE
+from selfprog.edits import apply_edits, parse_edits
+from selfprog.errors import ConfigError
+from selfprog.proposers.base import ProposalRequest
+from selfprog.proposers.tune import NO_SPACE, TuneProposer, make_sampler, rebuild
+from selfprog.scaffold import new_target
+from selfprog.settings import Trial
+
+SCAFFOLD = Path(__file__).resolve().parents[1] / "selfprog" / "scaffolds" / "minimal" / "train.py"
+
+
+def scaffold_request(history: tuple[Trial, ...] = (), seed: int = 3, known=None) -> ProposalRequest:  # type: ignore[no-untyped-def]
+    files = {"train.py": SCAFFOLD.read_text()}
+    space = settings.space_for(settings.of_program(files), files, settings.Declared())
+    seed_trial = Trial(1, "ok", 0.5, settings.values(files))
+    return ProposalRequest(
+        parent_id=1,
+        files=files,
+        prompt="",
+        seed=seed,
+        known=known,
+        space=tuple(space),
+        history=(seed_trial, *history),
+    )
+
+
+def children(request: ProposalRequest, k: int, sampler: str = "tpe") -> list[dict]:
+    proposals = TuneProposer(sampler).propose(request, k)
+    assert all(not p.error for p in proposals), [p.error for p in proposals]
+    out = []
+    for p in proposals:
+        program = apply_edits(request.files, parse_edits(p.text, ("train.py",)), ("train.py",), ())
+        out.append(settings.values(program))
+    return out
+
+
+def test_children_are_valid_distinct_in_the_space_and_seeded() -> None:
+    request = scaffold_request()
+    made = children(request, 6)
+    space = {d.key: d for d in request.space}
+    assert all(space[key].contains(v) for child in made for key, v in child.items())
+    assert len({tuple(sorted(c.items())) for c in made}) == 6
+    assert settings.values(request.files) not in made
+    assert children(scaffold_request(), 6) == made  # the same request, the same children
+    assert children(scaffold_request(seed=4), 6) != made
+
+
+def test_a_program_already_tried_is_not_proposed_again() -> None:
+    first = children(scaffold_request(), 1)[0]
+
+    def known(program) -> bool:  # type: ignore[no-untyped-def]
+        return settings.values(program) == first
+
+    assert children(scaffold_request(known=known), 1)[0] != first
+
+
+def test_the_study_holds_the_history_by_state() -> None:
+    space = {d.key: d for d in scaffold_request().space}
+    base = settings.values({"train.py": SCAFFOLD.read_text()})
+    history = [
+        Trial(1, "ok", 0.5, base),
+        Trial(2, "ok", 0.9, {**base, "hidden": 64}),
+        Trial(3, "running", None, {**base, "hidden": 128}),
+        Trial(4, "oom", None, {**base, "hidden": 16}),
+        Trial(5, "error", None, {**base, "hidden": 8}),  # the harness's failure, not the program's
+        Trial(6, "ok", 0.7, {**base, "hidden": 4096, "learning_rate": 0.01}),  # outside: left out
+    ]
+    study = rebuild(history, space, True, make_sampler("random", 0))
+    trials = study.get_trials(deepcopy=False)
+    assert [(t.state, t.value) for t in trials] == [
+        (TrialState.COMPLETE, 0.5),
+        (TrialState.COMPLETE, 0.9),
+        (TrialState.RUNNING, None),
+        (TrialState.COMPLETE, 0.9),  # a crash counts as the worst score seen
+        (TrialState.COMPLETE, 0.7),
+    ]
+    assert "hidden" not in trials[-1].params and trials[-1].params["learning_rate"] == 0.01
+
+
+def test_tpe_learns_from_the_history_where_random_sampling_does_not() -> None:
+    base = settings.values({"train.py": SCAFFOLD.read_text()})
+    space = {d.key: d for d in scaffold_request().space}
+    lr = space["learning_rate"]
+    history = []
+    for i in range(30):  # the lower the learning rate, the better the score
+        value = settings.rounded(math.exp(math.log(lr.low) + (i / 29) * math.log(lr.high / lr.low)))
+        history.append(Trial(10 + i, "ok", math.log(value), {**base, "learning_rate": value}))
+    request = scaffold_request(tuple(history))
+    tpe = statistics.median(c["learning_rate"] for c in children(request, 8, "tpe"))
+    uniform = statistics.median(c["learning_rate"] for c in children(request, 8, "random"))
+    assert tpe < lr.low * 3 < uniform
+
+
+def test_a_program_without_settings_gets_one_clear_error_per_child() -> None:
+    request = ProposalRequest(parent_id=1, files={"train.py": "print(1)\n"}, prompt="", seed=0)
+    proposals = TuneProposer().propose(request, 2)
+    assert [p.error for p in proposals] == [NO_SPACE, NO_SPACE]
+
+
+def test_an_unknown_sampler_is_refused() -> None:
+    with pytest.raises(ConfigError, match="choose one of tpe, random, cmaes, gp"):
+        TuneProposer("bayes")
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "gp"])
+def test_every_sampler_proposes(sampler: str) -> None:
+    history = tuple(
+        Trial(10 + i, "ok", float(i), {**c, "hidden": 16})
+        for i, c in enumerate(children(scaffold_request(), 4))
+    )
+    assert len(children(scaffold_request(history), 2, sampler)) == 2
+
+
+# ---- a real run, killed and resumed ------------------------------------------------------
+
+FLAGS = [
+    *("--runner", "local", "--budget-steps", "20", "--generations", "3", "--population", "2"),
+    *("--seed", "2", "--set", "run.synchronous=true", "--set", "selection.noise_seeds=2"),
+    *("--set", "selection.confirm_seeds=1"),
+]
+
+
+def seeded_target(tmp_path: Path) -> Path:
+    """The scaffold, its data drawn from a fixed seed, so that two runs score alike."""
+    folder = tmp_path / "mlp"
+    new_target("mlp", folder)
+    prepare = folder / "prepare.py"
+    prepare.write_text(
+        prepare.read_text().replace("np.random.default_rng()", "np.random.default_rng(0)")
+    )
+    return folder
+
+
+def selfprog(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "selfprog", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def proposals(run_dir: Path) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{run_dir / ARCHIVE_FILE}?mode=ro", uri=True)
+    try:
+        return db.execute(
+            "SELECT c.generation, c.parent_id, p.slot, p.response, c.state FROM candidates c "
+            "JOIN proposals p ON p.id = c.proposal_id ORDER BY c.generation, c.parent_id, p.slot"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def finished(run_dir: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{run_dir / ARCHIVE_FILE}?mode=ro", uri=True, timeout=10)
+        try:
+            row = db.execute(
+                "SELECT COUNT(*) FROM candidates WHERE state NOT IN ('pending', 'running')"
+            ).fetchone()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return 0
+    return int(row[0])
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_tune_run_proposes_what_an_uninterrupted_one_does(
+    tmp_path: Path,
+) -> None:
+    target = seeded_target(tmp_path)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    out, _ = selfprog("run", "--target", str(target), "--run-dir", str(whole), *FLAGS).communicate(
+        timeout=600
+    )
+    assert "run finished" in out, out
+    driver = selfprog("run", "--target", str(target), "--run-dir", str(cut), *FLAGS)
+    deadline = time.monotonic() + 300
+    while finished(cut) < 4 and time.monotonic() < deadline:  # into generation 2: history counts
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert finished(cut) >= 4
+    out, _ = selfprog("resume", str(cut)).communicate(timeout=600)
+    assert "run finished" in out, out
+    made = proposals(whole)
+    assert len(made) == 6 and all(r[3] for r in made)
+    assert proposals(cut) == made
+    later = [r for r in made if r[0] > 1]
+    assert {r[3] for r in later}.isdisjoint({r[3] for r in made if r[0] == 1})
+
+
+def test_a_run_whose_children_all_fail_the_same_way_stops_and_says_why(tmp_path: Path) -> None:
+    target = seeded_target(tmp_path)
+    train = target / "train.py"
+    # a statement before the constants: none of them is a setting any more
+    train.write_text(train.read_text().replace("hidden = 32", 'print("training")\nhidden = 32', 1))
+    run_dir = tmp_path / "run"
+    flags = ["--runner", "local", "--budget-steps", "5", "--generations", "5", "--population", "4"]
+    argv = ["run", "--target", str(target), "--run-dir", str(run_dir), *flags]
+    done = subprocess.run(
+        [sys.executable, "-m", "selfprog", *argv, "--set", "selection.noise_seeds=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = "no child has trained, and the last 8 all failed the same way: the proposer failed: "
+    assert said + NO_SPACE[:40] in done.stdout
+    assert "run stopped: " in done.stdout and "9 candidates (8 invalid, 1 ok)" in done.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "selfprog", "status", str(run_dir)], capture_output=True, text=True
+    )
+    assert f"ended       stopped: {said}" in status.stdout
