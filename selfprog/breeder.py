@@ -203,6 +203,7 @@ class Breeder:
             space=tuple(space),
             history=tuple(history),
             minimize=self.population.minimize,
+            payoff=self.archive.payoff(self.population.minimize),
         )
         self.on_event({"event": "proposing", "generation": generation, "parent": parent.id, "k": k})
         return Call(generation, parent, files, request, k, self.weights_for(generation))
@@ -252,6 +253,7 @@ class Breeder:
                     proposal.tokens_out,
                     proposal.error,
                     proposal.finish,
+                    proposal.model,
                 )
                 self._add_child(db, call, proposal, proposal_id)
 

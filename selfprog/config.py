@@ -67,6 +67,7 @@ class ProposerSection:
     prompt_tokens: int = 6000
     max_changes: int = 2
     sampler: str = "tpe"  # tune: Optuna's tpe, random, cmaes or gp
+    tune: str = "off"  # with an LM: "auto" splits each call's children between it and tune
     edit_mode: str = "auto"
     device: str = ""  # a local model's: "" a GPU no candidate uses (else the CPU), cpu, cuda:N
     price_in: float = 0.0  # per million prompt tokens, for the estimated cost (0: unpriced)
@@ -107,6 +108,7 @@ _CHOICES = {
     ("runner", "sandbox"): ("docker", "local"),
     ("proposer", "kind"): ("tune", "mutate", "openai", "transformers", "self"),
     ("proposer", "sampler"): ("tpe", "random", "cmaes", "gp"),
+    ("proposer", "tune"): ("off", "auto"),
     ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),
 }

@@ -76,13 +76,38 @@ class Ledger:
         tokens_out: int,
         error: str,
         finish: str = "",
+        model: str = "",
     ) -> int:
         cursor = db.execute(
-            "INSERT INTO proposals (call_id, slot, response, rationale, tokens_out, error, finish) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (call_id, slot, response, rationale, tokens_out, error, finish or None),
+            "INSERT INTO proposals (call_id, slot, response, rationale, tokens_out, error, "
+            "finish, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (call_id, slot, response, rationale, tokens_out, error, finish or None, model or None),
         )
         return int(cursor.lastrowid or 0)
+
+    def payoff(self, minimize: bool) -> dict[str, tuple[int, int]]:
+        """Returns, per source of children ("tune" or "lm"), how many were judged and how many
+        of those scored better than their parent (mean scores; invalid ones count as losses)."""
+        if self.version < 8:
+            return {}
+        rows = self.db.execute(
+            "SELECT p.model, c.state, c.score, parent.score FROM candidates c "
+            "JOIN proposals p ON p.id = c.proposal_id "
+            "JOIN candidates parent ON parent.id = c.parent_id "
+            "WHERE c.state NOT IN ('pending', 'running', 'duplicate')"
+        )
+        tally: dict[str, tuple[int, int]] = {}
+        for model, state, score, parent in rows:
+            source = "tune" if str(model or "").startswith("tune") else "lm"
+            won = (
+                state == "ok"
+                and score is not None
+                and parent is not None
+                and (score < parent if minimize else score > parent)
+            )
+            judged, wins = tally.get(source, (0, 0))
+            tally[source] = (judged + 1, wins + int(won))
+        return tally
 
     def cost_used(self) -> float:
         """Returns the proposer's estimated spend so far (priced calls only), in the prices' unit."""

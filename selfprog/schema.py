@@ -9,7 +9,7 @@ from selfprog.records import file_key, key_of
 
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
 # 6: the jobs running now, each in its phase; 7: each evaluation's phase times;
-# 8: each program's family and settings
+# 8: each program's family and settings, each proposal's model
 SCHEMA_VERSION = 8
 EVALUATION_TIMINGS_SINCE = 7  # a reader of an older, unmigrated archive has none
 
@@ -29,7 +29,7 @@ CREATE TABLE calls (
 );
 CREATE TABLE proposals (
     id INTEGER PRIMARY KEY, call_id INTEGER NOT NULL REFERENCES calls(id), slot INTEGER NOT NULL,
-    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT, finish TEXT,
+    response TEXT NOT NULL, rationale TEXT, tokens_out INTEGER, error TEXT, finish TEXT, model TEXT,
     UNIQUE (call_id, slot)
 );
 CREATE TABLE candidates (
@@ -96,7 +96,8 @@ def migrate(db: sqlite3.Connection) -> None:
     from the stored programs; schema 6 the jobs running now, each in its phase (train
     or evaluate) and since when, for those who watch a run; schema 7 each evaluation's
     phase times (the seed's repeats measure the allowance of a seconds budget); schema 8
-    each stored program's family and settings' values, filled in here from the programs.
+    each stored program's family and settings' values, filled in here from the programs, and
+    the model (or numeric proposer) that wrote each proposal.
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -105,6 +106,7 @@ def migrate(db: sqlite3.Connection) -> None:
         ("calls", "cost", "REAL"),
         ("candidates", "program_key", "TEXT"),
         ("evaluations", "timings", "TEXT"),
+        ("proposals", "model", "TEXT"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}

@@ -232,3 +232,126 @@ def test_a_run_whose_children_all_fail_the_same_way_stops_and_says_why(tmp_path:
         [sys.executable, "-m", "selfprog", "status", str(run_dir)], capture_output=True, text=True
     )
     assert f"ended       stopped: {said}" in status.stdout
+
+
+# ---- an LM and tune in one run ----------------------------------------------------------
+
+
+class EchoLM:
+    """A stand-in LM: each child doubles the parent's width (a structural change, as it were)."""
+
+    name = "echo"
+    template = "propose.md"
+
+    def adopt(self, candidate_id, folder) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def propose(self, request: ProposalRequest, k: int) -> list:  # type: ignore[type-arg]
+        from selfprog.proposers.base import Proposal
+
+        text = "train.py\n<<<<<<< SEARCH\nhidden = 32\n=======\nhidden = 33\n>>>>>>> REPLACE\n"
+        return [Proposal(text=text, model="echo") for _ in range(k)]
+
+
+def test_the_split_follows_what_has_paid_off_and_is_seeded() -> None:
+    from selfprog.proposers.mixed import split, tune_share
+
+    assert tune_share(None) == 0.5
+    assert tune_share({"tune": (10, 6), "lm": (10, 1)}) > 0.75
+    assert tune_share({"tune": (10, 0), "lm": (10, 9)}) < 0.1  # never 0: tune keeps a chance
+    assert [split(4, 0.5, s) for s in range(3)] == [2, 2, 2]
+    draws = [split(1, 0.3, s) for s in range(200)]
+    assert draws == [split(1, 0.3, s) for s in range(200)] and 40 < sum(draws) < 80
+
+
+def test_the_mixed_proposer_asks_each_for_its_share() -> None:
+    from selfprog.proposers.mixed import MixedProposer
+
+    mixed = MixedProposer(EchoLM(), TuneProposer())  # type: ignore[arg-type]
+    paying = dataclass_replace(scaffold_request(), payoff={"tune": (20, 15), "lm": (20, 1)})
+    models = [p.model for p in mixed.propose(paying, 4)]
+    assert (models.count("tune (tpe)") >= 3 and models[0] == "echo") or set(models) == {
+        "tune (tpe)"
+    }
+    bare = ProposalRequest(parent_id=1, files={"train.py": "print(1)\n"}, prompt="", seed=0)
+    assert [p.model for p in mixed.propose(bare, 3)] == ["echo"] * 3  # nothing to tune
+
+
+def dataclass_replace(request: ProposalRequest, **changes: object) -> ProposalRequest:
+    import dataclasses
+
+    return dataclasses.replace(request, **changes)  # type: ignore[arg-type]
+
+
+def test_the_archive_tallies_each_sources_children_against_their_parents(tmp_path: Path) -> None:
+    from selfprog.archive import Archive
+
+    archive = Archive.create(tmp_path / "archive.sqlite", {"run_id": "r"})
+    with archive.transaction() as db:
+        archive.add_candidate(db, generation=0, state="ok")
+        db.execute("UPDATE candidates SET score = 1.0 WHERE id = 1")
+        call = archive.record_call(db, 1, 1, proposer="echo+tune", model="echo", k=4)
+        for slot, (model, state, score) in enumerate(
+            [
+                ("tune (tpe)", "ok", 0.5),
+                ("tune (tpe)", "ok", 2.0),
+                ("echo", "invalid", None),
+                ("echo", "pending", None),
+            ]
+        ):
+            pid = archive.record_proposal(db, call, slot, "text", "", 0, "", model=model)
+            child = archive.add_candidate(
+                db, generation=1, parent_id=1, proposal_id=pid, state=state
+            )
+            db.execute("UPDATE candidates SET score = ? WHERE id = ?", (score, child))
+    assert archive.payoff(minimize=True) == {"tune": (2, 1), "lm": (1, 0)}  # pending: not judged
+    assert archive.payoff(minimize=False) == {"tune": (2, 1), "lm": (1, 0)}
+    archive.close()
+
+
+@pytest.mark.slow
+def test_a_run_with_an_lm_and_tune_asks_both_and_the_lm_starts_a_new_family(
+    tmp_path: Path,
+) -> None:
+    from selfprog.rundir import open_run
+    from tests.fakes import FakeOpenAI, chat
+
+    target = seeded_target(tmp_path)
+    restructure = (
+        "A residual-free deeper head.\n\ntrain.py\n<<<<<<< SEARCH\n"
+        "    parts.append(torch.nn.Linear(width, 1))\n=======\n"
+        "    parts += [torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)]\n"
+        ">>>>>>> REPLACE\n"
+    )
+    run_dir = tmp_path / "run"
+    flags = ["--runner", "local", "--proposer", "openai", "--budget-steps", "20"]
+    flags += ["--generations", "2", "--population", "4", "--set", "proposer.tune=auto"]
+    flags += ["--set", "selection.noise_seeds=1", "--set", "selection.confirm_seeds=1"]
+    flags += ["--set", "proposer.model=m", "--set", "run.synchronous=true"]
+    argv = [sys.executable, "-m", "selfprog", "run", "--target", str(target), "--run-dir"]
+    with FakeOpenAI([], then=chat(restructure)).running() as fake:
+        done = subprocess.run(
+            [*argv, str(run_dir), *flags, f"--set=proposer.base_url={fake.url}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = open_run(run_dir, readonly=True)
+    rows = run.archive.db.execute(
+        "SELECT p.model, c.program_hash, c.state FROM candidates c "
+        "JOIN proposals p ON p.id = c.proposal_id ORDER BY c.id"
+    ).fetchall()
+    sources = [("tune" if model.startswith("tune") else "lm") for model, _, _ in rows]
+    assert sources[:4] == ["lm", "lm", "tune", "tune"]  # an even split before anything paid off
+    assert len(rows) == 8 and "tune" in sources[4:]
+    seed_family = run.archive.family_of(run.archive.seed().program_hash)  # type: ignore[union-attr]
+    lm_families = {
+        run.archive.family_of(h)
+        for (_, h, _), s in zip(rows, sources, strict=True)
+        if s == "lm" and h
+    }
+    assert lm_families and seed_family not in lm_families  # the LM restructured the program
+    calls = run.archive.db.execute("SELECT proposer FROM calls").fetchall()
+    assert {c[0] for c in calls} == {"openai+tune"}
+    run.archive.close()

@@ -10,6 +10,17 @@ __all__ = ["Proposal", "ProposalRequest", "Proposer", "make_proposer"]
 
 
 def make_proposer(section: ProposerSection, base_model: str = "", device: str = "") -> Proposer:
+    """Returns the proposer the config names, with `tune` beside an LM when proposer.tune = "auto"."""
+    lm = _make(section, base_model, device)
+    if section.tune == "auto" and section.kind not in ("tune", "mutate"):
+        from selfprog.proposers.mixed import MixedProposer
+        from selfprog.proposers.tune import TuneProposer
+
+        return MixedProposer(lm, TuneProposer(sampler=section.sampler))
+    return lm
+
+
+def _make(section: ProposerSection, base_model: str, device: str) -> Proposer:
     """Returns the proposer the config names, ready to propose.
 
     base_model is the target's model (`[model] base`), which the `self` proposer starts from;

@@ -22,6 +22,7 @@ class ProposalRequest:
     space: tuple[Dimension, ...] = ()  # where the parent's settings may go
     history: tuple[Trial, ...] = ()  # the parent's family so far: settings, state, score
     minimize: bool = True  # the metric's direction
+    payoff: Mapping[str, tuple[int, int]] | None = None  # per source ("tune", "lm"): judged, wins
 
 
 @dataclass(frozen=True, slots=True)
