@@ -66,7 +66,7 @@ class ProposerSection:
     timeout: float = 120.0
     prompt_tokens: int = 6000
     max_changes: int = 2
-    sampler: str = "tpe"  # tune: Optuna's tpe, random, cmaes or gp
+    sampler: str = "tpe"  # tune: Optuna's tpe, random or gp
     tune: str = "off"  # with an LM: "auto" splits each call's children between it and tune
     edit_mode: str = "auto"
     device: str = ""  # a local model's: "" a GPU no candidate uses (else the CPU), cpu, cuda:N
@@ -107,7 +107,7 @@ _CHOICES = {
     ("runner", "kind"): ("docker", "local", "ray"),
     ("runner", "sandbox"): ("docker", "local"),
     ("proposer", "kind"): ("tune", "mutate", "openai", "transformers", "self"),
-    ("proposer", "sampler"): ("tpe", "random", "cmaes", "gp"),
+    ("proposer", "sampler"): ("tpe", "random", "gp"),
     ("proposer", "tune"): ("off", "auto"),
     ("proposer", "edit_mode"): ("auto", "free", "constrained"),
     ("selection", "policy"): ("greedy", "archive", "map-elites"),

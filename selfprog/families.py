@@ -9,12 +9,15 @@ state, score per candidate) instead of parsing every program again.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 
 from selfprog import settings
 from selfprog.settings import Trial
+
+log = logging.getLogger(__name__)
 
 SETTINGS_SINCE = 8  # a reader of an older, unmigrated archive has no settings table
 
@@ -58,7 +61,11 @@ def record_settings(db: sqlite3.Connection, phash: str, files: Mapping[str, str]
     """Stores a program's family and settings inside a transaction (once per program)."""
     if db.execute("SELECT 1 FROM program_settings WHERE program_hash = ?", (phash,)).fetchone():
         return
-    family, values = settings.summary(files)
+    try:
+        family, values = settings.summary(files)
+    except Exception:  # a hostile program the parser chokes on: a family of its own, no settings
+        log.warning("could not read the settings of program %s", phash[:12], exc_info=True)
+        family, values = f"unread-{phash[:16]}", {}
     db.execute(
         "INSERT INTO program_settings (program_hash, family, settings) VALUES (?, ?, ?)",
         (phash, family, json.dumps(values)),

@@ -51,7 +51,8 @@ POLL = 0.2  # seconds between looks when nothing has ended
 MAX_ATTEMPTS = 3  # starts of one candidate that ended with its driver dying, before it is given up
 BREAKER = 3  # harness errors in a row, nothing else ending between, that stop the run
 CALL_BREAKER = 3  # proposer calls in a row that raised instead of answering: stop the run
-FUTILE = 8  # children that all failed before training, for one reason, with none ever trained
+FUTILE_CALLS = 3  # proposer calls whose children all failed before training, for one reason,
+FUTILE = 8  # at least this many children, with no child ever trained: the run stops
 
 
 class StopRequest:
@@ -308,12 +309,13 @@ class Driver:
             if self._failing(call):  # unrecorded, as an outage's call: resume asks it again
                 return
             self.breeder.record(call)
-            futile = self.archive.one_failure(FUTILE)
+            futile = self.archive.one_failure(FUTILE, FUTILE_CALLS)
             if futile:
                 self._halt(
-                    f"stopped: no child has trained, and the last {FUTILE} all failed the same "
-                    f"way: {one_line(futile, 300)}; fix the target or the proposer, then resume "
-                    "(`selfprog resume RUN --set proposer.kind=...`)"
+                    f"stopped: no child has trained, and the children of the last {FUTILE_CALLS} "
+                    f"calls all failed the same way: {one_line(futile, 300)}; choose another proposer and resume "
+                    "(`selfprog resume RUN --set proposer.kind=...`), or fix the program and "
+                    "start a new run"
                 )
                 return
             spent = self._spend_reached()  # after every call: one generation may cost a lot

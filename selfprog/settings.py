@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,10 @@ UNTUNED_PARTS = frozenset(
     }
 )
 _DIMENSION_KEYS = ("low", "high", "log", "choices")
+MAX_SETTINGS = 200  # per file: a program of thousands of constants is searched by its first
+MAX_STRING = 100  # characters: a longer string constant is text, not a choice
+MAX_INT = 10**15  # a larger integer literal is no knob (and JSON or floats would mangle it)
+FLOAT_RANGE = (1e-30, 1e30)  # beyond these a float's inferred range leaves what floats hold
 _SPACE_KEYS = ("include", "exclude")
 
 
@@ -141,34 +146,69 @@ def in_source(path: str, source: str) -> list[Setting]:
 
     classes = [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
     for body in (_leading(tree.body), *classes):
+        assigned = Counter(_assigned(node) for node in body)
         for node in body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target, value = node.targets[0], node.value
-            elif isinstance(node, ast.AnnAssign) and node.value is not None:
-                target, value = node.target, node.value
-            else:
-                continue
-            if not isinstance(target, ast.Name) or not isinstance(value, ast.Constant):
-                continue
-            constant = value.value
-            if not isinstance(constant, int | float | str | bool) or isinstance(constant, complex):
+            name, value = _assigned(node), _value_node(node)
+            if name is None or value is None or assigned[name] > 1:
+                continue  # a name set twice: only the last counts, and editing it misleads
+            constant = _constant(value)
+            if constant is None:
                 continue
             if value.lineno != value.end_lineno or value.end_col_offset is None:
                 continue  # a string over several lines is text, not a setting
             start = column(value.lineno, value.col_offset)
             end = column(value.lineno, value.end_col_offset)
             found.append(
-                Setting(
-                    path, target.id, constant, value.lineno, start, end, upper=target.id.isupper()
-                )
+                Setting(path, name, constant, value.lineno, start, end, upper=name.isupper())
             )
+            if len(found) >= MAX_SETTINGS:
+                return found
     return found
 
 
+def _assigned(node: ast.stmt) -> str | None:
+    """Returns the one name a statement assigns (None: it assigns none, or several)."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+    elif isinstance(node, ast.AnnAssign) and node.value is not None:
+        target = node.target
+    else:
+        return None
+    return target.id if isinstance(target, ast.Name) else None
+
+
+def _value_node(node: ast.stmt) -> ast.expr | None:
+    return node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+
+
+def _constant(node: ast.expr) -> Value | None:
+    """Returns the value of a literal a setting may hold (a signed number too), else None."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        inner = _constant(node.operand)
+        if isinstance(inner, bool) or not isinstance(inner, int | float):
+            return None
+        return -inner if isinstance(node.op, ast.USub) else inner
+    if not isinstance(node, ast.Constant):
+        return None
+    value = node.value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < MAX_INT else None  # a huge literal is no knob
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value if len(value) <= MAX_STRING else None
+    return None
+
+
 def numbers(path: str, source: str) -> list[Setting]:
-    """Returns the numeric settings of lower-case names (what `mutate` and the menu change)."""
+    """Returns the unsigned numeric settings of lower-case names (what `mutate` and the menu
+    change)."""
     return [
-        s for s in in_source(path, source) if not s.upper and not isinstance(s.value, bool | str)
+        s
+        for s in in_source(path, source)
+        if not s.upper and not isinstance(s.value, bool | str) and s.value >= 0
     ]
 
 
@@ -182,7 +222,8 @@ def of_program(files: Mapping[str, str]) -> list[Setting]:
             found += in_source(path, files[path])
         except (SyntaxError, ValueError, RecursionError):
             continue
-    repeated = {s.name for s in found if sum(t.name == s.name for t in found) > 1}
+    counts = Counter(s.name for s in found)
+    repeated = {name for name, n in counts.items() if n > 1}
     keyed, seen = [], set()
     for s in found:
         key = f"{s.path}:{s.name}" if s.name in repeated else s.name
@@ -218,6 +259,8 @@ def family_key(files: Mapping[str, str]) -> str:
 
 
 def _family(files: Mapping[str, str], found: Sequence[Setting]) -> str:
+    """Returns the hash of the program's syntax trees with each setting's value masked (so
+    layout, comments and the values themselves do not count, as in `program_key`)."""
     masked: dict[str, str] = {}
     by_path: dict[str, list[Setting]] = {}
     for s in found:
@@ -226,52 +269,68 @@ def _family(files: Mapping[str, str], found: Sequence[Setting]) -> str:
         lines = files[path].split("\n")
         for s in sorted(by_path.get(path, []), key=lambda s: (s.line, -s.col)):
             line = lines[s.line - 1]
-            lines[s.line - 1] = line[: s.col] + "\x00" + line[s.end_col :]
-        masked[path] = "\n".join(line.rstrip() for line in lines).strip()
+            lines[s.line - 1] = line[: s.col] + "__setting__" + line[s.end_col :]
+        source = "\n".join(lines)
+        try:
+            masked[path] = ast.dump(parse_python(source)) if path.endswith(".py") else source
+        except (SyntaxError, ValueError, RecursionError):
+            masked[path] = source
     return hashlib.sha256(json.dumps(masked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- the space -------------------------------------------------------------------------
 
 
-def _string_choices(files: Mapping[str, str], name: str, value: str) -> tuple[str, ...]:
-    """Returns the strings a program treats as values of a string setting, its own first.
+@dataclass(frozen=True, slots=True)
+class Strings:
+    """The strings a program names as alternatives: dict literals' keys, and per name the
+    strings it is compared with or matched against."""
 
-    They are read from the program itself: the keys of a dict literal holding
-    the value (`ACTIVATIONS = {"relu": ...}`), the strings the name is compared
-    with (`if activation == "gelu"`, `in ("a", "b")`), and `match` cases.
-    """
-    found: list[str] = [value]
-    for path in sorted(files):
-        if not path.endswith(".py"):
-            continue
-        try:
-            tree = parse_python(files[path])
-        except (SyntaxError, ValueError, RecursionError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Dict):
-                keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
-                if value in keys and all(isinstance(k, str) for k in keys):
-                    found += [k for k in keys if isinstance(k, str)]
-            elif isinstance(node, ast.Compare) and _names(node, name):
-                for part in (node.left, *node.comparators):
-                    found += _strings(part)
-            elif isinstance(node, ast.Match) and _is_name(node.subject, name):
-                for case in node.cases:
-                    if isinstance(case.pattern, ast.MatchValue):
-                        found += _strings(case.pattern.value)
-    return tuple(dict.fromkeys(found))
+    dict_keys: tuple[tuple[str, ...], ...]
+    compared: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def of(cls, files: Mapping[str, str]) -> Strings:
+        """Returns the program's alternatives, read in one walk of each file."""
+        keys: list[tuple[str, ...]] = []
+        compared: dict[str, list[str]] = {}
+        for path in sorted(files):
+            if not path.endswith(".py"):
+                continue
+            try:
+                tree = parse_python(files[path])
+            except (SyntaxError, ValueError, RecursionError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Dict):
+                    found = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+                    if found and all(isinstance(k, str) for k in found):
+                        keys.append(tuple(str(k) for k in found))
+                elif isinstance(node, ast.Compare):
+                    parts = (node.left, *node.comparators)
+                    strings = [t for part in parts for t in _strings(part)]
+                    for part in parts:
+                        if (name := _name_of(part)) is not None:
+                            compared.setdefault(name, []).extend(strings)
+                elif isinstance(node, ast.Match) and (name := _name_of(node.subject)) is not None:
+                    for case in node.cases:
+                        if isinstance(case.pattern, ast.MatchValue):
+                            compared.setdefault(name, []).extend(_strings(case.pattern.value))
+        return cls(tuple(keys), {n: tuple(v) for n, v in compared.items()})
+
+    def choices(self, name: str, value: str) -> tuple[str, ...]:
+        """Returns the alternatives of a string setting, its own value first."""
+        found = [value, *self.compared.get(name, ())]
+        for keys in self.dict_keys:
+            if value in keys:
+                found += keys
+        return tuple(v for v in dict.fromkeys(found) if len(v) <= MAX_STRING)
 
 
-def _is_name(node: ast.expr, name: str) -> bool:
-    return (isinstance(node, ast.Name) and node.id == name) or (
-        isinstance(node, ast.Attribute) and node.attr == name
-    )
-
-
-def _names(node: ast.Compare, name: str) -> bool:
-    return any(_is_name(part, name) for part in (node.left, *node.comparators))
+def _name_of(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    return node.attr if isinstance(node, ast.Attribute) else None
 
 
 def _strings(node: ast.expr) -> list[str]:
@@ -284,7 +343,9 @@ def _strings(node: ast.expr) -> list[str]:
     return []
 
 
-def infer(setting: Setting, files: Mapping[str, str]) -> Dimension | None:
+def infer(
+    setting: Setting, files: Mapping[str, str], strings: Strings | None = None
+) -> Dimension | None:
     """Returns a sensible dimension around a setting's value (None: nothing sensible to try).
 
     Sizes (powers of two) move among powers of two within 4 times either way, other
@@ -297,7 +358,7 @@ def infer(setting: Setting, files: Mapping[str, str]) -> Dimension | None:
     if isinstance(v, bool):
         return Dimension(key, "choice", choices=(v, not v))
     if isinstance(v, str):
-        choices = _string_choices(files, setting.name, v)
+        choices = (strings or Strings.of(files)).choices(setting.name, v)
         return Dimension(key, "choice", choices=choices) if len(choices) > 1 else None
     if isinstance(v, int):
         if v < 0:
@@ -310,10 +371,10 @@ def infer(setting: Setting, files: Mapping[str, str]) -> Dimension | None:
         if v == 1:
             return Dimension(key, "int", 1, 4)
         return Dimension(key, "int", max(1, v // 4), v * 4, log=True)
-    if not math.isfinite(v) or v < 0:
-        return None
     if v == 0.0:
         return Dimension(key, "float", 0.0, 0.3)
+    if not FLOAT_RANGE[0] < v < FLOAT_RANGE[1]:
+        return None  # negative, or where a tenfold step leaves what a float holds
     if 0.5 <= v < 1.0:
         low, high = max(0.0, 1 - (1 - v) * 4), 1 - (1 - v) / 4
         return Dimension(key, "float", rounded(low), rounded(high))
@@ -339,6 +400,7 @@ def space_for(
     same for every member of a family.
     """
     dims = []
+    strings = Strings.of(files)
     for s in settings:
         start = (around or {}).get(s.key, s.value)
         if type(start) is type(s.value):
@@ -356,7 +418,7 @@ def space_for(
             continue
         if not declared.include and untuned(s.name):
             continue
-        inferred = infer(s, files)
+        inferred = infer(s, files, strings)
         if inferred is not None:
             dims.append(inferred)
     return dims
@@ -410,6 +472,8 @@ def _declared_dimension(name: str, table: Mapping[str, Any]) -> tuple[Dimension 
         kinds = {type(c) for c in choices}
         if len(kinds) != 1 or not kinds <= {int, float, str, bool}:
             return None, "choices must be all strings, all integers, all floats or all booleans"
+        if any(isinstance(c, float) and not math.isfinite(c) for c in choices):
+            return None, "choices must be finite numbers"
         return Dimension(name, "choice", choices=tuple(dict.fromkeys(choices))), ""
     low, high, log = table.get("low"), table.get("high"), table.get("log", False)
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high))
@@ -446,13 +510,19 @@ def render(value: Value, like: str) -> str:
     """Returns value as Python source, in the style of the literal it replaces."""
     if isinstance(value, str):
         return repr(value) if like[:1] == "'" else json.dumps(value)
-    if isinstance(value, float) and "e" in like.lower():
-        return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e")
+    if isinstance(value, float) and "e" in like.lower() and value != 0:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        mantissa = mantissa.rstrip("0")
+        mantissa += "0" if mantissa.endswith(".") else ""  # 3.0e-4, as mutate has always written
+        return f"{mantissa}e{int(exponent)}"
     return repr(value)
 
 
 def rounded(value: float) -> float:
-    """Returns a float at three significant digits (what a person would write)."""
+    """Returns a float at three significant digits (what a person would write); a fraction
+    in [0.5, 1) keeps three of its distance to one (0.9995, not 1.0)."""
+    if 0.5 <= value < 1.0:
+        return 1.0 - float(f"{1.0 - value:.3g}")
     return float(f"{value:.3g}")
 
 
@@ -475,7 +545,8 @@ def _changed(
     """Returns the files with each setting set, the SEARCH/REPLACE blocks, and their reasons."""
     blocks, reasons = [], []
     current = dict(files)  # later blocks are written against the earlier ones' result
-    for s, new_value in sorted(changes, key=lambda c: (c[0].path, c[0].line)):
+    # right to left within a line, so that each setting's columns still hold when it is set
+    for s, new_value in sorted(changes, key=lambda c: (c[0].path, c[0].line, -c[0].col)):
         lines = current[s.path].split("\n")
         line = lines[s.line - 1]
         old_text = line[s.col : s.end_col]

@@ -161,7 +161,7 @@ def test_an_edit_of_settings_applies_as_an_lm_edit_would() -> None:
     values = settings.values(applied)
     assert (values["schedule"], values["LEARNING_RATE"], values["USE_AMP"], values["dropout"]) == (
         "linear",
-        1.2e-4,  # the style of 3e-4: one decimal
+        1.23e-4,  # the style of 3e-4, three significant digits
         True,
         0.25,
     )
@@ -207,3 +207,62 @@ def test_an_older_archive_gains_its_programs_settings_when_opened(tmp_path: Path
     history = archive.family_history(archive.family_of(phash))
     assert [t.values["LEARNING_RATE"] for t in history] == [3e-4]
     archive.close()
+
+
+# ---- what a hostile or odd program does to them (each found by an attack) ---------------
+
+
+def test_a_huge_or_odd_literal_is_no_setting_and_never_stops_the_archive(tmp_path: Path) -> None:
+    source = (
+        f"width = 0x{'f' * 4000}\nhuge = 1e308\ntiny = 5e-324\nlong = '{'x' * 500}'\n"
+        "lr = 0.1\nwidth2 = 64\nlr = 0.2\nshift = -0.5\n"
+    )
+    files = {"train.py": source}
+    found = {s.key: s.value for s in settings.of_program(files)}
+    assert found == {"huge": 1e308, "tiny": 5e-324, "width2": 64, "shift": -0.5}  # lr: set twice
+    space = settings.space_for(settings.of_program(files), files, settings.Declared())
+    assert [d.key for d in space] == ["width2"]  # no range a float cannot hold; none below zero
+    archive = Archive.create(tmp_path / "archive.sqlite", {"run_id": "r"})
+    with archive.transaction() as db:  # json.dumps of the 4,800-digit int used to raise here
+        phash = archive.put_program(db, files)
+    assert archive.family_of(phash)
+    archive.close()
+
+
+def test_two_settings_on_one_line_are_both_set() -> None:
+    files = {"train.py": "lr = 0.001; wd = 0.0\nwidth = 64\n"}
+    found = {s.key: s for s in settings.of_program(files)}
+    changed = settings.changed_files(files, [(found["lr"], 0.000123), (found["wd"], 0.25)])
+    assert changed["train.py"] == "lr = 0.000123; wd = 0.25\nwidth = 64\n"
+
+
+def test_a_fraction_near_one_keeps_its_distance_to_one() -> None:
+    beta2 = settings.of_program({"train.py": "beta2 = 0.999\n"})[0]
+    dim = settings.infer(beta2, {})
+    assert dim is not None and dim.high < 1.0 and settings.rounded(0.99951) == 0.99951
+    assert settings.render(settings.rounded(1.2345e-4), "3e-4") == "1.23e-4"
+    assert settings.render(3e-4, "1e-3") == "3.0e-4"  # as mutate has always written it
+
+
+def test_a_declared_range_across_zero_keeps_the_setting_a_setting() -> None:
+    files = {"train.py": "shift = 0.5\nwidth = 64\n"}
+    found = {s.key: s for s in settings.of_program(files)}
+    child = settings.changed_files(files, [(found["shift"], -0.166)])
+    assert settings.values(child)["shift"] == -0.166
+    assert settings.family_key(child) == settings.family_key(files)
+
+
+def test_a_family_ignores_layout_and_comments_as_program_keys_do() -> None:
+    plain = {"t.py": "lr=0.001\nx = lr*2\n"}
+    spaced = {"t.py": "lr = 0.002  # faster\nx = lr * 2\n"}
+    assert settings.family_key(plain) == settings.family_key(spaced)
+
+
+def test_a_program_of_thousands_of_constants_is_searched_by_its_first() -> None:
+    source = "".join(f"x{i} = {i}\n" for i in range(5000))
+    assert len(settings.in_source("train.py", source)) == settings.MAX_SETTINGS
+
+
+def test_choices_that_are_not_finite_are_refused() -> None:
+    _, problems = settings.parse_declared({"dropout": {"choices": [float("nan"), 0.1]}})
+    assert problems == ["[space.dropout] choices must be finite numbers"]

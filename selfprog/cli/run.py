@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -131,13 +132,17 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
             record_changes(run, changes)
             for key, old, new in changes:
                 log.info("changed %s: %s -> %s", key, json.dumps(old), json.dumps(new))
+        run.archive.set_meta("ended", "")  # driven now: why it last ended is no longer true
+        ended = "stopped by an error"  # what status says when drive() raises
         with Reporter(run) as reporter:
             driver = Driver(run, proposer, scheduler, stop, reporter)
             try:
                 ended = driver.drive()
             except KeyboardInterrupt:
                 ended = "stopped at once"
-            run.archive.set_meta("ended", ended)  # for `status`, until the next drive ends
+            finally:
+                with contextlib.suppress(SelfprogError, sqlite3.Error):
+                    run.archive.set_meta("ended", ended)  # for `status`, until the next drive
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,8 +37,12 @@ from selfprog.records import program_key
 from selfprog.settings import Dimension, Setting, Trial, Value
 from selfprog.states import FAILED, UNFINISHED, State
 
-SAMPLERS = ("tpe", "random", "cmaes", "gp")
-ATTEMPTS = 20  # asks per child before a program already tried is accepted as a duplicate
+# CMA-ES is left out: Optuna's keeps its state in the study it ran, so one rebuilt from the
+# archive on every call would start over each time (and its warm start takes numbers only)
+SAMPLERS = ("tpe", "random", "gp")
+ASKS = 8  # the sampler's tries per child before values are drawn at random
+ATTEMPTS = 24  # tries in all before a program already tried is accepted as a duplicate
+GP_TRIALS = 200  # the GP sampler is cubic in its trials: it sees the latest this many
 NO_SPACE = (
     "no tunable setting in the parent: the numeric proposer needs constants assigned at the "
     "top of an editable file or in a class body, or a [space] in target.toml (docs/targets.md)"
@@ -56,8 +61,6 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         if kind == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        if kind == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         if kind == "gp":
             return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     raise ConfigError(f"proposer.sampler {kind!r}: choose one of {', '.join(SAMPLERS)}")
@@ -136,11 +139,13 @@ class TuneProposer:
         if not space:
             return [Proposal(text="", error=NO_SPACE) for _ in range(k)]
         sampler = make_sampler(self.sampler, request.seed)
+        history = request.history[-GP_TRIALS:] if self.sampler == "gp" else request.history
+        rng = random.Random(request.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study = rebuild(request.history, space, request.minimize, sampler)
+            study = rebuild(history, space, request.minimize, sampler)
             made: set[str] = set()
-            return [self._one(request, study, space, found, made) for _ in range(k)]
+            return [self._one(request, study, space, found, made, rng) for _ in range(k)]
 
     def _one(
         self,
@@ -149,12 +154,14 @@ class TuneProposer:
         space: Mapping[str, Dimension],
         found: Mapping[str, Setting],
         made: set[str],
+        rng: random.Random,
     ) -> Proposal:
         dists = {key: distribution(d) for key, d in space.items()}
         changes: list[tuple[Setting, Value]] = []
-        for _ in range(ATTEMPTS):
-            trial = study.ask(dists)
-            chosen = {key: written(space[key], trial.params[key]) for key in space}
+        for attempt in range(ATTEMPTS):
+            # a miss stays a running trial: the constant liar steers the next ask away from it
+            params = study.ask(dists).params if attempt < ASKS else _draw(space, rng)
+            chosen = {key: written(space[key], params[key]) for key in space}
             changes = [
                 (found[key], v) for key, v in chosen.items() if not _same(found[key].value, v)
             ]
@@ -164,13 +171,32 @@ class TuneProposer:
             if changes and fresh:
                 made.add(key)
                 break  # the trial stays running: the next ask in this call spreads away from it
-            study.tell(trial, state=TrialState.FAIL)
         if not changes:
             return Proposal(text="", error="every sampled program equals the parent", model="tune")
         text, rationale = settings.edit_text(request.files, changes)
         return dataclasses.replace(
             Proposal(text=text, rationale=rationale), model=f"tune ({self.sampler})"
         )
+
+
+def _draw(space: Mapping[str, Dimension], rng: random.Random) -> dict[str, Any]:
+    """Returns values drawn uniformly from the space (on a log scale where it has one)."""
+    drawn: dict[str, Any] = {}
+    for key, d in space.items():
+        if d.kind == "choice":
+            drawn[key] = rng.choice(d.choices)
+        elif d.log:
+            value = math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+            drawn[key] = (
+                min(max(round(value), int(d.low)), int(d.high)) if d.kind == "int" else value
+            )
+        else:
+            drawn[key] = (
+                rng.randint(int(d.low), int(d.high))
+                if d.kind == "int"
+                else rng.uniform(d.low, d.high)
+            )
+    return drawn
 
 
 def _same(a: Value, b: Value) -> bool:

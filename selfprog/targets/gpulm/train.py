@@ -33,12 +33,15 @@ out_dir = Path(os.environ.get("SELFPROG_OUT", "out"))
 batch_size = 64  # sequences per step
 micro_batch = 64 if torch.cuda.is_available() else 8  # per forward pass: a CPU holds fewer
 block_size = 512  # context length in bytes
-n_layer, n_head, n_embd = 8, 8, 512  # about 25M parameters
+n_layer = 8  # with n_head and n_embd: about 25M parameters
+n_head = 8
+n_embd = 512
 learning_rate = 1e-3  # peak, after warmup
 min_lr_ratio = 0.1  # the cosine decays to this fraction of the peak
 warmup_steps = 100
 weight_decay = 0.1
-beta1, beta2 = 0.9, 0.95
+beta1 = 0.9
+beta2 = 0.95
 grad_clip = 1.0
 log_every = 25
 

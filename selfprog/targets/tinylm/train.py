@@ -35,7 +35,8 @@ learning_rate = 1e-3  # peak, after warmup
 min_lr_ratio = 0.1  # the cosine decays to this fraction of the peak
 warmup_steps = 50
 weight_decay = 0.1
-beta1, beta2 = 0.9, 0.95
+beta1 = 0.9
+beta2 = 0.95
 grad_clip = 1.0
 log_every = 25
 
