@@ -229,9 +229,9 @@ def test_the_gpu_seed_runs_on_cpus_at_a_cpu_size(local_runner, tmp_path: Path) -
     for name in gpulm.files:
         shutil.copyfile(gpulm.root / name, program / name)
     train = program / "train.py"
-    sizes = "n_layer, n_head, n_embd = 8, 8, 512"
+    sizes = "n_layer = 8  # with n_head and n_embd: about 25M parameters\nn_head = 8\nn_embd = 512"
     assert sizes in train.read_text()
-    text = train.read_text().replace(sizes, "n_layer, n_head, n_embd = 1, 2, 32")
+    text = train.read_text().replace(sizes, "n_layer = 1\nn_head = 2\nn_embd = 32")
     train.write_text(text.replace("block_size = 512", "block_size = 64"))
     result = score_program(
         gpulm, program, local_runner, data, tmp_path / "work", budget_seconds=0, budget_steps=2
