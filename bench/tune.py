@@ -6,6 +6,8 @@ trainings, where N is what the first selfprog run of the seed spent (read from
 its archive; 1 + generations x population when no selfprog run is chosen):
 - selfprog-default: `selfprog run` with no proposer forced (whatever the
   default is), plus any `--selfprog-set KEY=VALUE`;
+- selfprog-plain: `tune` under search.py's plain rule (one evaluation each,
+  z = 0): every training a new program, as a study spends them;
 - selfprog-mutate: the same with `proposer.kind=mutate`;
 - greedy: `mutate` under keep/discard (`selection.policy=greedy`, z = 0);
 - optuna-tpe: an Optuna TPE study over the six settings of the scaffold's
@@ -14,8 +16,10 @@ its archive; 1 + generations x population when no selfprog run is chosen):
   the seed's own settings are its first trial, as a run scores the seed first;
 - random: the same study with Optuna's RandomSampler (TPE's first 10 trials,
   Optuna's default start-up, are these same random ones).
-The selfprog runs share search.py's plain acceptance (one evaluation each,
-z = 0). Each method's pick (its best-scoring program) is retrained on seeds
+selfprog-default runs selfprog's defaults whole (the seed evaluated 3 times,
+the best-looking children confirmed, z = 2), its repeats counted in N; the
+other runs share search.py's plain acceptance (one evaluation each, z = 0).
+Each method's pick (its best-scoring program) is retrained on seeds
 1001..1005 and the mean is its true score, so selection luck does not count;
 the seed program's true score is measured the same way. The scaffold's
 prepare.py draws its hidden function from the OS's entropy, so every run and
@@ -61,6 +65,7 @@ COMMON = ("selection.noise_seeds=1", "selection.confirm_seeds=1", "selection.z=0
 # its repeats and confirmations counted in N); selfprog-default also gets --selfprog-set
 RUNS: dict[str, list[str]] = {
     "selfprog-default": [],
+    "selfprog-plain": ["proposer.kind=tune"],  # tune with the plain rule: every training a program
     "selfprog-mutate": ["proposer.kind=mutate"],
     "greedy": ["proposer.kind=mutate", "selection.policy=greedy"],  # z = 0: keep/discard
 }
@@ -226,7 +231,8 @@ def true_score(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5, help="run seeds 0..K-1 (5)")
+    parser.add_argument("--seeds", type=int, default=5, help="run seeds FIRST..FIRST+K-1 (5)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first run seed (0)")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--population", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300, help="training steps per training (300)")
@@ -246,7 +252,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(
         f"mlp scaffold, local runner, {args.generations} generations x {args.population}, "
-        f"{args.steps} steps, seeds 0..{args.seeds - 1}; true score = mean val_mse over seeds "
+        f"{args.steps} steps, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; true score = mean val_mse over seeds "
         f"{TRUE_SEEDS[0]}..{TRUE_SEEDS[-1]} (lower is better)"
     )
     print(f"{'seed':>4s} {'N':>4s} {'seed_prog':>10s} " + " ".join(f"{m:>16s}" for m in methods))
@@ -255,7 +261,7 @@ def main() -> None:
     spent = {m: [0, 0.0, 0.0] for m in methods}  # trainings, sandbox s, wall s
     with tempfile.TemporaryDirectory(prefix="selfprog-tune-") as tmp:
         args.root = (args.keep or Path(tmp)).resolve()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             args.hashes = set()
             target = make_target(args.root / f"seed-{seed}" / "target", seed)
             n = 0  # the trainings of the seed's first selfprog run
