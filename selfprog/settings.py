@@ -12,6 +12,7 @@ are written as SEARCH/REPLACE text, exactly as an LM would write them.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -230,16 +231,8 @@ def of_program(files: Mapping[str, str]) -> list[Setting]:
         if key in seen:  # the same name twice in one file (two classes): the first one counts
             continue
         seen.add(key)
-        keyed.append(_with_key(s, key))
+        keyed.append(dataclasses.replace(s, key=key))
     return keyed
-
-
-def _with_key(s: Setting, key: str) -> Setting:
-    return Setting(s.path, s.name, s.value, s.line, s.col, s.end_col, key, s.upper)
-
-
-def _with_value(s: Setting, value: Value) -> Setting:
-    return Setting(s.path, s.name, value, s.line, s.col, s.end_col, s.key, s.upper)
 
 
 def values(files: Mapping[str, str]) -> dict[str, Value]:
@@ -404,7 +397,7 @@ def space_for(
     for s in settings:
         start = (around or {}).get(s.key, s.value)
         if type(start) is type(s.value):
-            s = _with_value(s, start)
+            s = dataclasses.replace(s, value=start)
         named = {s.key, s.name}
         if named & set(declared.exclude):
             continue

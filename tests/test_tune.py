@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sqlite3
 import statistics
@@ -23,6 +22,7 @@ from selfprog.proposers.base import ProposalRequest
 from selfprog.proposers.tune import NO_SPACE, TuneProposer, make_sampler, rebuild
 from selfprog.scaffold import new_target
 from selfprog.settings import Trial
+from tests.test_loop import start  # the CLI as a child process, unbuffered
 
 SCAFFOLD = Path(__file__).resolve().parents[1] / "selfprog" / "scaffolds" / "minimal" / "train.py"
 
@@ -149,16 +149,6 @@ def seeded_target(tmp_path: Path) -> Path:
     return folder
 
 
-def selfprog(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "selfprog", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 def proposals(run_dir: Path) -> list[tuple[object, ...]]:
     db = sqlite3.connect(f"file:{run_dir / ARCHIVE_FILE}?mode=ro", uri=True)
     try:
@@ -190,18 +180,18 @@ def test_a_killed_and_resumed_tune_run_proposes_what_an_uninterrupted_one_does(
 ) -> None:
     target = seeded_target(tmp_path)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    out, _ = selfprog("run", "--target", str(target), "--run-dir", str(whole), *FLAGS).communicate(
+    out, _ = start("run", "--target", str(target), "--run-dir", str(whole), *FLAGS).communicate(
         timeout=600
     )
     assert "run finished" in out, out
-    driver = selfprog("run", "--target", str(target), "--run-dir", str(cut), *FLAGS)
+    driver = start("run", "--target", str(target), "--run-dir", str(cut), *FLAGS)
     deadline = time.monotonic() + 300
     while finished(cut) < 4 and time.monotonic() < deadline:  # into generation 2: history counts
         time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert finished(cut) >= 4
-    out, _ = selfprog("resume", str(cut)).communicate(timeout=600)
+    out, _ = start("resume", str(cut)).communicate(timeout=600)
     assert "run finished" in out, out
     made = proposals(whole)
     assert len(made) == 6 and all(r[3] for r in made)
