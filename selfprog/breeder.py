@@ -24,6 +24,7 @@ from selfprog.prompt import build_prompt
 from selfprog.proposers.base import Proposal, ProposalRequest, Proposer
 from selfprog.records import Candidate, program_key
 from selfprog.rundir import MODELS, Run
+from selfprog.space import space_for
 from selfprog.states import State
 from selfprog.untrusted import one_line
 
@@ -187,7 +188,7 @@ class Breeder:
             self.proposer.template,
             history,
         )
-        space = settings.space_for(
+        space = space_for(
             settings.of_program(files),
             files,
             run.target.space,

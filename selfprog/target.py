@@ -15,6 +15,7 @@ from typing import Any
 from selfprog import settings
 from selfprog.errors import TargetError
 from selfprog.records import parse_python
+from selfprog.space import Declared, declared_problems, parse_declared
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,7 +94,7 @@ class Target:
     task: str = DEFAULT_TASK  # what the program is, as prompts say it ("improving <task>")
     rules: tuple[str, ...] = ()  # what every version of the program must keep, for prompts
     descriptors: tuple[str, ...] = ()  # metrics that place a candidate on map-elites' grid
-    space: settings.Declared = field(default_factory=settings.Declared)  # [space]: tuned there
+    space: Declared = field(default_factory=Declared)  # [space]: tuned there
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -231,11 +232,11 @@ def load_target(where: str | Path) -> Target:
     )
     if budget_read and budget.seconds == 0 and budget.steps == 0:
         read.problems.append("[budget] needs seconds or steps above 0")
-    space, space_problems = settings.parse_declared(raw.get("space"))
+    space, space_problems = parse_declared(raw.get("space"))
     read.problems += space_problems
     if not space_problems and not _file_problems(root, editable, fixed):
         seed = {name: (root / name).read_text(errors="replace") for name in editable}
-        read.problems += settings.declared_problems(space, settings.of_program(seed))
+        read.problems += declared_problems(space, settings.of_program(seed))
     target = Target(
         name=read.string("", "name"),
         root=root,

@@ -23,6 +23,7 @@ from selfprog.data import Dataset, default_cache, prepare_data
 from selfprog.errors import TargetError
 from selfprog.runners.base import Limits, Phase, Runner
 from selfprog.scoring import State, score_program, stage_program
+from selfprog.space import space_for
 from selfprog.target import TARGET_FILE, Target, evaluator_warnings, unlisted_scripts
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def space_findings(target: Target) -> list[Finding]:
     """Returns the settings the numeric proposer tunes in the seed, each with its range."""
     files = {name: (target.root / name).read_text(errors="replace") for name in target.editable}
     found = settings.of_program(files)
-    dims = settings.space_for(found, files, target.space)
+    dims = space_for(found, files, target.space)
     if not dims:
         return [
             Finding(

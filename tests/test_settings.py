@@ -13,6 +13,7 @@ from selfprog.edits import apply_edits, parse_edits
 from selfprog.errors import TargetError
 from selfprog.scaffold import new_target
 from selfprog.schema import SCHEMA_VERSION
+from selfprog.space import Declared, infer, parse_declared, space_for
 from selfprog.target import load_target
 
 PROGRAM = '''"""A training program in a common style: constants at the top, a config class."""
@@ -69,7 +70,7 @@ def test_settings_are_every_constant_at_the_top_and_in_class_bodies() -> None:
 
 def test_the_inferred_space_reads_the_program_and_leaves_what_is_no_hyperparameter() -> None:
     files = {"train.py": PROGRAM}
-    space = settings.space_for(settings.of_program(files), files, settings.Declared())
+    space = space_for(settings.of_program(files), files, Declared())
     shown = {d.key: d.describe() for d in space}
     assert shown == {
         "LEARNING_RATE": "float 3e-05 .. 0.003, log",
@@ -86,7 +87,7 @@ def test_the_inferred_space_reads_the_program_and_leaves_what_is_no_hyperparamet
 
 def test_a_declared_space_overrides_includes_and_excludes() -> None:
     files = {"train.py": PROGRAM}
-    declared, problems = settings.parse_declared(
+    declared, problems = parse_declared(
         {
             "include": ["width"],
             "exclude": ["dropout"],
@@ -96,7 +97,7 @@ def test_a_declared_space_overrides_includes_and_excludes() -> None:
         }
     )
     assert problems == []
-    space = settings.space_for(settings.of_program(files), files, declared)
+    space = space_for(settings.of_program(files), files, declared)
     assert [(d.key, d.describe()) for d in space] == [
         ("LEARNING_RATE", "float 1e-05 .. 0.01, log"),
         ("SEED", "one of 1, 2"),  # declared, so tuned though the name reads as no hyperparameter
@@ -120,7 +121,7 @@ def test_a_declared_space_overrides_includes_and_excludes() -> None:
     ],
 )
 def test_a_declared_space_that_cannot_be_read_says_why(raw: dict, problem: str) -> None:
-    _, problems = settings.parse_declared(raw)
+    _, problems = parse_declared(raw)
     assert len(problems) == 1 and problems[0].startswith(problem)
 
 
@@ -220,7 +221,7 @@ def test_a_huge_or_odd_literal_is_no_setting_and_never_stops_the_archive(tmp_pat
     files = {"train.py": source}
     found = {s.key: s.value for s in settings.of_program(files)}
     assert found == {"huge": 1e308, "tiny": 5e-324, "width2": 64, "shift": -0.5}  # lr: set twice
-    space = settings.space_for(settings.of_program(files), files, settings.Declared())
+    space = space_for(settings.of_program(files), files, Declared())
     assert [d.key for d in space] == ["width2"]  # no range a float cannot hold; none below zero
     archive = Archive.create(tmp_path / "archive.sqlite", {"run_id": "r"})
     with archive.transaction() as db:  # json.dumps of the 4,800-digit int used to raise here
@@ -238,7 +239,7 @@ def test_two_settings_on_one_line_are_both_set() -> None:
 
 def test_a_fraction_near_one_keeps_its_distance_to_one() -> None:
     beta2 = settings.of_program({"train.py": "beta2 = 0.999\n"})[0]
-    dim = settings.infer(beta2, {})
+    dim = infer(beta2, {})
     assert dim is not None and dim.high < 1.0 and settings.rounded(0.99951) == 0.99951
     assert settings.render(settings.rounded(1.2345e-4), "3e-4") == "1.23e-4"
     assert settings.render(3e-4, "1e-3") == "3.0e-4"  # as mutate has always written it
@@ -264,5 +265,5 @@ def test_a_program_of_thousands_of_constants_is_searched_by_its_first() -> None:
 
 
 def test_choices_that_are_not_finite_are_refused() -> None:
-    _, problems = settings.parse_declared({"dropout": {"choices": [float("nan"), 0.1]}})
+    _, problems = parse_declared({"dropout": {"choices": [float("nan"), 0.1]}})
     assert problems == ["[space.dropout] choices must be finite numbers"]

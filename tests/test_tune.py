@@ -22,6 +22,7 @@ from selfprog.proposers.base import ProposalRequest
 from selfprog.proposers.tune import NO_SPACE, TuneProposer, make_sampler, rebuild
 from selfprog.scaffold import new_target
 from selfprog.settings import Trial
+from selfprog.space import Declared, space_for
 from tests.test_loop import start  # the CLI as a child process, unbuffered
 
 SCAFFOLD = Path(__file__).resolve().parents[1] / "selfprog" / "scaffolds" / "minimal" / "train.py"
@@ -29,7 +30,7 @@ SCAFFOLD = Path(__file__).resolve().parents[1] / "selfprog" / "scaffolds" / "min
 
 def scaffold_request(history: tuple[Trial, ...] = (), seed: int = 3, known=None) -> ProposalRequest:  # type: ignore[no-untyped-def]
     files = {"train.py": SCAFFOLD.read_text()}
-    space = settings.space_for(settings.of_program(files), files, settings.Declared())
+    space = space_for(settings.of_program(files), files, Declared())
     seed_trial = Trial(1, "ok", 0.5, settings.values(files))
     return ProposalRequest(
         parent_id=1,
@@ -351,7 +352,7 @@ def test_a_run_with_an_lm_and_tune_asks_both_and_the_lm_starts_a_new_family(
 def test_a_nearly_explored_space_still_gets_programs_not_tried() -> None:
     source = "act = 'a'\nopt = 'x'\nif act in ('a', 'b', 'c', 'd', 'e') or opt in ('x', 'y', 'z', 'w'):\n    pass\n"
     files = {"train.py": source}
-    space = settings.space_for(settings.of_program(files), files, settings.Declared())
+    space = space_for(settings.of_program(files), files, Declared())
     points = [(a, o) for a in "abcde" for o in "xyzw"]  # 20 programs
     tried = {(a, o) for a, o in points[:15]}
     history = tuple(

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from selfprog.settings import Dimension, Trial
+from selfprog.settings import Trial
+from selfprog.space import Dimension
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,8 @@ from selfprog import settings
 from selfprog.errors import ConfigError
 from selfprog.proposers.base import Proposal, ProposalRequest
 from selfprog.records import program_key
-from selfprog.settings import Dimension, Setting, Trial, Value
+from selfprog.settings import Setting, Trial, Value
+from selfprog.space import Dimension
 from selfprog.states import FAILED, UNFINISHED, State
 
 # CMA-ES is left out: Optuna's keeps its state in the study it ran, so one rebuilt from the
