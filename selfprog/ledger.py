@@ -85,6 +85,26 @@ class Ledger:
         )
         return int(cursor.lastrowid or 0)
 
+    def one_failure(self, n: int, calls: int) -> str:
+        """Returns the reason every child of the latest `calls` proposer calls shares, when they
+        are n or more and no child ever held a program (each failed before training, the same
+        way), else "". A proposer that raised is not counted (its own breaker judges it)."""
+        trained = self.db.execute(
+            "SELECT 1 FROM candidates WHERE generation > 0 AND program_hash IS NOT NULL LIMIT 1"
+        ).fetchone()
+        if trained:
+            return ""
+        rows = self.db.execute(
+            "SELECT c.reason, p.call_id FROM candidates c JOIN proposals p ON p.id = c.proposal_id "
+            "WHERE p.call_id IN (SELECT id FROM calls ORDER BY id DESC LIMIT ?)",
+            (calls,),
+        ).fetchall()
+        reasons = {str(reason) for reason, _ in rows}
+        if len(rows) < n or len(reasons) != 1 or len({call for _, call in rows}) < calls:
+            return ""
+        reason = reasons.pop()
+        return "" if reason.startswith("the proposer failed: the proposer raised") else reason
+
     def payoff(self, minimize: bool) -> dict[str, tuple[int, int]]:
         """Returns, per source of children ("tune" or "lm"), how many were judged and how many
         of those scored better than their parent (mean scores; invalid ones count as losses)."""
