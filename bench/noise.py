@@ -7,12 +7,20 @@ rules get the same number of evaluations per trial:
 
 - greedy: the classic keep/discard. Each child is evaluated once and kept
   when its one observation beats the champion's one observation.
-- selfprog: the seed is evaluated with `noise_seeds` seeds to measure the
-  noise; the generation's best-looking child, if it looks better than the
-  champion but not yet clearly, is re-evaluated up to `confirm_seeds` seeds and kept only when its mean is better beyond `z`
-  standard errors of the difference (selfprog.selection.clearly_better). The
-  noise floor is pooled over every candidate evaluated more than once
-  (selfprog.selection.noise_floor), re-estimated before each decision.
+- selfprog, final pick (the default, `selection.finalists` 2): the seed is
+  evaluated with `noise_seeds` (3) seeds; a child is kept when its one
+  evaluation beats the champion's mean; at the end the best means are
+  evaluated again (`confirm_seeds`, 2) until the best is confirmed
+  (selfprog.selection.final_round), and the champion is the best mean. The
+  evaluations this takes come out of the same budget.
+- selfprog, confirming as it goes (`selection.finalists` 0): the seed is
+  evaluated with `noise_seeds` seeds to measure the noise; the generation's
+  best-looking child, if it looks better than the champion but not yet
+  clearly, is re-evaluated up to `confirm_seeds` (3) seeds and kept only
+  when its mean is better beyond `z` standard errors of the difference
+  (selfprog.selection.clearly_better). The noise floor is pooled over every
+  candidate evaluated more than once (selfprog.selection.noise_floor),
+  re-estimated before each decision.
 
 How the noise falls (`--noise`): `even`, every evaluation spreads by NOISE;
 `busy-seed`, the seed's evaluations spread 20 times more (a busy machine while
@@ -21,9 +29,9 @@ genuinely noisy program whose evaluations spread 8 times more.
 
 A false keep is a kept child whose true score is not better than the true
 score of the champion it replaced. The last line reads
-`false_keep_ratio=R true_score_delta=D`: R is selfprog's false keeps over
-greedy's; D is greedy's final true score minus selfprog's (positive: selfprog
-ended better).
+`false_keep_ratio=R true_score_delta=D`: R is the false keeps of selfprog
+confirming as it goes (greedy lineage) over greedy's; D is greedy's final true
+score minus the default's, greedy lineage (positive: selfprog ended better).
 
     python bench/noise.py                       # 300 trials
     python bench/noise.py --quick               # 60 trials, for CI
@@ -37,7 +45,15 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from selfprog.selection import Member, clearly_better, needs_confirmation, noise_floor, select
+from selfprog.selection import (
+    Member,
+    champion,
+    clearly_better,
+    final_round,
+    needs_confirmation,
+    noise_floor,
+    select,
+)
 
 SEED_TRUE = 3.0
 NOISE = 0.04  # per-evaluation spread, as seen between seeds on tinylm
@@ -153,6 +169,54 @@ def noise_aware(
     return Outcome(truth[accepted[-1]], keeps, false_keeps)
 
 
+def final_pick(
+    trial: int, budget: int, policy: str, noise_seeds: int, finalists: int, confirm_seeds: int
+) -> Outcome:
+    """selfprog's default: keep on the mean as the run goes, confirm the best few at the end."""
+    rng, spread_rng = random.Random(trial), random.Random(trial + 20_000)
+    truth, spread = {1: SEED_TRUE}, {1: NOISE * seed_factor}
+    scores = {1: [observe(SEED_TRUE, rng, spread[1]) for _ in range(noise_seeds)]}
+    children: dict[int, int] = {}
+    accepted, used, keeps, false_keeps = [1], noise_seeds, 0, 0
+    select_rng = random.Random(trial + 10_000)
+    reserve = finalists * (confirm_seeds - 1)  # what the end usually takes (more when luck ran out)
+
+    def members() -> list[Member]:
+        return [Member(i, tuple(s), children.get(i, 0)) for i, s in scores.items()]
+
+    while used < budget - reserve:
+        plan = select(policy, members(), POPULATION, select_rng, minimize=True, accepted=accepted)
+        born = []
+        for parent, k in plan:
+            for _ in range(k):
+                if used >= budget - reserve:
+                    break
+                child = max(truth) + 1
+                truth[child] = truth[parent] + step(rng)
+                spread[child] = child_spread(spread_rng)
+                scores[child] = [observe(truth[child], rng, spread[child])]
+                children[parent] = children.get(parent, 0) + 1
+                used += 1
+                born.append(child)
+        for child in born:  # kept, in order, on the mean
+            best = champion(members(), accepted)
+            assert best is not None
+            if clearly_better(Member(child, tuple(scores[child])), best, 0.0, 0.0, True):
+                keeps += 1
+                false_keeps += truth[child] >= truth[best.id]
+                accepted.append(child)
+    asked: set[int] = set()
+    while True:  # the run's end
+        pick, again = final_round(members(), finalists, confirm_seeds, True, asked)
+        if not again or used >= budget:
+            return Outcome(truth[pick.id], keeps, false_keeps)
+        for i in again:
+            asked.add(i)
+            while len(scores[i]) < confirm_seeds and used < budget:
+                scores[i].append(observe(truth[i], rng, spread[i]))
+                used += 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="selfprog's acceptance against the keep/discard rule"
@@ -179,10 +243,16 @@ def main() -> None:
     trials = 60 if args.quick else args.trials
     results = {
         "greedy (keep/discard)": [classic(t, args.budget) for t in range(trials)],
-        "selfprog, greedy lineage": [
+        "selfprog default, greedy": [
+            final_pick(t, args.budget, "greedy", 3, 2, 2) for t in range(trials)
+        ],
+        "selfprog default, archive": [
+            final_pick(t, args.budget, "archive", 3, 2, 2) for t in range(trials)
+        ],
+        "as it goes, greedy lineage": [
             noise_aware(t, args.budget, "greedy", 3, 3, 2.0) for t in range(trials)
         ],
-        "selfprog, archive": [
+        "as it goes, archive": [
             noise_aware(t, args.budget, "archive", 3, 3, 2.0) for t in range(trials)
         ],
     }
@@ -196,10 +266,10 @@ def main() -> None:
         false = sum(o.false_keeps for o in outcomes)
         final = statistics.fmean(o.final_true for o in outcomes)
         print(f"{name:28s} {keeps:7d} {false:12d} {final:17.4f}")
-    greedy, ours = results["greedy (keep/discard)"], results["selfprog, greedy lineage"]
-    ratio = sum(o.false_keeps for o in ours) / max(1, sum(o.false_keeps for o in greedy))
+    greedy, careful = results["greedy (keep/discard)"], results["as it goes, greedy lineage"]
+    ratio = sum(o.false_keeps for o in careful) / max(1, sum(o.false_keeps for o in greedy))
     delta = statistics.fmean(o.final_true for o in greedy) - statistics.fmean(
-        o.final_true for o in ours
+        o.final_true for o in results["selfprog default, greedy"]
     )
     print(f"false_keep_ratio={ratio:.3f} true_score_delta={delta:+.4f}")
 

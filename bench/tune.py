@@ -17,9 +17,10 @@ its archive; 1 + generations x population when no selfprog run is chosen):
 - random: the same study with Optuna's RandomSampler (TPE's first 10 trials,
   Optuna's default start-up, are these same random ones).
 selfprog-default runs selfprog's defaults whole (the seed evaluated 3 times,
-the best-looking children confirmed, z = 2), its repeats counted in N; the
-other runs share search.py's plain acceptance (one evaluation each, z = 0).
-Each method's pick (its best-scoring program) is retrained on seeds
+children accepted on their mean, the best confirmed at the run's end), its
+repeats counted in N; the other runs share search.py's plain acceptance (one
+evaluation each, z = 0). Each method's pick (a run's champion, what `selfprog
+status` calls its best; a study's best trial) is retrained on seeds
 1001..1005 and the mean is its true score, so selection luck does not count;
 the seed program's true score is measured the same way. The scaffold's
 prepare.py draws its hidden function from the OS's entropy, so every run and
@@ -150,7 +151,7 @@ def evaluate(
 
 
 def run_selfprog(method: str, target: Path, seed: int, args: argparse.Namespace) -> Outcome:
-    """One real `selfprog run`; its pick is the best candidate, exported to a folder."""
+    """One real `selfprog run`; its pick is its champion, exported to a folder."""
     folder = args.root / f"seed-{seed}"
     run_dir = folder / method
     argv = [*SELFPROG, "run", "--target", str(target), "--runner", "local"]
@@ -183,9 +184,9 @@ def run_selfprog(method: str, target: Path, seed: int, args: argparse.Namespace)
     finally:
         db.close()
     sandbox = sum(t.get("train", 0.0) + t.get("evaluate", 0.0) for t in timings)
-    best = json.loads(selfprog("top", str(run_dir), "-n", "1", "--json").stdout)[0]
+    best = json.loads(selfprog("status", str(run_dir), "--json").stdout)["best"]
     pick = folder / f"{method}-pick"
-    selfprog("export", str(run_dir), str(best["id"]), str(pick))
+    selfprog("export", str(run_dir), str(best["candidate"]), str(pick))
     return Outcome(pick, len(timings), sandbox, wall)
 
 

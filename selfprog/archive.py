@@ -180,12 +180,14 @@ class Archive(Ledger, Phases, Families):
             "diff",
             "rationale",
             "duplicate_of",
+            "origin",
+            "accepted",
             "evals_needed",
             "created",
         ]
         values = [fields.get(c) for c in columns[:-2]] + [
             fields.get("evals_needed", 1),
-            time.time(),
+            fields.get("created", time.time()),
         ]
         cursor = db.execute(
             f"INSERT INTO candidates ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
@@ -302,6 +304,11 @@ class Archive(Ledger, Phases, Families):
         with self.transaction() as db:
             db.execute("UPDATE candidates SET evals_needed = ? WHERE id = ?", (n, candidate_id))
 
+    def evaluated_at_least(self, n: int) -> set[int]:
+        """Returns the candidates with n or more evaluations asked for (recorded or not)."""
+        rows = self.db.execute("SELECT id FROM candidates WHERE evals_needed >= ?", (n,))
+        return {row[0] for row in rows}
+
     def set_accepted(self, candidate_id: int, accepted: bool) -> None:
         self.set_accepted_many({candidate_id: accepted})
 
@@ -336,9 +343,10 @@ class Archive(Ledger, Phases, Families):
             return self._select()
         return [c for part, marks in _chunks(ids) for c in self._select(f"id IN ({marks})", part)]
 
-    def count(self) -> int:
-        """Returns how many candidates the archive holds."""
-        return int(self.db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0])
+    def count(self, imported: bool = True) -> int:
+        """Returns how many candidates the archive holds (its own only, without imported)."""
+        only = "" if imported else " WHERE origin IS NULL"
+        return int(self.db.execute(f"SELECT COUNT(*) FROM candidates{only}").fetchone()[0])
 
     def last_generation(self) -> int:
         """Returns the latest generation that has a candidate (0 if none)."""
@@ -436,7 +444,7 @@ class Archive(Ledger, Phases, Families):
         return self.in_states(*UNFINISHED)
 
     def accepted(self) -> list[Candidate]:
-        """Returns the candidates accepted as better clear of the noise, in id order."""
+        """Returns the accepted candidates (each beat the champion before it, or was picked at the end), in id order."""
         return self._select("accepted = 1")
 
     def accepted_ids(self) -> list[int]:

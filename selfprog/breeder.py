@@ -69,6 +69,20 @@ class Call:
         return self
 
 
+def add_seed(run: Run, db: Any) -> int:
+    """Records the target's seed program as generation 0, inside a transaction; returns its id."""
+    files = {name: (run.target.root / name).read_text() for name in run.target.editable}
+    return run.archive.add_candidate(
+        db,
+        generation=0,
+        program_hash=run.archive.put_program(db, files),
+        program_key=program_key(files),
+        state=PENDING,
+        rationale="the seed program",
+        evals_needed=run.config.selection.noise_seeds,  # they measure the noise floor
+    )
+
+
 class Breeder:
     """Turns a generation's plan into proposer calls and their answers into children."""
 
@@ -90,19 +104,8 @@ class Breeder:
         self.exhausted = ""  # why nothing more will be bred, once that is so
 
     def add_seed(self) -> None:
-        target = self.run.target
-        files = {name: (target.root / name).read_text() for name in target.editable}
         with self.archive.transaction() as db:
-            phash = self.archive.put_program(db, files)
-            self.archive.add_candidate(
-                db,
-                generation=0,
-                program_hash=phash,
-                program_key=program_key(files),
-                state=PENDING,
-                rationale="the seed program",
-                evals_needed=self.run.config.selection.noise_seeds,  # they measure the noise floor
-            )
+            add_seed(self.run, db)
 
     def open_generation(self) -> int:
         """Returns the generation with calls still to make (0 when none is, or none will be made)."""
@@ -169,7 +172,7 @@ class Breeder:
         limit = self.run.config.run.max_candidates
         if not limit:
             return k
-        return max(0, min(k, limit - self.archive.count()))
+        return max(0, min(k, limit - self.archive.count(imported=False)))
 
     def _call(self, generation: int, parent: Candidate, k: int) -> Call:
         run = self.run

@@ -78,7 +78,8 @@ class ProposerSection:
 class SelectionSection:
     policy: str = "archive"
     noise_seeds: int = 3
-    confirm_seeds: int = 3
+    confirm_seeds: int = 2
+    finalists: int = 2  # confirmed at the run's end; 0: each generation's best-looking child
     z: float = 2.0
     sharpness: float = 10.0
 
@@ -128,6 +129,7 @@ _NON_NEGATIVE = {
     "steps",
     "timeout",
     "cpus",
+    "finalists",  # 0: confirm as the run goes
 }
 
 
@@ -237,7 +239,7 @@ STEERABLE: dict[str, frozenset[str]] = {
     ),
     "runner": frozenset({"memory", "address"}),  # cpus: kept when the workers change
     "proposer": frozenset(f.name for f in fields(ProposerSection)),
-    "selection": frozenset({"policy", "confirm_seeds", "z", "sharpness"}),
+    "selection": frozenset({"policy", "confirm_seeds", "finalists", "z", "sharpness"}),
 }
 _FIXED_WHY = {
     "run.target": "the target is what the run improves",
@@ -308,6 +310,9 @@ def thaw(path: Path) -> Config:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the run's frozen config ({exc})") from None
+    selection = raw.get("selection")
+    if isinstance(selection, dict) and "finalists" not in selection:
+        selection["finalists"] = 0  # frozen before the final pick: it goes on as it began
     return from_dict(raw, str(path))
 
 

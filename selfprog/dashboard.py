@@ -90,7 +90,7 @@ def summary(run: Run) -> dict[str, Any]:
 
     archive = run.archive
     counts = archive.counts()
-    seed_score, champion, change = headline(run)  # the best is the one clear of the noise
+    seed_score, champion, change = headline(run)  # the champion: the best accepted
     floor = Population(run).noise_floor()
     holder = lock_holder(run.root)
     numbers: dict[str, Any] = {

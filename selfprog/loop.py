@@ -171,7 +171,7 @@ class Driver:
                     continue
                 if self.breeder.exhausted:
                     self.judge.settle(self.breeder.closed_through())  # all of it is closed now
-                    if not self._due():
+                    if not self._due() and not self.judge.finalize():
                         return self.breeder.exhausted
                 stalled += 1  # what settling just made due starts on the next round
                 if stalled > 1:  # nothing runs and nothing may start: a bug, never a silent spin
@@ -410,7 +410,7 @@ class Driver:
 
     def _limit_reached(self) -> str:
         run = self.run.config.run
-        if run.max_candidates and self.archive.count() >= run.max_candidates:
+        if run.max_candidates and self.archive.count(imported=False) >= run.max_candidates:
             return f"reached max_candidates ({run.max_candidates})"
         spent = self._spend_reached()
         if spent:

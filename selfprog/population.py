@@ -61,8 +61,8 @@ class Population:
         return self.noise_floor().sd
 
     def champion(self) -> Member | None:
-        """Returns the best candidate accepted clear of the noise, if any."""
-        return champion(self.members(), self.archive.accepted_ids())
+        """Returns the champion: the accepted candidate with the best mean, if any."""
+        return champion(self.members(), self.archive.accepted_ids(), self.minimize)
 
     def can_select(self) -> bool:
         """Returns whether parents can be drawn now, or an unscored seed is the only choice.

@@ -113,10 +113,12 @@ class Reporter:
                     self.best_text(),
                 )
         elif kind == "accepted":
+            log.info("candidate %d %s", event["candidate"], _accepted_text(event))
+        elif kind == "final":
             log.info(
-                "candidate %d is better clear of the noise: mean %.4f",
-                event["candidate"],
-                event["score"],
+                "the run's end: confirming the best %d with more evaluations (candidates %s)",
+                len(event["candidates"]),
+                ", ".join(map(str, event["candidates"])),
             )
         if self.live is not None:
             self.view.snap = self._snapshot()
@@ -129,6 +131,16 @@ class Reporter:
             self.active_before + time.time() - self.started,
             driver=f"pid {os.getpid()}",
         )
+
+
+def _accepted_text(event: dict[str, Any]) -> str:
+    """Returns why a candidate was accepted, as the run log says it."""
+    mean = f"mean {event['score']:.4f}"
+    if event.get("why") == "final":
+        return f"is the champion: {mean} over {event['evaluations']} evaluations, confirmed"
+    if event.get("why") == "mean":
+        return f"is the best so far: {mean} (the best few are confirmed at the run's end)"
+    return f"is better clear of the noise: {mean}"
 
 
 def follow(run: Run, every: float = FOLLOW) -> None:

@@ -262,7 +262,7 @@ def check_id(text: str) -> int:
 
 
 def headline(run: Run) -> tuple[float | None, Candidate | None, float | None]:
-    """Returns the seed's score, the best candidate clear of the noise, and its change from
+    """Returns the seed's score, the champion (the best accepted candidate), and its change from
     the seed in percent (None where there is none yet)."""
     seed = run.archive.seed()
     champion = run.archive.best(run.target.minimize, 1, accepted=True)

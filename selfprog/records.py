@@ -52,8 +52,9 @@ class Candidate:
     duplicate_of: int | None
     attempts: int
     evals_needed: int
-    accepted: bool | None  # better than the best before it, clear of the noise (None: undecided)
+    accepted: bool | None  # better than the champion before it, or the final pick (None: undecided)
     node: str = ""  # where it was scored (the host, or the cluster node)
+    origin: str = ""  # imported by a warm start: `RUN_ID#ID` in the run it came from
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,4 +175,5 @@ def candidate_of(row: sqlite3.Row) -> Candidate:
         evals_needed=row["evals_needed"],
         accepted=None if row["accepted"] is None else bool(row["accepted"]),
         node=(row["node"] or "") if "node" in row.keys() else "",  # noqa: SIM118 (a Row's `in` looks at values); schema 1, read-only
+        origin=(row["origin"] or "") if "origin" in row.keys() else "",  # noqa: SIM118 (as above); schema < 9
     )

@@ -57,7 +57,11 @@ def progress_plot(run: Run) -> bytes:
             zorder=3,
         )
         accepted = run.archive.accepted()
-        kept = [(c.id, c.score) for c in accepted if c.score is not None]  # the improvements
+        kept: list[tuple[int, float]] = []  # the improvements: the best accepted so far
+        sign = 1 if run.target.minimize else -1
+        for c in accepted:
+            if c.score is not None and (not kept or sign * c.score < sign * kept[-1][1]):
+                kept.append((c.id, c.score))
         if kept:
             steps_x = [x for x, _ in kept] + [last]
             steps_y = [y for _, y in kept] + [kept[-1][1]]
@@ -68,7 +72,7 @@ def progress_plot(run: Run) -> bytes:
                 color="#2ca02c",
                 linewidth=2,
                 zorder=2,
-                label="best, clear of the noise",
+                label="the champion (accepted)",
             )
         rationale = {c.id: c.rationale for c in accepted}
         steps = kept[1:]
@@ -216,7 +220,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
     counts = archive.counts()
     seed = archive.seed()
     best = top(run, best_n, ("ok",))
-    seed_score, champion, change = headline(run)  # the best is the one clear of the noise
+    seed_score, champion, change = headline(run)  # the champion: the best accepted
     diffs = [
         (row, diff_html(archive.candidate(row["id"]).diff))
         for row in best

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from selfprog import gpus
 from selfprog.data import Dataset
-from selfprog.errors import RunnerError
+from selfprog.errors import RunnerError, SelfprogError
 from selfprog.rundir import Run
 from selfprog.runners import make_runner
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
@@ -143,8 +143,11 @@ def score_job(scoring: Scoring, job: Job, runner: Runner, work: Path, node: str)
         program_dir = work / "candidate"
         shutil.rmtree(work, ignore_errors=True)
         for path, text in job.files.items():
-            (program_dir / path).parent.mkdir(parents=True, exist_ok=True)
-            (program_dir / path).write_text(text)
+            dest = program_dir / path
+            if not dest.resolve().is_relative_to(program_dir.resolve()):  # from a hostile archive
+                raise SelfprogError(f"the program names a file outside itself: {path!r}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
         result = score_program(
             scoring.target,
             program_dir,

@@ -9,8 +9,9 @@ from selfprog.records import file_key, key_of
 
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
 # 6: the jobs running now, each in its phase; 7: each evaluation's phase times;
-# 8: each program's family and settings, each proposal's model
-SCHEMA_VERSION = 8
+# 8: each program's family and settings, each proposal's model; 9: where an imported candidate
+# came from (a warm start)
+SCHEMA_VERSION = 9
 EVALUATION_TIMINGS_SINCE = 7  # a reader of an older, unmigrated archive has none
 
 SCHEMA = """
@@ -39,7 +40,7 @@ CREATE TABLE candidates (
     score REAL, metrics TEXT, reason TEXT, log_tail TEXT, timings TEXT, data_hash TEXT,
     diff TEXT, rationale TEXT, duplicate_of INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
     evals_needed INTEGER NOT NULL DEFAULT 1, accepted INTEGER,
-    created REAL NOT NULL, started REAL, finished REAL, node TEXT
+    created REAL NOT NULL, started REAL, finished REAL, node TEXT, origin TEXT
 );
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
@@ -85,7 +86,7 @@ def add_indexes(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Brings an archive written by schema 1 to 6 to the current schema.
+    """Brings an archive written by schema 1 to 8 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
@@ -97,7 +98,8 @@ def migrate(db: sqlite3.Connection) -> None:
     or evaluate) and since when, for those who watch a run; schema 7 each evaluation's
     phase times (the seed's repeats measure the allowance of a seconds budget); schema 8
     each stored program's family and settings' values, filled in here from the programs, and
-    the model (or numeric proposer) that wrote each proposal.
+    the model (or numeric proposer) that wrote each proposal; schema 9 where a candidate
+    imported by a warm start came from (`RUN_ID#ID`; NULL: the run's own).
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -107,6 +109,7 @@ def migrate(db: sqlite3.Connection) -> None:
         ("candidates", "program_key", "TEXT"),
         ("evaluations", "timings", "TEXT"),
         ("proposals", "model", "TEXT"),
+        ("candidates", "origin", "TEXT"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}

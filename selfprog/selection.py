@@ -135,11 +135,50 @@ def needs_confirmation(child: Member, best: Member, noise: float, z: float, mini
     )
 
 
-def champion(members: Sequence[Member], accepted: Sequence[int]) -> Member | None:
-    """Returns the latest accepted member: the head of the kept lineage."""
+def final_round(
+    members: Sequence[Member],
+    finalists: int,
+    confirm_seeds: int,
+    minimize: bool,
+    asked: Iterable[int] = (),
+) -> tuple[Member, list[int]]:
+    """Returns the member with the best mean and, while it is not confirmed, who to evaluate again.
+
+    A member is confirmed once it has `confirm_seeds` scores. While the best
+    mean is not confirmed, the unconfirmed among the best `finalists` are
+    evaluated again, together: a lucky mean falls, and whoever then leads is
+    asked about in turn. A member whose evaluations were `asked` for and
+    still fall short failed one of them (a timeout, a non-finite score): it
+    cannot be picked on the lucky score it has, unless no member is left.
+    Ties go to the earlier id.
+
+    Raises:
+        ValueError: no member.
+    """
+    if not members:
+        raise ValueError("no scored candidate to pick from")
+    done = set(asked)
+    failed = {m.id for m in members if m.id in done and len(m.scores) < confirm_seeds}
+    pool = [m for m in members if m.id not in failed] or list(members)
+    ranked = sorted(pool, key=lambda m: (-goodness(m.mean, minimize), m.id))
+    short = [m.id for m in ranked[:finalists] if len(m.scores) < confirm_seeds and m.id not in done]
+    return ranked[0], (short if ranked[0].id in short else [])
+
+
+def champion(
+    members: Sequence[Member], accepted: Sequence[int], minimize: bool = True
+) -> Member | None:
+    """Returns the accepted member with the best mean, the earliest among equals.
+
+    Each acceptance beats the champion before it, so this is the head of the
+    kept lineage; it differs only once a final pick's confirmations have
+    lowered a lucky mean (`Judge.finalize`).
+    """
     by_id = {m.id: m for m in members}
     kept = [by_id[i] for i in accepted if i in by_id]
-    return kept[-1] if kept else None
+    if not kept:
+        return None
+    return max(kept, key=lambda m: goodness(m.mean, minimize))  # max keeps the first
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +254,7 @@ def select(
     if not members:
         raise ValueError("no scored candidate to select parents from")
     if policy == "greedy":
-        head = champion(members, accepted) or members[0]
+        head = champion(members, accepted, minimize) or members[0]
         return [(head.id, population)]
     if policy == "archive":
         chances = archive_probabilities(members, minimize, sharpness)

@@ -47,6 +47,16 @@ def test_bad_values_are_refused_with_a_precise_message(overrides: list[str], mes
     assert message in str(err.value)
 
 
+def test_a_run_frozen_before_the_final_pick_goes_on_confirming_as_it_goes(tmp_path: Path) -> None:
+    import json
+
+    raw = Config().to_json()
+    del raw["selection"]["finalists"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert thaw(tmp_path / "config.json").selection.finalists == 0
+    assert Config().selection.finalists == 2  # a new run picks at its end
+
+
 def test_frozen_config_round_trips(tmp_path: Path) -> None:
     config = load_config(None, ["run.seed=4", "proposer.kind=openai"])
     freeze(config, tmp_path / "config.json")

@@ -122,23 +122,28 @@ def test_only_an_ambiguous_child_is_evaluated_again() -> None:
     assert not needs_confirmation(Member(4, (3.10,)), best, 0.04, 2.0, True)  # looks worse
 
 
-def judged_run(tmp_path):  # type: ignore[no-untyped-def]
+# confirming as the run goes: the generation's best-looking child, clear of the noise
+AS_IT_GOES = ("selection.finalists=0", "selection.confirm_seeds=3")
+
+
+def judged_run(tmp_path, *settings: str, events: list | None = None):  # type: ignore[no-untyped-def]
     """Returns a fresh run's archive, population and judge: an archive to script evaluations in."""
     from selfprog.config import load_config
     from selfprog.judge import Judge
     from selfprog.population import Population
     from selfprog.rundir import create_run
 
-    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
+    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local", *settings]))
     population = Population(run)
-    return run.archive, population, Judge(run, population, lambda event: None)
+    on_event = events.append if events is not None else (lambda event: None)
+    return run.archive, population, Judge(run, population, on_event)
 
 
 def test_the_loop_reevaluates_and_judges_against_the_noise(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Judge.confirm and accept on an archive with scripted evaluations (no training)."""
     from selfprog.scoring import Result, State
 
-    archive, population, judge = judged_run(tmp_path)
+    archive, population, judge = judged_run(tmp_path, *AS_IT_GOES)
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
         lucky = archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
@@ -199,7 +204,7 @@ def test_a_seed_scored_on_a_busy_machine_does_not_block_every_child(tmp_path) ->
     """
     from selfprog.scoring import Result, State
 
-    archive, population, judge = judged_run(tmp_path)
+    archive, population, judge = judged_run(tmp_path, *AS_IT_GOES)
     with archive.transaction() as db:
         seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
         first, also = (
@@ -334,3 +339,106 @@ def test_sharpness_sets_how_steeply_chances_rise_with_score() -> None:
     assert steep[1] > 0.45 and steep[4] < 1e-6
     picks = select("archive", members, 20, random.Random(1), True, sharpness=50.0)
     assert {parent for parent, _ in picks} <= {1, 2}
+
+
+def test_the_final_pick_accepts_on_the_mean_and_confirms_the_best_at_the_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The default: children accepted on one evaluation; the best few confirmed at the end."""
+    from selfprog.scoring import Result, State
+
+    events: list[dict] = []
+    archive, population, judge = judged_run(tmp_path, events=events)  # finalists 2, 2 seeds
+    with archive.transaction() as db:
+        seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
+        lucky, also, worse = (
+            archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+            for _ in range(3)
+        )
+        real, fluke = (
+            archive.add_candidate(db, generation=2, parent_id=seed, state="pending")
+            for _ in range(2)
+        )
+
+    def ok(score: float) -> Result:
+        return Result(State.OK, score=score, metrics={"val_bpb": score})
+
+    def needed(*ids: int) -> list[int]:
+        return [archive.candidate(i).evals_needed for i in ids]
+
+    for i, score in enumerate((3.00, 3.05, 2.96)):
+        (archive.finish if i == 0 else archive.add_evaluation)(seed, ok(score), i)
+    judge.accept(0)
+    for child, score in ((lucky, 2.97), (also, 2.99), (worse, 3.30)):
+        archive.finish(child, ok(score), 0)
+    assert not judge.confirm(1)  # nothing is confirmed as the run goes
+    judge.accept(1)  # better on the mean, however slightly: kept, as keep/discard would
+    assert [archive.candidate(i).accepted for i in (lucky, also, worse)] == [True, False, False]
+    archive.finish(real, ok(2.60), 0)
+    archive.finish(fluke, ok(2.55), 0)  # luckier still
+    judge.accept(2)
+    assert population.champion().id == fluke  # type: ignore[union-attr]
+
+    assert judge.finalize()  # the run's end: the best two are evaluated again, together
+    assert needed(fluke, real, lucky) == [2, 2, 1]
+    assert events[-1] == {"event": "final", "candidates": [fluke, real]}
+    assert judge.finalize()  # asked again before they are recorded: nothing more is asked
+    assert needed(fluke, real, lucky) == [2, 2, 1]
+    archive.add_evaluation(real, ok(2.62), 1)
+    archive.add_evaluation(fluke, ok(3.45), 1)  # its luck runs out: mean 3.00
+    assert not judge.finalize()  # the best mean (real, 2.61) is confirmed: it is the champion
+    assert population.champion().id == real  # type: ignore[union-attr]
+    assert archive.best(True, 1, accepted=True)[0].id == real
+    assert archive.meta("final_pick") == str(real)
+    assert events[-1]["why"] == "final" and events[-1]["evaluations"] == 2
+    count = len(events)
+    assert not judge.finalize()  # as after a resume: decided once
+    assert len(events) == count
+
+
+def test_a_final_pick_whose_luck_runs_out_asks_about_the_next(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from selfprog.scoring import Result, State
+
+    archive, population, judge = judged_run(tmp_path, "selection.finalists=1")
+    with archive.transaction() as db:
+        seed = archive.add_candidate(db, generation=0, state="pending", evals_needed=3)
+        a, b = (
+            archive.add_candidate(db, generation=1, parent_id=seed, state="pending")
+            for _ in range(2)
+        )
+
+    def ok(score: float) -> Result:
+        return Result(State.OK, score=score, metrics={"val_bpb": score})
+
+    for i, score in enumerate((3.00, 3.05, 2.96)):
+        (archive.finish if i == 0 else archive.add_evaluation)(seed, ok(score), i)
+    judge.accept(0)
+    archive.finish(a, ok(2.50), 0)
+    archive.finish(b, ok(2.70), 0)
+    judge.accept(1)
+    assert judge.finalize()
+    assert [archive.candidate(i).evals_needed for i in (a, b)] == [2, 1]
+    archive.add_evaluation(a, ok(3.10), 1)  # mean 2.80: b (2.70, one evaluation) leads now
+    assert judge.finalize()
+    assert [archive.candidate(i).evals_needed for i in (a, b)] == [2, 2]
+    archive.add_evaluation(b, ok(2.72), 1)
+    assert not judge.finalize()
+    assert population.champion().id == b  # type: ignore[union-attr]
+    assert archive.candidate(b).accepted  # never accepted during the run: 2.70 lost to 2.50
+
+
+def test_a_finalist_whose_repeat_failed_is_not_picked_on_its_lucky_score() -> None:
+    from selfprog.selection import final_round
+
+    lucky, steady = Member(1, (0.50,)), Member(2, (0.60, 0.61))
+    assert final_round([lucky, steady], 2, 2, True) == (lucky, [1])
+    pick, again = final_round([lucky, steady], 2, 2, True, asked={1})  # its repeat failed
+    assert (pick, again) == (steady, [])
+    assert final_round([lucky], 2, 2, True, asked={1}) == (lucky, [])  # no one else: it stays
+
+
+def test_the_champion_is_the_best_accepted_mean_the_earliest_among_equals() -> None:
+    from selfprog.selection import champion
+
+    members = [Member(1, (3.0,)), Member(2, (2.8, 2.9)), Member(3, (2.7,)), Member(4, (2.7,))]
+    assert champion(members, [1, 2, 3, 4], minimize=True).id == 3  # type: ignore[union-attr]
+    assert champion(members, [1, 2], minimize=False).id == 1  # type: ignore[union-attr]
+    assert champion(members, []) is None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -23,6 +25,7 @@ from selfprog.proposers.tune import NO_SPACE, TuneProposer, make_sampler, rebuil
 from selfprog.scaffold import new_target
 from selfprog.settings import Trial
 from selfprog.space import Declared, space_for
+from selfprog.target import load_target
 from tests.test_loop import start  # the CLI as a child process, unbuffered
 
 SCAFFOLD = Path(__file__).resolve().parents[1] / "selfprog" / "scaffolds" / "minimal" / "train.py"
@@ -135,7 +138,6 @@ def test_every_sampler_proposes(sampler: str) -> None:
 FLAGS = [
     *("--runner", "local", "--budget-steps", "20", "--generations", "3", "--population", "2"),
     *("--seed", "2", "--set", "run.synchronous=true", "--set", "selection.noise_seeds=2"),
-    *("--set", "selection.confirm_seeds=1"),
 ]
 
 
@@ -199,6 +201,20 @@ def test_a_killed_and_resumed_tune_run_proposes_what_an_uninterrupted_one_does(
     assert proposals(cut) == made
     later = [r for r in made if r[0] > 1]
     assert {r[3] for r in later}.isdisjoint({r[3] for r in made if r[0] == 1})
+    # the run's end: the best confirmed (2 evaluations), the same pick after the kill
+    picks = [champion(run_dir) for run_dir in (whole, cut)]
+    assert picks[0] == picks[1] and picks[0]["confirmed"] and picks[0]["evaluations"] >= 2
+
+
+def champion(run_dir: Path) -> dict[str, object]:
+    shown = subprocess.run(
+        [sys.executable, "-m", "selfprog", "status", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    best: dict[str, object] = json.loads(shown.stdout)["best"]
+    return best
 
 
 def test_a_run_whose_children_all_fail_the_same_way_stops_and_says_why(tmp_path: Path) -> None:
@@ -409,3 +425,129 @@ def test_only_children_failing_alike_over_several_calls_stop_a_run(tmp_path: Pat
     children(2, 4, "the proposer failed: no setting")
     assert archive.one_failure(8, 3) == "the proposer failed: no setting"
     archive.close()
+
+
+# ---- warm start ---------------------------------------------------------------------------
+
+WARM = [*("--runner", "local", "--budget-steps", "20", "--population", "2", "--seed", "2")]
+
+
+def sql(run_dir: Path, query: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{run_dir / ARCHIVE_FILE}?mode=ro", uri=True)
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
+def refused(tmp_path: Path, *args: str) -> str:
+    """Returns the one line a refused warm start says; the run folder it named is not left."""
+    run_dir = tmp_path / "refused"
+    out, _ = start("run", "--run-dir", str(run_dir), *args).communicate(timeout=300)
+    assert not run_dir.exists(), out
+    lines = [line for line in out.splitlines() if "--warm-start" in line]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_a_warm_start_continues_from_an_earlier_runs_history(tmp_path: Path) -> None:
+    target = seeded_target(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    out, _ = start(
+        "run", "--target", str(target), "--run-dir", str(first), "--generations", "1", *WARM
+    ).communicate(timeout=600)
+    assert "run finished" in out, out
+    trained = sql(first, "SELECT id, program_key FROM candidates WHERE state = 'ok'")
+
+    # the same seed again: without the history, tune would propose first's programs again
+    argv = ["--target", str(target), "--run-dir", str(second), "--generations", "2", *WARM]
+    out, _ = start("run", *argv, "--warm-start", str(first), "--max-candidates", "3").communicate(
+        timeout=600
+    )
+    assert "reached max_candidates (3)" in out, out  # its own three: the seed and two children
+    imported = sql(
+        second, "SELECT origin, program_key, accepted FROM candidates WHERE origin IS NOT NULL"
+    )
+    assert sorted(int(str(o).rsplit("#", 1)[1]) for o, _, _ in imported) == [i for i, _ in trained]
+    assert {k for _, k, _ in imported} == {k for _, k in trained}
+    assert sum(bool(a) for _, _, a in imported) == 1  # the earlier champion: the one to beat
+    own = sql(second, "SELECT generation, program_key, state FROM candidates WHERE origin IS NULL")
+    assert own[0][0] == 0 and len(own) == 3  # the new seed, scored here, then two children
+    children = [k for g, k, _ in own if g > 0]
+    assert all(s == "ok" for _, _, s in own[1:]), own
+    assert not set(children) & {k for _, k in trained}  # the history was heard: nothing repeated
+    copied = sql(
+        second,
+        "SELECT COUNT(*) FROM evaluations e JOIN candidates c ON c.id = "
+        "e.candidate_id WHERE c.origin IS NOT NULL",
+    )[0][0]
+    assert copied == sql(first, "SELECT COUNT(*) FROM evaluations")[0][0]
+    status = subprocess.run(
+        [sys.executable, "-m", "selfprog", "status", str(second)], capture_output=True, text=True
+    )
+    assert f"warm start  {len(trained)} candidates of {first}" in status.stdout
+
+    # another run seed: each imported evaluation keeps its place (none is asked for again)
+    third = tmp_path / "third"
+    argv = ["--target", str(target), "--run-dir", str(third), "--max-candidates", "1", *WARM[:-1]]
+    out, _ = start(
+        "run", *argv, "7", "--set", "selection.confirm_seeds=1", "--warm-start", str(first)
+    ).communicate(timeout=600)
+    assert "reached max_candidates (1)" in out, out  # the seed alone
+    seeds = "SELECT e.seed FROM evaluations e JOIN candidates c ON c.id = e.candidate_id "
+    old_seeds = sorted(s for (s,) in sql(first, "SELECT seed FROM evaluations"))
+    assert sorted(s for (s,) in sql(third, seeds + "WHERE c.origin IS NOT NULL")) == [
+        s + 5 for s in old_seeds
+    ]
+
+    # refused, with one line, before a run is made (or once its data is prepared)
+    common = ["--target", str(target), "--runner", "local", "--budget-steps", "20"]
+    said = refused(tmp_path, *common[:-1], "30", "--warm-start", str(first))
+    assert "20 steps, this one to 30 steps" in said
+    assert "not a selfprog run" in refused(tmp_path, *common, "--warm-start", str(tmp_path))
+    other = tmp_path / "other"
+    shutil.copytree(target, other)
+    with (other / "evaluate.py").open("a") as evaluator:
+        evaluator.write("# another evaluator\n")
+    said = refused(tmp_path, "--target", str(other), *common[2:], "--warm-start", str(first))
+    assert "evaluate.py differs" in said
+    foreign = tmp_path / "foreign"  # a run of the same target on other data, consistent itself
+    shutil.copytree(first, foreign)
+    (prepared,) = [p for p in (foreign / "data").glob("*/*") if p.is_dir()]
+    manifest_file = prepared / load_target(foreign / "target").manifest
+    other_hash = "feedface" * 8  # as another draw of the data would record
+    manifest_file.write_text(
+        json.dumps({**json.loads(manifest_file.read_text()), "data_hash": other_hash})
+    )
+    db = sqlite3.connect(foreign / ARCHIVE_FILE)
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'data_hash'", (other_hash,))
+    db.close()
+    said = refused(tmp_path, *common, "--warm-start", str(foreign))
+    assert f"that run's data (hash {other_hash[:12]}) differs from this one's" in said
+    shutil.rmtree(foreign)
+    shutil.copytree(first, foreign)
+    db = sqlite3.connect(foreign / ARCHIVE_FILE)  # a program that names a file outside itself
+    with db:
+        phash, files = db.execute("SELECT hash, files FROM programs LIMIT 1").fetchone()
+        manifest = json.loads(files)
+        manifest["../../escape.py"] = manifest["train.py"]
+        db.execute("UPDATE programs SET files = ? WHERE hash = ?", (json.dumps(manifest), phash))
+    db.close()
+    said = refused(tmp_path, *common, "--warm-start", str(foreign))
+    assert "holds '../../escape.py' where the target's editable files are train.py" in said
+
+
+def test_a_program_naming_a_file_outside_itself_is_never_written(tmp_path: Path) -> None:
+    """Defence in depth behind the warm start's check: the per-candidate boundary refuses it."""
+    from selfprog.scheduler import Job, score_job
+
+    work = tmp_path / "slot" / "job"
+    job = Job(1, 0, {"train.py": "print(1)\n", "../../escape.py": "print(2)\n"}, 0)
+    outcome = score_job(None, job, None, work, "")  # type: ignore[arg-type]
+    assert outcome.result.state.value == "error"
+    assert "a file outside itself: '../../escape.py'" in outcome.result.log_tail
+    assert (
+        not (tmp_path / "escape.py").exists()
+        and not (tmp_path / "slot").joinpath("escape.py").exists()
+    )

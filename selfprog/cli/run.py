@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         discard_new_run,
         driver_lock,
     )
+    from selfprog.warmstart import open_earlier
 
     settings = config.load_config(args.config, _overrides(args, RUN_FLAGS))
     if args.target is not None and Path(args.target).is_dir():
@@ -70,16 +71,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = (
         Path(args.run_dir) if args.run_dir else default_run_dir(Path("runs"), settings.run.target)
     )
-    check_run_target(settings)  # an unusable or unsafe target: refused before anything
+    target = check_run_target(settings)  # an unusable or unsafe target: refused before anything
+    earlier = open_earlier(args.warm_start, settings, target) if args.warm_start else None
     log.info("new run in %s", run_dir)
     run = create_run(run_dir, settings)
     try:
         with driver_lock(run.root):
-            return _drive(run)
+            return _drive(run, warm_start=earlier)
     except SelfprogError:  # refused before anything ran (a runner, a proposer): nothing to keep
         run.archive.close()
         discard_new_run(run_dir)
         raise
+    finally:
+        if earlier is not None:
+            earlier.archive.close()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -97,8 +102,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _drive(run, changes)
 
 
-def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
-    """Drives a run whose driver lock the caller holds; returns the exit code."""
+def _drive(
+    run: Any, changes: list[tuple[str, Any, Any]] | None = None, warm_start: Any = None
+) -> int:
+    """Drives a run whose driver lock the caller holds; returns the exit code. A new run
+    given warm_start (an earlier run) starts from its candidates."""
     import signal
 
     from selfprog import gpus
@@ -132,6 +140,11 @@ def _drive(run: Any, changes: list[tuple[str, Any, Any]] | None = None) -> int:
             record_changes(run, changes)
             for key, old, new in changes:
                 log.info("changed %s: %s -> %s", key, json.dumps(old), json.dumps(new))
+        if warm_start is not None:  # once the runner and proposer stand: a refusal leaves nothing
+            from selfprog.warmstart import start_warm
+
+            imported = start_warm(run, warm_start)
+            log.info("warm start: %d candidates of %s", imported, warm_start.root)
         run.archive.set_meta("ended", "")  # driven now: why it last ended is no longer true
         ended = "stopped by an error"  # what status says when drive() raises
         with Reporter(run) as reporter:
@@ -183,6 +196,7 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from selfprog.population import Population
+    from selfprog.queries import spread
     from selfprog.rundir import lock_holder, open_run
 
     run = open_run(Path(args.run_dir), readonly=True)
@@ -210,9 +224,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         "generations": run.config.run.generations,
         "seed_score": seed.score if seed else None,
         "noise_floor": dataclasses.asdict(floor),
-        "best": {"candidate": best[0].id, "score": best[0].score, "rationale": best[0].rationale}
+        "best": {
+            "candidate": best[0].id,
+            "score": best[0].score,
+            "evaluations": spread(archive, best[0].id)[0],
+            "confirmed": archive.meta("final_pick") == str(best[0].id),  # by the final pick
+            "rationale": best[0].rationale,
+        }
         if best
         else None,
+        "warm_start": _warm_start(archive),
         "running": [{"candidate": c.id, "node": c.node} for c in archive.running()],
         "tokens": archive.tokens_used(),
         "cost": archive.cost_used(),  # estimated, at proposer.price_in/out (0: unpriced)
@@ -233,13 +254,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if report["ended"]:
         lines.append(f"ended       {report['ended']}")
-    if best:
+    if best and report["best"]:
+        count = report["best"]["evaluations"]
+        how = f"{count} evaluation{'s' if count != 1 else ''}"
+        if report["best"]["confirmed"]:
+            how += ", confirmed at the run's end"
         lines.append(
-            f"best        {run.target.metric} {best[0].score:.4f}, candidate {best[0].id}: {best[0].rationale}"
+            f"best        {run.target.metric} {best[0].score:.4f}, candidate {best[0].id} ({how}): "
+            f"{best[0].rationale}"
         )
     if seed and seed.score is not None:
         lines.append(f"seed        {run.target.metric} {seed.score:.4f}")
     lines.append(f"noise floor {floor}")
+    if report["warm_start"]:
+        warm = report["warm_start"]
+        lines.append(f"warm start  {warm['candidates']} candidates of {warm['run']}")
     running = [
         f"{r['candidate']}" + (f" on {r['node']}" if r["node"] else "") for r in report["running"]
     ]
@@ -253,6 +282,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"changed     {when}: {change['key']} {old} -> {new}")
     print("\n".join(lines))
     return 0
+
+
+def _warm_start(archive: Any) -> dict[str, Any] | None:
+    """Returns where a warm-started run's history came from and how many candidates, else None."""
+    recorded = archive.meta("warm_start")
+    if not recorded:
+        return None
+    return {**json.loads(recorded), "candidates": archive.count() - archive.count(imported=False)}
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -304,6 +341,13 @@ def add_verbs(verbs: Any) -> None:
     run_budget.add_argument("--budget-seconds", type=float, help="training seconds per candidate")
     run_budget.add_argument("--budget-steps", type=int, help="training steps per candidate")
     rn.add_argument("--seed", type=int, help="the run's seed")
+    rn.add_argument(
+        "--warm-start",
+        metavar="RUN_DIR",
+        type=Path,
+        help="start from an earlier run of the same target: its trained candidates become this "
+        "run's history and its champion the one to beat (same files, data and budget)",
+    )
     _add_limits(rn, "override a config value")
     rn.set_defaults(func=cmd_run)
 
