@@ -302,6 +302,8 @@ def test_a_relative_run_folder_works(tmp_path: Path) -> None:
             "5",
             "--set",
             "selection.noise_seeds=1",
+            "--set",
+            "selection.confirm_seeds=1",  # no final confirmation: one evaluation each
         ],
         capture_output=True,
         text=True,
