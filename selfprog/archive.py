@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from selfprog.curves import Point, load_curve
 from selfprog.errors import SelfprogError
 from selfprog.families import Families, record_settings
 from selfprog.ledger import Ledger
@@ -31,6 +32,7 @@ from selfprog.records import (
     read_program,
 )
 from selfprog.schema import (
+    CURVES_SINCE,
     EVALUATION_TIMINGS_SINCE,
     SCHEMA,
     SCHEMA_VERSION,
@@ -287,6 +289,28 @@ class Archive(Ledger, Phases, Families):
             candidate = self.candidate(candidate_id)
             found += [candidate.timings] if candidate.state == State.OK.value else []
         return found
+
+    def curves(self, candidate_id: int) -> list[list[Point]]:
+        """Returns the training curves of a candidate's `ok` evaluations that reported one,
+        oldest first."""
+        if self.version < CURVES_SINCE:
+            return []
+        rows = self.db.execute(
+            "SELECT curve FROM evaluations WHERE candidate_id = ? AND state = 'ok' "
+            "AND curve IS NOT NULL ORDER BY id",
+            (candidate_id,),
+        )
+        return [curve for curve in (load_curve(r[0]) for r in rows) if curve]
+
+    def first_curve(self, candidate_id: int) -> list[Point]:
+        """Returns the training curve of a candidate's first evaluation, whatever its state."""
+        if self.version < CURVES_SINCE:
+            return []
+        row = self.db.execute(
+            "SELECT curve FROM evaluations WHERE candidate_id = ? ORDER BY id LIMIT 1",
+            (candidate_id,),
+        ).fetchone()
+        return load_curve(row[0]) if row else []
 
     def repeated_scores(self) -> dict[int, list[float]]:
         """Returns the `ok` scores of every candidate with more than one, oldest first: the noise's sample."""

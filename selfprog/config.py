@@ -85,12 +85,20 @@ class SelectionSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PruningSection:
+    enabled: bool = True
+    after: float = 0.25  # no candidate is stopped before this fraction of its budget
+    z: float = 3.0  # standard deviations of the seed's curves beyond the seed's mean
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     run: RunSection = RunSection()
     budget: BudgetSection = BudgetSection()
     runner: RunnerSection = RunnerSection()
     proposer: ProposerSection = ProposerSection()
     selection: SelectionSection = SelectionSection()
+    pruning: PruningSection = PruningSection()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +110,7 @@ _SECTIONS: dict[str, Any] = {
     "runner": RunnerSection,
     "proposer": ProposerSection,
     "selection": SelectionSection,
+    "pruning": PruningSection,
 }
 _CHOICES = {
     ("run", "on_interrupt"): ("finish", "kill"),
@@ -169,6 +178,8 @@ def _coerce(table: str, key: str, value: Any, kind: type) -> Any:
     choices = _CHOICES.get((table, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+    if (table, key) == ("pruning", "after") and isinstance(value, float) and not 0 < value <= 1:
+        raise ConfigError(f"{where} must be a fraction of the budget in (0, 1], not {value}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, not {value}")
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -240,6 +251,7 @@ STEERABLE: dict[str, frozenset[str]] = {
     "runner": frozenset({"memory", "address"}),  # cpus: kept when the workers change
     "proposer": frozenset(f.name for f in fields(ProposerSection)),
     "selection": frozenset({"policy", "confirm_seeds", "finalists", "z", "sharpness"}),
+    "pruning": frozenset(f.name for f in fields(PruningSection)),  # a saving, never a score
 }
 _FIXED_WHY = {
     "run.target": "the target is what the run improves",
@@ -313,6 +325,8 @@ def thaw(path: Path) -> Config:
     selection = raw.get("selection")
     if isinstance(selection, dict) and "finalists" not in selection:
         selection["finalists"] = 0  # frozen before the final pick: it goes on as it began
+    if isinstance(selection, dict) and "pruning" not in raw:
+        raw["pruning"] = {"enabled": False}  # frozen before pruning: likewise
     return from_dict(raw, str(path))
 
 

@@ -32,6 +32,7 @@ from concurrent.futures import wait as wait_for
 from typing import Any
 
 from selfprog.breeder import Breeder, Call
+from selfprog.curves import PruneRule, prune_rule
 from selfprog.errors import Outage, SelfprogError
 from selfprog.judge import Judge
 from selfprog.population import Population, derive_seed
@@ -227,6 +228,15 @@ class Driver:
         held = ceilings(self.archive.ok_timings(seed.id), self.run.target, *self.run.budget())
         return Ceilings(evaluate=held.evaluate) if candidate_id == seed.id else held
 
+    def _prune_rule(self, candidate_id: int, index: int) -> PruneRule | None:
+        """Returns when to stop a job's training early: the seed's curves make the rule, for a
+        child's first evaluation only (a repeat confirms a score: it runs whole)."""
+        pruning = self.run.config.pruning
+        seed = self.archive.seed()
+        if not pruning.enabled or index > 0 or seed is None or candidate_id == seed.id:
+            return None
+        return prune_rule(self.archive.curves(seed.id), pruning.after, pruning.z)
+
     def _start_evaluations(self) -> None:
         if self.synchronous and self.breeder.open_generation():
             return  # a generation is scored once it is bred whole
@@ -251,6 +261,7 @@ class Driver:
                 self.archive.program(phash),
                 self.run.config.run.seed + index,
                 self._ceilings(candidate_id),
+                self._prune_rule(candidate_id, index),
             )
             if job.index == 0:
                 self.archive.mark_running(job.candidate_id)

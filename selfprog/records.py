@@ -140,7 +140,7 @@ def insert_evaluation(
 ) -> None:
     db.execute(
         "INSERT INTO evaluations (candidate_id, seed, state, score, metrics, data_hash, created, "
-        "node, timings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "node, timings, curve) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             candidate_id,
             seed,
@@ -151,6 +151,7 @@ def insert_evaluation(
             time.time(),
             node,
             json.dumps(dict(result.timings)),
+            json.dumps([list(p) for p in result.curve]) if result.curve else None,
         ),
     )
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from selfprog import gpus
+from selfprog.curves import PruneRule
 from selfprog.data import Dataset
 from selfprog.errors import RunnerError, SelfprogError
 from selfprog.rundir import Run
@@ -49,6 +50,7 @@ class Job:
     files: Mapping[str, str]
     seed: int
     ceilings: Ceilings = field(default_factory=Ceilings)  # from the seed's times (0 = none yet)
+    prune: PruneRule | None = None  # when to stop its training early, from the seed's curves
 
     @property
     def key(self) -> tuple[int, int]:
@@ -160,6 +162,7 @@ def score_job(scoring: Scoring, job: Job, runner: Runner, work: Path, node: str)
             budget_steps=scoring.budget_steps,
             ceilings=job.ceilings,
             labels=job_labels(scoring, job),
+            prune=job.prune,
         )
         kept: dict[str, bytes] = {}
         if result.state is State.OK and job.index == 0:

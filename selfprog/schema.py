@@ -10,9 +10,10 @@ from selfprog.records import file_key, key_of
 # 2: nodes; 3: steering, finish reasons; 4: each call's estimated cost; 5: programs by meaning;
 # 6: the jobs running now, each in its phase; 7: each evaluation's phase times;
 # 8: each program's family and settings, each proposal's model; 9: where an imported candidate
-# came from (a warm start)
-SCHEMA_VERSION = 9
+# came from (a warm start); 10: each evaluation's training curve
+SCHEMA_VERSION = 10
 EVALUATION_TIMINGS_SINCE = 7  # a reader of an older, unmigrated archive has none
+CURVES_SINCE = 10
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,7 +46,7 @@ CREATE TABLE candidates (
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
     seed INTEGER NOT NULL, state TEXT NOT NULL, score REAL, metrics TEXT, data_hash TEXT,
-    created REAL NOT NULL, node TEXT, timings TEXT
+    created REAL NOT NULL, node TEXT, timings TEXT, curve TEXT
 );
 CREATE TABLE jobs (
     candidate_id INTEGER NOT NULL, evaluation INTEGER NOT NULL, phase TEXT NOT NULL,
@@ -86,7 +87,7 @@ def add_indexes(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Brings an archive written by schema 1 to 8 to the current schema.
+    """Brings an archive written by schema 1 to 9 to the current schema.
 
     Each step is checked before it is taken (sqlite commits ALTER TABLE at
     once), so a migration a crash cut short is finished by the next open.
@@ -99,7 +100,8 @@ def migrate(db: sqlite3.Connection) -> None:
     phase times (the seed's repeats measure the allowance of a seconds budget); schema 8
     each stored program's family and settings' values, filled in here from the programs, and
     the model (or numeric proposer) that wrote each proposal; schema 9 where a candidate
-    imported by a warm start came from (`RUN_ID#ID`; NULL: the run's own).
+    imported by a warm start came from (`RUN_ID#ID`; NULL: the run's own); schema 10 each
+    evaluation's training curve (what its training reported of its progress; NULL: none).
     """
     columns_added = (
         ("candidates", "node", "TEXT"),
@@ -110,6 +112,7 @@ def migrate(db: sqlite3.Connection) -> None:
         ("evaluations", "timings", "TEXT"),
         ("proposals", "model", "TEXT"),
         ("candidates", "origin", "TEXT"),
+        ("evaluations", "curve", "TEXT"),
     )
     for table, column, kind in columns_added:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}

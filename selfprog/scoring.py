@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfprog.curves import Point, PruneRule, Watch
 from selfprog.data import Dataset
 from selfprog.errors import ProgramError
 from selfprog.records import parse_python
@@ -46,6 +47,7 @@ class Result:
     log_tail: str = ""
     timings: Mapping[str, float] = field(default_factory=dict)
     data_hash: str = ""
+    curve: tuple[Point, ...] = ()  # what its training reported of its progress
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class Result:
             "log_tail": self.log_tail,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "data_hash": self.data_hash,
+            "curve": [list(p) for p in self.curve],
         }
 
 
@@ -108,6 +111,8 @@ def _train_failure(
     limit: float,
     held: Ceilings,
 ) -> Result | None:
+    if outcome.stopped:
+        return Result(State.PRUNED, reason=outcome.stopped)
     if outcome.timed_out and limit < budget.timeout:
         if seconds > 0 and held.train and limit < seconds + budget.allowance:
             allowed = (
@@ -344,6 +349,7 @@ def score_program(
     budget_steps: int | None = None,
     ceilings: Ceilings | None = None,
     labels: Mapping[str, str] | None = None,
+    prune: PruneRule | None = None,
 ) -> Result:
     """Returns the result of training a program with its own code and scoring it with the target's.
 
@@ -355,7 +361,9 @@ def score_program(
     measured times, see `ceilings`; before the seed is measured, the budget
     plus the target's allowance) is killed (`over_budget`), and the
     evaluation at `ceilings.evaluate`, so that candidate code run by the
-    evaluator cannot go on training there.
+    evaluator cannot go on training there. Training's progress reports are
+    kept as its curve (see curves.py); with a prune rule, a curve clearly
+    worse than the seed's stops training (`pruned`), as a non-finite loss does.
     """
     held = ceilings or Ceilings()
     limits = limits or Limits()
@@ -373,6 +381,7 @@ def score_program(
     seconds = target.budget.seconds if budget_seconds is None else budget_seconds
     steps = target.budget.steps if budget_steps is None else budget_steps
     limit = target.budget.train_limit(seconds, held.train)
+    watch = Watch(prune)
     told = limit  # what the program is told: the seed's own overrun and slack, not the margin
     if seconds > 0 and held.overrun:  # a program pacing itself to it gains no training time
         told = min(limit, seconds + held.overrun + ALLOWANCE_SLACK)
@@ -392,14 +401,16 @@ def score_program(
         },
         timeout=limit,
         hidden=data.hidden,
+        watch=watch,
     )
     log.debug("training %s (%s runner)", program_dir, runner.name)
     trained = runner.run(train, limits, {**labels, "selfprog.phase": "train"})
     timings = {"train": trained.seconds}
+    curve = tuple(watch.curve())
     failed = _train_failure(trained, limits, target.budget, seconds, limit, held)
     if failed is not None:
         timings["total"] = time.perf_counter() - start
-        return _finish(failed, data, timings, trained.log_tail)
+        return _finish(dataclasses.replace(failed, curve=curve), data, timings, trained.log_tail)
     nonce = secrets.token_hex(16)
     eval_timeout = min(target.budget.eval_timeout, held.evaluate or target.budget.eval_timeout)
     evaluate = Phase(
@@ -424,7 +435,7 @@ def score_program(
     if result.state is State.OK:
         result = dataclasses.replace(result, metrics={**result.metrics, **train_stats(out_dir)})
     log_tail = trained.log_tail if result.state is State.OK else evaluated.log_tail
-    return _finish(result, data, timings, log_tail)
+    return _finish(dataclasses.replace(result, curve=curve), data, timings, log_tail)
 
 
 def _finish(result: Result, data: Dataset, timings: dict[str, float], log_tail: str) -> Result:

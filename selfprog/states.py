@@ -18,6 +18,7 @@ class State(str, enum.Enum):
     TIMEOUT = "timeout"  # a phase ran past its hard limit
     OVER_BUDGET = "over_budget"  # training still ran after its budget and start-up allowance
     OOM = "oom"
+    PRUNED = "pruned"  # stopped early: its training curve was clearly worse than the seed's
     EVAL_FAILED = "eval_failed"
     ERROR = "error"  # the harness itself failed on this candidate (traceback in the log tail)
 

@@ -48,6 +48,7 @@ TRAINED = (
     State.OVER_BUDGET.value,
     State.OOM.value,
     State.EVAL_FAILED.value,
+    State.PRUNED.value,
 )
 COPIED = (  # a candidate's own columns, as they were
     "state",
@@ -64,7 +65,16 @@ COPIED = (  # a candidate's own columns, as they were
     "finished",
     "node",
 )
-EVALUATION_COLUMNS = ("state", "score", "metrics", "data_hash", "created", "node", "timings")
+EVALUATION_COLUMNS = (
+    "state",
+    "score",
+    "metrics",
+    "data_hash",
+    "created",
+    "node",
+    "timings",
+    "curve",
+)
 
 
 def open_earlier(folder: Path, config: Config, target: Target) -> Run:

@@ -7,9 +7,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from selfprog.errors import ConfigError
+
+if TYPE_CHECKING:
+    from selfprog.curves import Watch
 
 MiB = 1024 * 1024
 
@@ -61,6 +64,7 @@ class Phase:
     timeout: float = 300.0
     hidden: tuple[str, ...] = ()  # host folders to hide from the phase where it could see them
     trusted: bool = False  # the target's own code: run isolated, nothing of its folder importable
+    watch: Watch | None = None  # reads stdout as it comes; the phase is killed once it says stop
 
     def command(self, python: str) -> list[str]:
         """Returns the command line: trusted code runs with `python -I` (no script folder on
@@ -80,6 +84,7 @@ class PhaseOutcome:
     oom: bool = False
     output_exceeded: bool = False
     output_lost: str = ""  # why the phase's outputs could not be copied out, if they could not
+    stopped: str = ""  # why the harness stopped it early (its watch said so)
 
 
 class Runner(Protocol):
@@ -94,6 +99,10 @@ class Runner(Protocol):
     def stop_all(self, labels: Mapping[str, str]) -> int:
         """Kills every phase carrying these labels, this process's or a dead driver's; returns how many."""
         ...
+
+
+class Sink(Protocol):
+    def write(self, chunk: bytes) -> None: ...
 
 
 class TailBuffer:
@@ -115,7 +124,7 @@ class TailBuffer:
             return bytes(self._data[-self.max_bytes :]).decode("utf-8", errors="replace")
 
 
-def pump(stream: IO[bytes], *sinks: TailBuffer) -> threading.Thread:
+def pump(stream: IO[bytes], *sinks: Sink) -> threading.Thread:
     """Returns a started thread copying stream into the sinks until it closes."""
 
     def copy() -> None:

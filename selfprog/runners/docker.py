@@ -23,6 +23,7 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,7 @@ import requests
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from selfprog.curves import Watch
 from selfprog.errors import RunnerError
 from selfprog.runners import supervisor
 from selfprog.runners.base import Limits, Phase, PhaseOutcome
@@ -294,9 +296,11 @@ class DockerRunner:
             sock = api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
         start = time.perf_counter()
         api.start(container_id)
+        if phase.watch is not None:
+            self._follow(container_id, phase.watch)
         if sock is not None:
             _write_stdin(sock, phase.stdin or b"")
-        timed_out, ended = False, None
+        timed_out, ended, stopped = False, None, ""
         while True:
             try:
                 api.wait(container_id, timeout=POLL_SECONDS)
@@ -305,6 +309,10 @@ class DockerRunner:
                 pass
             ended = self._phase_end(container_id, nonce)
             if ended is not None:
+                break
+            if phase.watch is not None and phase.watch.stopped.is_set():
+                stopped = phase.watch.reason
+                self._kill(container_id)
                 break
             if time.perf_counter() - start > phase.timeout:
                 timed_out = True
@@ -335,7 +343,22 @@ class DockerRunner:
             oom=bool(state.get("OOMKilled")) and not timed_out,
             output_exceeded=exceeded,
             output_lost=copy_failed,
+            stopped=stopped,
         )
+
+    def _follow(self, container_id: str, watch: Watch) -> None:
+        """Feeds the container's stdout to the watch as it comes, on a thread of its own that
+        ends with the container."""
+        stream = self.client.api.logs(
+            container_id, stdout=True, stderr=False, stream=True, follow=True
+        )
+
+        def copy() -> None:
+            with contextlib.suppress(Exception):  # the container went: the watch has what came
+                for chunk in stream:
+                    watch.write(chunk)
+
+        threading.Thread(target=copy, daemon=True).start()
 
 
 def _without_marker(log: bytes) -> str:

@@ -34,6 +34,7 @@ WARNING = (
     "the local runner isolates far less than docker: candidate code runs as your user, "
     "with your files and network in reach, and output limits are checked only after each phase"
 )
+WATCH_POLL = 0.1  # seconds between looks at a watched phase
 _OOM_SIGNS = ("MemoryError", "std::bad_alloc", "can't allocate memory", "Cannot allocate memory")
 
 
@@ -149,16 +150,13 @@ class LocalRunner:
         )
         entry = self.registry / f"{proc.pid}.json"
         entry.write_text(json.dumps({"labels": dict(labels), "start": _start_time(proc.pid)}))
-        timed_out = False
         try:
             assert proc.stdout is not None and proc.stderr is not None
-            pumps = [pump(proc.stdout, stdout, log_tail), pump(proc.stderr, log_tail)]
+            watched = (phase.watch,) if phase.watch is not None else ()
+            pumps = [pump(proc.stdout, stdout, log_tail, *watched), pump(proc.stderr, log_tail)]
             if phase.stdin is not None:
                 threading.Thread(target=_feed, args=(proc, phase.stdin), daemon=True).start()
-            try:
-                proc.wait(timeout=phase.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out, stopped = _wait(proc, phase)
         finally:
             _kill_group(proc)
             entry.unlink(missing_ok=True)
@@ -181,6 +179,7 @@ class LocalRunner:
             timed_out=timed_out,
             oom=oom,
             output_exceeded=exceeded,
+            stopped=stopped,
         )
 
 
@@ -191,6 +190,26 @@ def _driver_path(limits: Limits) -> dict[str, str]:
     """
     folders = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p.startswith("/")]
     return {"LD_LIBRARY_PATH": ":".join(folders)} if limits.gpus and folders else {}
+
+
+def _wait(proc: subprocess.Popen[bytes], phase: Phase) -> tuple[bool, str]:
+    """Waits for the phase to end or its watch to say stop (the caller then kills it); returns
+    (whether it timed out, why it was stopped or "")."""
+    deadline = time.monotonic() + phase.timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True, ""
+        if phase.watch is None:
+            try:
+                proc.wait(timeout=left)
+                return False, ""
+            except subprocess.TimeoutExpired:
+                return True, ""
+        if phase.watch.stopped.wait(min(left, WATCH_POLL)) and proc.poll() is None:
+            return False, phase.watch.reason
+        if proc.poll() is not None:
+            return False, ""  # it ended on its own: a last report's verdict came too late
 
 
 def _feed(proc: subprocess.Popen[bytes], payload: bytes) -> None:

@@ -106,6 +106,7 @@ def lr_at(step: int, done: float) -> float:
 model.train()
 start = time.perf_counter()
 step = 0
+running, counted = torch.zeros((), device=accelerator.device), 0  # loss since the last report
 while True:
     elapsed = time.perf_counter() - start
     done = progress(step, elapsed)
@@ -123,9 +124,13 @@ while True:
     if grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    running, counted = running + loss.detach(), counted + 1
     if step % log_every == 0:
-        bpb = loss.item() / math.log(2)
+        bpb = running.item() / counted / math.log(2)  # the mean since the last report
         accelerator.print(f"step {step:5d} | train bpb {bpb:.3f} | {elapsed:6.1f}s")
+        # the harness keeps this curve, and may stop a run clearly worse than the seed's
+        accelerator.print(f"SELFPROG_PROGRESS {done:.4f} {bpb:.6g}")
+        running, counted = torch.zeros_like(running), 0
     step += 1
 
 elapsed = time.perf_counter() - start
