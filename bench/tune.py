@@ -6,6 +6,8 @@ trainings, where N is what the first selfprog run of the seed spent (read from
 its archive; 1 + generations x population when no selfprog run is chosen):
 - selfprog-default: `selfprog run` with no proposer forced (whatever the
   default is), plus any `--selfprog-set KEY=VALUE`;
+- selfprog-noprune: the same with `pruning.enabled=false` (and the same
+  `--selfprog-set`s): what pruning saves, and what it costs in final score;
 - selfprog-plain: `tune` under search.py's plain rule (one evaluation each,
   z = 0): every training a new program, as a study spends them;
 - selfprog-mutate: the same with `proposer.kind=mutate`;
@@ -31,8 +33,10 @@ Prints per run seed the seed's and each method's true val_mse, then per method
 the median true improvement over the seed (seed - pick), its trainings,
 sandbox seconds (train + evaluate, from eval's JSON and the runs' archives)
 and wall seconds (eval subprocesses, which score the seed first, or the whole
-run). Last line: `search_ratio=X`, selfprog-default's median improvement over
-optuna-tpe's (nan when either is missing or TPE's is not positive).
+run). Last line: `search_ratio=X prune_speedup=Y`: X is selfprog-default's median
+improvement over optuna-tpe's (nan when either is missing or TPE's is not
+positive), Y selfprog-default's trainings per sandbox second over
+selfprog-noprune's (each pruned training counted as one).
 
     python bench/tune.py                               # 5 seeds, 8 generations x 4, 300 steps
     python bench/tune.py --seeds 1 --generations 1 --population 2 --steps 50 --methods optuna-tpe,random
@@ -66,6 +70,7 @@ COMMON = ("selection.noise_seeds=1", "selection.confirm_seeds=1", "selection.z=0
 # its repeats and confirmations counted in N); selfprog-default also gets --selfprog-set
 RUNS: dict[str, list[str]] = {
     "selfprog-default": [],
+    "selfprog-noprune": ["pruning.enabled=false"],  # the defaults but pruning: prune_speedup
     "selfprog-plain": ["proposer.kind=tune"],  # tune with the plain rule: every training a program
     "selfprog-mutate": ["proposer.kind=mutate"],
     "greedy": ["proposer.kind=mutate", "selection.policy=greedy"],  # z = 0: keep/discard
@@ -157,8 +162,9 @@ def run_selfprog(method: str, target: Path, seed: int, args: argparse.Namespace)
     argv = [*SELFPROG, "run", "--target", str(target), "--runner", "local"]
     argv += ["--run-dir", str(run_dir), "--budget-steps", str(args.steps), "--seed", str(seed)]
     argv += ["--generations", str(args.generations), "--population", str(args.population)]
-    extra = args.selfprog_set if method == "selfprog-default" else []
-    common = () if method == "selfprog-default" else COMMON
+    default = method in ("selfprog-default", "selfprog-noprune")
+    extra = args.selfprog_set if default else []
+    common = () if default else COMMON
     for override in (*common, *RUNS[method], *extra):
         argv += ["--set", override]
     start = time.perf_counter()
@@ -294,7 +300,12 @@ def main() -> None:
         print(f"{m:16s} {medians[m]:11.4f} {trainings:9d} {sandbox:9.1f} {wall:8.1f}")
     tpe, own = medians.get("optuna-tpe", math.nan), medians.get("selfprog-default", math.nan)
     ratio = own / tpe if tpe > 0 else math.nan
-    print(f"search_ratio={ratio:.3f}")  # nan prints as nan
+    pruned, whole = (spent.get(m, [0, 0.0, 0.0]) for m in ("selfprog-default", "selfprog-noprune"))
+    rates = [
+        trainings / sandbox if sandbox else math.nan for trainings, sandbox, _ in (pruned, whole)
+    ]
+    speedup = rates[0] / rates[1] if rates[1] else math.nan
+    print(f"search_ratio={ratio:.3f} prune_speedup={speedup:.3f}")  # nan prints as nan
 
 
 if __name__ == "__main__":

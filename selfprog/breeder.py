@@ -17,6 +17,7 @@ from typing import Any
 
 from selfprog import settings
 from selfprog.archive import DUPLICATE, PENDING
+from selfprog.curves import Point
 from selfprog.edits import EditError, apply_edits, parse_edits, rationale, unified_diff
 from selfprog.errors import SelfprogError
 from selfprog.population import Population, derive_seed
@@ -174,6 +175,20 @@ class Breeder:
             return k
         return max(0, min(k, limit - self.archive.count(imported=False)))
 
+    def _curves(self, parent: Candidate, best: list[Candidate]) -> list[tuple[str, list[Point]]]:
+        """Returns the training curves the prompt shows: the parent's, the best's, the seed's."""
+        seed = self.archive.seed()
+        shown = [("the parent", parent), *[("the best", c) for c in best[:1]]]
+        shown += [("the seed", seed)] if seed is not None else []
+        picked, seen = [], set()
+        for who, candidate in shown:
+            if candidate.id not in seen:
+                seen.add(candidate.id)
+                picked.append(
+                    (f"{who} (candidate {candidate.id})", self.archive.first_curve(candidate.id))
+                )
+        return picked
+
     def _call(self, generation: int, parent: Candidate, k: int) -> Call:
         run = self.run
         assert parent.program_hash is not None
@@ -190,6 +205,7 @@ class Breeder:
             run.config.proposer.prompt_tokens,
             self.proposer.template,
             history,
+            self._curves(parent, best),
         )
         space = space_for(
             settings.of_program(files),

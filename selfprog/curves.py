@@ -107,7 +107,7 @@ class PruneRule:
         fraction, loss = last[-1]
         mean, limit = self.limit(fraction) or (0.0, 0.0)
         return (
-            f"pruned at {fraction:.0%} of its budget: its training loss {loss:.4g} is past the "
+            f"stopped at {fraction:.0%} of its budget: its training loss {loss:.4g} is past the "
             f"seed's {mean:.4g} by more than the noise of the seed's runs (limit {limit:.4g}), "
             f"{IN_A_ROW} reports in a row"
         )

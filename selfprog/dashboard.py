@@ -261,7 +261,7 @@ class Dashboard:
 
     def candidate_page(self, request: Request) -> Response:
         from selfprog.queries import lineage, show
-        from selfprog.report import diff_html
+        from selfprog.report import curve_svg, diff_html
 
         cid = int(request.path_params["cid"])
         if cid >= 2**63:  # beyond SQLite's integers: no such candidate
@@ -272,12 +272,16 @@ class Dashboard:
             except ArchiveError:
                 raise HTTPException(404, f"no candidate {cid} in this run") from None
             diff = clean(_clip(detail["diff"] or ""))
+            seed = run.archive.seed()
+            seed_curve = run.archive.first_curve(seed.id) if seed and seed.id != cid else []
+            curves = [curve_svg(e["curve"], seed_curve) for e in detail["evaluations"]]
             return self.page(
                 "dashboard_candidate.html",
                 run=run.root.name,
                 target=run.target,
                 c=detail,
                 diff=diff_html(diff),
+                curves=curves,
                 log_tail=clean(detail["log_tail"], lines=LOG_LINES),
                 answer=proposal(run, run.archive.candidate(cid).proposal_id),
                 chain=lineage(run, cid),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from string import Template
 
+from selfprog.curves import Point, sketch
 from selfprog.records import Candidate
 from selfprog.settings import Trial, Value
 from selfprog.states import UNFINISHED
@@ -144,8 +145,12 @@ def build_prompt(
     max_tokens: int,
     template: str = "propose.md",
     history: Sequence[Trial] = (),
+    curves: Sequence[tuple[str, Sequence[Point]]] = (),
 ) -> str:
     """Returns the prompt, dropping the oldest context first until it fits max_tokens.
+
+    `curves` are (whose, curve) pairs, the parent's and the best's training
+    curves, shown in short (numbers the harness parsed: nothing of their text).
 
     `propose.md` asks for free-form SEARCH/REPLACE edits; `choose.md` leaves
     the answer's format to a proposer that constrains it.
@@ -174,6 +179,7 @@ def build_prompt(
             what_worked="\n\n".join(worked) or "Nothing yet.",
             what_failed="\n\n".join(failed) or "Nothing yet.",
             what_was_tried=tried(history, target.metric, target.minimize),
+            curves="\n".join(f"- {who}: {sketch(c)}" for who, c in curves if c) or "None reported.",
         )
         if estimate_tokens(text) <= max_tokens or not (worked or failed):
             return text

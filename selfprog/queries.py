@@ -14,16 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from selfprog.archive import ARCHIVE_FILE, Archive, ArchiveError
+from selfprog.curves import load_curve
 from selfprog.errors import SelfprogError
 from selfprog.records import Candidate
 from selfprog.rundir import Run
+from selfprog.schema import CURVES_SINCE
 from selfprog.untrusted import one_line as one_line  # where the inspect verbs find it
 
 
 def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:
-    """Returns every evaluation of a candidate, oldest first."""
+    """Returns every evaluation of a candidate, oldest first, each with its training curve
+    ([fraction, loss] pairs; empty where its training reported none)."""
+    curve = "curve" if archive.version >= CURVES_SINCE else "NULL"
     rows = archive.db.execute(
-        "SELECT seed, state, score, metrics, data_hash, created FROM evaluations "
+        f"SELECT seed, state, score, metrics, data_hash, created, {curve} FROM evaluations "
         "WHERE candidate_id = ? ORDER BY id",
         (candidate_id,),
     )
@@ -35,8 +39,9 @@ def evaluations(archive: Archive, candidate_id: int) -> list[dict[str, Any]]:
             "metrics": json.loads(metrics or "{}"),
             "data_hash": data_hash,
             "created": created,
+            "curve": [list(point) for point in load_curve(points)],
         }
-        for seed, state, score, metrics, data_hash, created in rows
+        for seed, state, score, metrics, data_hash, created, points in rows
     ]
 
 

@@ -6,10 +6,15 @@ import base64
 import html
 import io
 import json
+import math
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
+from selfprog.curves import Point, sketch
 from selfprog.population import Population
 from selfprog.queries import headline, top
 from selfprog.rundir import Run
@@ -200,6 +205,38 @@ def lineage_svg(run: Run, best_n: int = 10) -> str:
     return "".join(parts)
 
 
+def curve_svg(curve: Sequence[Point], seed: Sequence[Point] = (), width: int = 160) -> str:
+    """Returns a small inline SVG of a training curve (blue) over the seed's (grey), the loss on a
+    log scale where every loss is positive; "" when there is no curve. Only numbers the harness
+    parsed are drawn, so the markup is ours."""
+    if not curve:
+        return ""
+    height = width // 4
+    both = [*curve, *seed]
+    positive = all(loss > 0 for _, loss in both)
+    ys = [math.log(loss) if positive else loss for _, loss in both]
+    low, high = min(ys), max(ys)
+
+    def line(points: Sequence[Point], colour: str) -> str:
+        xy = []
+        for fraction, loss in points:
+            y = math.log(loss) if positive else loss
+            top = (high - y) / (high - low) if high > low else 0.5
+            xy.append(f"{fraction * (width - 2) + 1:.1f},{top * (height - 2) + 1:.1f}")
+        return (
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.2" points="{" ".join(xy)}"/>'
+        )
+
+    title = f"training loss at {sketch(curve)}" + (
+        f"; the seed's at {sketch(seed)}" if seed else ""
+    )
+    return Markup(
+        f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img"><title>{html.escape(title)}</title>{line(seed, "#bbb") if seed else ""}'
+        f"{line(curve, '#2a6fdb')}</svg>"
+    )
+
+
 def diff_html(diff: str) -> str:
     """Returns a diff as HTML lines coloured by kind."""
     lines = []
@@ -226,6 +263,8 @@ def report_html(run: Run, best_n: int = 10) -> str:
         for row in best
         if row["id"] != (seed.id if seed else None)
     ]
+    seed_curve = archive.first_curve(seed.id) if seed else []
+    curves = {row["id"]: curve_svg(archive.first_curve(row["id"]), seed_curve) for row in best}
     template = Environment(autoescape=True).from_string(
         (resources.files("selfprog") / "templates" / "report.html").read_text()
     )
@@ -246,6 +285,7 @@ def report_html(run: Run, best_n: int = 10) -> str:
         plot=base64.b64encode(progress_plot(run)).decode(),
         lineage=lineage_svg(run, best_n),
         best=best,
+        curves=curves,
         diffs=diffs,
     )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,7 +77,7 @@ def test_the_rule_stops_a_curve_clearly_worse_than_the_seeds_three_times_in_a_ro
     assert rule.verdict(worse[:3]) == ""  # too early, however bad: 10 %, 20 % count for nothing
     assert rule.verdict(worse[2:4]) == ""  # two reports past the limit are not enough
     reason = rule.verdict(worse[2:5])
-    assert reason.startswith("pruned at 50% of its budget") and "3 reports in a row" in reason
+    assert reason.startswith("stopped at 50% of its budget") and "3 reports in a row" in reason
     within = [(f, 0.99 * (rule.limit(f) or (0, 0))[1]) for f in FRACTIONS]
     assert not any(rule.verdict(within[: i + 1]) for i in range(10))
     assert rule.verdict([*worse[2:4], within[4]]) == ""  # back within the noise at the last
@@ -87,7 +89,7 @@ def test_identical_seed_runs_still_leave_a_margin() -> None:
     rule = prune_rule((same, same), after=0.25, z=3.0)
     assert rule is not None and rule.spread == 0.0 and rule.margin == 0.1  # FLOOR
     assert rule.verdict([(f, 1.1 / f) for f in FRACTIONS[2:6]]) == ""
-    assert rule.verdict([(f, 1.2 / f) for f in FRACTIONS[2:6]]).startswith("pruned at 60%")
+    assert rule.verdict([(f, 1.2 / f) for f in FRACTIONS[2:6]]).startswith("stopped at 60%")
 
 
 def test_the_seeds_own_runs_are_not_pruned_by_the_others() -> None:
@@ -147,7 +149,7 @@ def test_runners_stop_a_pruned_phase_and_keep_its_curve(runner, tmp_path: Path, 
     seconds = time.perf_counter() - start
     curve = watch.curve()
     if loss == "9.0":
-        assert outcome.stopped.startswith("pruned at") and outcome.exit_code != 0
+        assert outcome.stopped.startswith("stopped at") and outcome.exit_code != 0
         assert seconds < 4, seconds  # stopped after ~25 % of 6 s
         assert 0.25 <= curve[-1][0] < 0.6
     else:
@@ -200,7 +202,7 @@ def test_only_the_seeds_curves_prune_and_a_lying_curve_changes_nothing(tmp_path:
     driver = Driver(run, MutateProposer(), FakeScheduler(scripted_training(rules)))
     assert drive_within(driver) == "finished"
     by_id = {c.id: c for c in run.archive.candidates()}
-    assert by_id[3].state == "pruned" and by_id[3].reason.startswith("pruned at")
+    assert by_id[3].state == "pruned" and by_id[3].reason.startswith("stopped at")
     assert by_id[2].state == "ok" and not by_id[2].accepted  # its curve bought it nothing
     assert by_id[4].accepted  # its score is good: accepted, its curve a lie
     later = [c for c in by_id.values() if c.id > 4]
@@ -213,6 +215,30 @@ def test_only_the_seeds_curves_prune_and_a_lying_curve_changes_nothing(tmp_path:
         else:
             assert rule is not None and rule.seed_curves == SEED_CURVES, candidate_id
     assert any(index > 0 for cid, index, _ in rules if cid != 1)  # the final pick's repeats ran
+    shows_the_curves(run)
+
+
+def shows_the_curves(run) -> None:  # type: ignore[no-untyped-def]
+    """`show`, the report and the dashboard show each evaluation's curve beside the seed's."""
+    from starlette.testclient import TestClient
+
+    from selfprog.dashboard import make_app
+    from selfprog.queries import show
+    from selfprog.report import report_html
+
+    pruned = show(run, 3)["evaluations"][0]
+    assert pruned["state"] == "pruned" and pruned["curve"][-1][0] >= 0.25
+    shown = subprocess.run(
+        [sys.executable, "-m", "selfprog", "show", str(run.root), "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "state      pruned: stopped at" in shown and "  training loss at 10% 6" in shown
+    assert report_html(run).count('<svg class="curve"') >= 2  # the best candidates' rows
+    with TestClient(make_app(run.root.parent), base_url="http://127.0.0.1:8765") as client:
+        page = client.get(f"/run/{run.root.name}/candidate/3").text
+    assert '<svg class="curve"' in page and "#bbb" in page  # the seed's curve beneath it
 
 
 def test_pruning_can_be_turned_off_and_older_runs_keep_running_whole(tmp_path: Path) -> None:
@@ -272,6 +298,6 @@ def test_a_hopeless_scaffold_child_is_pruned_by_the_seeds_real_curves(
     (child / "train.py").write_text(source.replace("learning_rate = 0.01", "learning_rate = 1e-7"))
     pruned = score(child, 2, rule)
     assert pruned.state is State.PRUNED and pruned.score is None, pruned
-    assert pruned.reason.startswith("pruned at") and 0.25 <= pruned.curve[-1][0] < 0.9
+    assert pruned.reason.startswith("stopped at") and 0.25 <= pruned.curve[-1][0] < 0.9
     kept = score(folder, 3, rule)  # the seed itself, another seed: within its own noise
     assert kept.state is State.OK, kept.reason

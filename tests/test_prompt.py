@@ -193,3 +193,12 @@ def test_the_familys_history_is_a_table_of_the_settings_that_differ(tinylm: Targ
     assert "0.1 |" not in prompt
     alone = build_prompt(tinylm, PARENT, FILES, "30 s", [], [], 100_000, history=history[:1])
     assert "# What was tried" in alone and "The family's settings" not in alone
+
+
+def test_the_prompt_shows_the_training_curves_in_short(tinylm: Target) -> None:
+    curve = [(i / 20, 4.0 - i / 10) for i in range(1, 21)]
+    shown = build_prompt(
+        tinylm, PARENT, FILES, "30 s", [], [], 100_000, curves=[("the parent (candidate 1)", curve)]
+    )
+    assert "- the parent (candidate 1): 5% 3.9, 30% 3.4, 55% 2.9, 75% 2.5, 100% 2" in shown
+    assert "None reported." in build_prompt(tinylm, PARENT, FILES, "30 s", [], [], 100_000)

@@ -82,6 +82,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from selfprog.curves import sketch
     from selfprog.queries import check_id, show
 
     detail = show(_open(args.run_dir), check_id(args.id))
@@ -103,6 +104,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         )
     for e in detail["evaluations"]:
         lines.append(f"evaluation seed {e['seed']}: {e['state']} {_cell(e['score'])}")
+        if e["curve"]:
+            lines.append(f"  training loss at {sketch(e['curve'])}")
     if detail["timings"]:
         lines.append(
             "timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in detail["timings"].items())
