@@ -34,6 +34,7 @@ from selfprog.records import (
 from selfprog.schema import (
     CURVES_SINCE,
     EVALUATION_TIMINGS_SINCE,
+    ORIGINS_SINCE,
     SCHEMA,
     SCHEMA_VERSION,
     add_indexes,
@@ -301,6 +302,19 @@ class Archive(Ledger, Phases, Families):
             (candidate_id,),
         )
         return [curve for curve in (load_curve(r[0]) for r in rows) if curve]
+
+    def sandbox_seconds(self) -> float:
+        """Returns the time this run's own evaluations spent in sandboxes, training and
+        evaluating (an imported candidate's were another run's)."""
+        if self.version < EVALUATION_TIMINGS_SINCE:
+            return 0.0
+        own = "WHERE c.origin IS NULL" if self.version >= ORIGINS_SINCE else ""
+        row = self.db.execute(
+            "SELECT SUM(COALESCE(json_extract(e.timings, '$.train'), 0) + "
+            "COALESCE(json_extract(e.timings, '$.evaluate'), 0)) FROM evaluations e "
+            f"JOIN candidates c ON c.id = e.candidate_id {own}"
+        ).fetchone()
+        return float(row[0] or 0.0)
 
     def first_curve(self, candidate_id: int) -> list[Point]:
         """Returns the training curve of a candidate's first evaluation, whatever its state."""

@@ -30,6 +30,7 @@ class RunSection:
     workers: int = 0  # 0: one on this machine; on a Ray cluster, as many as fit
     max_candidates: int = 0
     max_hours: float = 0.0
+    max_sandbox_hours: float = 0.0  # training and evaluation time, summed over evaluations
     max_tokens: int = 0
     max_cost: float = 0.0  # the proposer's estimated spend (proposer.price_in/out) at which to stop
     on_interrupt: str = "finish"
@@ -129,6 +130,7 @@ _NON_NEGATIVE = {
     "z",
     "max_candidates",
     "max_hours",
+    "max_sandbox_hours",
     "max_tokens",
     "max_cost",
     "price_in",
@@ -242,6 +244,7 @@ STEERABLE: dict[str, frozenset[str]] = {
             "workers",
             "max_candidates",
             "max_hours",
+            "max_sandbox_hours",
             "max_tokens",
             "max_cost",
             "on_interrupt",

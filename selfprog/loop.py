@@ -428,6 +428,10 @@ class Driver:
             return spent
         if run.max_hours and self.active_seconds() >= run.max_hours * 3600:
             return f"reached max_hours ({run.max_hours:g})"
+        if run.max_sandbox_hours:
+            hours = self.archive.sandbox_seconds() / 3600
+            if hours >= run.max_sandbox_hours:
+                return f"reached max_sandbox_hours ({run.max_sandbox_hours:g}, spent {hours:.4g})"
         return ""
 
     def _spend_reached(self) -> str:

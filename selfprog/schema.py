@@ -13,6 +13,7 @@ from selfprog.records import file_key, key_of
 # came from (a warm start); 10: each evaluation's training curve
 SCHEMA_VERSION = 10
 EVALUATION_TIMINGS_SINCE = 7  # a reader of an older, unmigrated archive has none
+ORIGINS_SINCE = 9
 CURVES_SINCE = 10
 
 SCHEMA = """

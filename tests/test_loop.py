@@ -471,6 +471,33 @@ def test_max_candidates_in_the_middle_of_a_generation_ends_the_run(
     assert all(c.state not in ("pending", "running") and c.accepted is not None for c in candidates)
 
 
+def test_max_sandbox_hours_counts_training_and_evaluation_time(tmp_path: Path) -> None:
+    from selfprog.loop import Driver
+    from selfprog.proposers.mutate import MutateProposer
+    from selfprog.scoring import Result
+    from selfprog.states import State
+    from tests.fakes import FakeScheduler
+
+    def score(job):  # type: ignore[no-untyped-def]
+        timings = {"train": 50.0, "evaluate": 10.0, "total": 999.0}  # total is not sandbox time
+        return Result(State.OK, score=3.0 - 0.01 * job.candidate_id, timings=timings)
+
+    run = make_run(
+        tmp_path,
+        "run.generations=20",
+        "run.population=2",
+        "selection.noise_seeds=1",
+        "run.max_sandbox_hours=0.1",
+        "selection.finalists=0",
+    )
+    assert drive_within(Driver(run, MutateProposer(), FakeScheduler(score))) == (
+        "reached max_sandbox_hours (0.1, spent 0.1)"
+    )
+    # 6 x 60 s = 0.1 h: no child is bred after the 6th; one bred ahead of it is still scored
+    assert 360 <= run.archive.sandbox_seconds() <= 420
+    assert all(c.state == "ok" for c in run.archive.candidates())
+
+
 def test_a_failed_seed_does_not_strand_its_first_children(tmp_path: Path) -> None:
     """Steady state breeds from the seed while it is scored; its children are scored all the same."""
     from selfprog.loop import Driver

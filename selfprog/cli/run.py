@@ -27,6 +27,7 @@ STEER_FLAGS = {
     "workers": "run.workers",
     "max_candidates": "run.max_candidates",
     "max_hours": "run.max_hours",
+    "max_sandbox_hours": "run.max_sandbox_hours",
     "max_tokens": "run.max_tokens",
     "max_cost": "run.max_cost",
     "model": "proposer.model",
@@ -301,6 +302,11 @@ def _add_limits(parser: Any, set_help: str) -> None:
     """Adds the flags `run` and `resume` share: when to stop, and --set."""
     parser.add_argument("--max-candidates", type=int, help="stop after this many candidates")
     parser.add_argument("--max-hours", type=float, help="stop after this much driving time")
+    parser.add_argument(
+        "--max-sandbox-hours",
+        type=float,
+        help="stop after candidates spent this much time training and evaluating, summed",
+    )
     parser.add_argument(
         "--max-tokens", type=int, help="stop once the proposer used this many tokens"
     )
