@@ -41,6 +41,11 @@ selfprog-noprune's (each pruned training counted as one).
     python bench/tune.py                               # 5 seeds, 8 generations x 4, 300 steps
     python bench/tune.py --seeds 1 --generations 1 --population 2 --steps 50 --methods optuna-tpe,random
     python bench/tune.py --selfprog-set selection.z=2.0 --keep /tmp/tune   # keep every run and trial
+    python bench/tune.py --equal seconds --methods selfprog-noprune,selfprog-default,greedy,optuna-tpe,random
+
+With `--equal seconds` every method spends the sandbox seconds S the first
+one spent (selfprog runs stop at `--max-sandbox-hours`, studies ask trials
+until their trials spent S), so what pruning saves buys more candidates.
 """
 
 from __future__ import annotations
@@ -155,13 +160,20 @@ def evaluate(
     return (result["score"] if result["state"] == "ok" else None), sandbox, wall
 
 
-def run_selfprog(method: str, target: Path, seed: int, args: argparse.Namespace) -> Outcome:
-    """One real `selfprog run`; its pick is its champion, exported to a folder."""
+def run_selfprog(
+    method: str, target: Path, seed: int, args: argparse.Namespace, seconds: float = 0.0
+) -> Outcome:
+    """One real `selfprog run`; its pick is its champion, exported to a folder. With `seconds`,
+    it runs until its candidates spent that much sandbox time (max_sandbox_hours), its
+    generations four times as many so that the limit ends it."""
     folder = args.root / f"seed-{seed}"
     run_dir = folder / method
     argv = [*SELFPROG, "run", "--target", str(target), "--runner", "local"]
     argv += ["--run-dir", str(run_dir), "--budget-steps", str(args.steps), "--seed", str(seed)]
-    argv += ["--generations", str(args.generations), "--population", str(args.population)]
+    generations = args.generations * (4 if seconds else 1)
+    argv += ["--generations", str(generations), "--population", str(args.population)]
+    if seconds:
+        argv += ["--max-sandbox-hours", f"{seconds / 3600:.6f}"]
     default = method in ("selfprog-default", "selfprog-noprune")
     extra = args.selfprog_set if default else []
     common = () if default else COMMON
@@ -196,15 +208,20 @@ def run_selfprog(method: str, target: Path, seed: int, args: argparse.Namespace)
     return Outcome(pick, len(timings), sandbox, wall)
 
 
-def run_study(method: str, target: Path, seed: int, n: int, args: argparse.Namespace) -> Outcome:
-    """An Optuna study of n trials, the seed's own settings first; its pick is the best trial."""
+def run_study(
+    method: str, target: Path, seed: int, n: int, args: argparse.Namespace, seconds: float = 0.0
+) -> Outcome:
+    """An Optuna study of n trials (with `seconds`: until its trials spent that much sandbox
+    time), the seed's own settings first; its pick is the best trial."""
     folder = args.root / f"seed-{seed}" / method
     source = (target / "train.py").read_text()
     study = optuna.create_study(direction="minimize", sampler=SAMPLERS[method](seed=seed))
     found = dict(re.findall(r"^(\w+) = (.+)$", source, flags=re.M))
     study.enqueue_trial({name: ast.literal_eval(found[name]) for name in SETTINGS})
     sandbox = wall = 0.0
-    for _ in range(n):
+    trials = 0
+    while (sandbox < seconds) if seconds else (trials < n):
+        trials += 1
         trial = study.ask()
         program = folder / f"trial-{trial.number}"
         program.mkdir(parents=True)
@@ -217,9 +234,10 @@ def run_study(method: str, target: Path, seed: int, n: int, args: argparse.Names
             study.tell(trial, score)
         best = study.best_value if study.best_trials else math.nan
         shown = "failed" if score is None else f"{score:.4f}"
-        progress(f"{method} seed {seed}: trial {trial.number + 1}/{n} {shown} (best {best:.4f})")
+        of = f"{sandbox:.0f}/{seconds:.0f}s" if seconds else f"{trials}/{n}"
+        progress(f"{method} seed {seed}: trial {trials} ({of}) {shown} (best {best:.4f})")
     pick = folder / f"trial-{study.best_trial.number}" if study.best_trials else target
-    return Outcome(pick, n, sandbox, wall)
+    return Outcome(pick, trials, sandbox, wall)
 
 
 def true_score(
@@ -244,7 +262,18 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300, help="training steps per training (300)")
     parser.add_argument("--keep", type=Path, help="put the runs and trials here and keep them")
-    parser.add_argument("--methods", default=",".join(METHODS), help="a subset, comma-separated")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="a subset, comma-separated, in order: the first sets N (and S)",
+    )
+    parser.add_argument(
+        "--equal",
+        choices=("trainings", "seconds"),
+        default="trainings",
+        help="what every method spends as the first did: its N trainings, or its S sandbox "
+        "seconds (a selfprog run then stops at max_sandbox_hours)",
+    )
     parser.add_argument(
         "--selfprog-set",
         action="append",
@@ -253,8 +282,8 @@ def main() -> None:
         help="one more --set for selfprog-default's run (repeatable)",
     )
     args = parser.parse_args()
-    methods = [m for m in METHODS if m in args.methods.split(",")]
-    if unknown := set(args.methods.split(",")) - set(METHODS):
+    methods = list(dict.fromkeys(args.methods.split(",")))
+    if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}; choose among {', '.join(METHODS)}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(
@@ -271,15 +300,17 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             args.hashes = set()
             target = make_target(args.root / f"seed-{seed}" / "target", seed)
-            n = 0  # the trainings of the seed's first selfprog run
+            n, s = 0, 0.0  # the trainings and sandbox seconds of the first method
             outcomes: dict[str, Outcome] = {}
             for method in methods:
                 progress(f"{method} seed {seed}: starting")
                 if method in RUNS:
-                    outcomes[method] = run_selfprog(method, target, seed, args)
-                    n = n or outcomes[method].trainings
+                    outcomes[method] = run_selfprog(method, target, seed, args, s)
                 else:
-                    outcomes[method] = run_study(method, target, seed, n or planned, args)
+                    outcomes[method] = run_study(method, target, seed, n or planned, args, s)
+                n = n or outcomes[method].trainings
+                if args.equal == "seconds":
+                    s = s or outcomes[method].sandbox_s
             known: dict[str, float] = {}
             progress(f"seed {seed}: retraining the seed program and the picks")
             base = true_score(target, target, args, known)

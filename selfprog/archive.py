@@ -303,6 +303,13 @@ class Archive(Ledger, Phases, Families):
         )
         return [curve for curve in (load_curve(r[0]) for r in rows) if curve]
 
+    def evaluation_count(self, candidate_id: int) -> int:
+        """Returns how many evaluations of a candidate are recorded, whatever their state."""
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM evaluations WHERE candidate_id = ?", (candidate_id,)
+        ).fetchone()
+        return int(row[0])
+
     def sandbox_seconds(self) -> float:
         """Returns the time this run's own evaluations spent in sandboxes, training and
         evaluating (an imported candidate's were another run's)."""

@@ -235,6 +235,8 @@ class Driver:
         seed = self.archive.seed()
         if not pruning.enabled or index > 0 or seed is None or candidate_id == seed.id:
             return None
+        if self.archive.evaluation_count(seed.id) < seed.evals_needed:
+            return None  # the seed's repeats are still running: one rule, whenever resumed
         return prune_rule(self.archive.curves(seed.id), pruning.after, pruning.z)
 
     def _start_evaluations(self) -> None:

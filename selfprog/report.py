@@ -216,6 +216,8 @@ def curve_svg(curve: Sequence[Point], seed: Sequence[Point] = (), width: int = 1
     positive = all(loss > 0 for _, loss in both)
     ys = [math.log(loss) if positive else loss for _, loss in both]
     low, high = min(ys), max(ys)
+    if not math.isfinite(high - low):  # losses too far apart to draw
+        return ""
 
     def line(points: Sequence[Point], colour: str) -> str:
         xy = []

@@ -53,17 +53,23 @@ def test_watch_keeps_increasing_reports_across_chunks_and_bounds_them() -> None:
     watch.write(b"SELFPROG_PROGRESS 0.05 1.0\nSELFPROG_PROGRESS 0.2 2.5\n")
     watch.write(b"SELFPROG_PROGRESS 0.3 " + b"1" * 400 + b"\n")  # overlong: no report
     assert watch.curve() == [(0.1, 3.0), (0.2, 2.5)]
-    flood = Watch()
-    flood.write(lines(*(f"SELFPROG_PROGRESS {i / 10_000} 1.0" for i in range(1, 1000))))
-    assert len(flood.curve()) == MAX_POINTS
+    flood = Watch()  # too many reports: thinned, and the curve still reaches the end
+    flood.write(lines(*(f"SELFPROG_PROGRESS {i / 10_000} 1.0" for i in range(1, 10_000))))
+    curve = flood.curve()
+    assert len(curve) <= MAX_POINTS and curve[-1][0] > 0.98 and curve[0][0] == 0.0001
     assert not flood.stopped.is_set()
 
 
-def test_a_non_finite_loss_stops_at_once() -> None:
-    watch = Watch()
+def test_a_non_finite_loss_stops_a_child_at_once_and_the_seed_never() -> None:
+    watch = Watch(prune_rule(SEED_CURVES, 0.25, 3.0))
     watch.write(lines("SELFPROG_PROGRESS 0.1 3.0", "SELFPROG_PROGRESS 0.2 inf"))
     assert watch.stopped.is_set() and "inf" in watch.reason and "20%" in watch.reason
     assert watch.curve() == [(0.1, 3.0)]  # the curve holds finite losses only
+    seed = Watch()  # no rule: the seed, a repeat, pruning off; one bad step is no reason
+    seed.write(
+        lines("SELFPROG_PROGRESS 0.1 3.0", "SELFPROG_PROGRESS 0.2 nan", "SELFPROG_PROGRESS 0.3 2.0")
+    )
+    assert not seed.stopped.is_set() and seed.curve() == [(0.1, 3.0), (0.3, 2.0)]
 
 
 def test_the_rule_stops_a_curve_clearly_worse_than_the_seeds_three_times_in_a_row() -> None:
@@ -82,6 +88,9 @@ def test_the_rule_stops_a_curve_clearly_worse_than_the_seeds_three_times_in_a_ro
     assert not any(rule.verdict(within[: i + 1]) for i in range(10))
     assert rule.verdict([*worse[2:4], within[4]]) == ""  # back within the noise at the last
     assert rule.verdict([(0.3, -1.0), (0.4, 0.0), (0.5, 9.0)]) == ""  # no ratio to a loss <= 0
+    burst = [(0.5 + i / 1000, 9.0) for i in range(10)]  # many reports in a moment: no span
+    assert rule.verdict(burst) == ""
+    assert rule.verdict(worse[7:]) == ""  # from 90 % on: too late to save anything
 
 
 def test_identical_seed_runs_still_leave_a_margin() -> None:
@@ -119,6 +128,8 @@ def test_interpolation_between_reports() -> None:
 def test_stored_curves_from_a_foreign_archive_are_checked() -> None:
     assert load_curve("[[0.1, 2.0], [0.5, 1.5]]") == [(0.1, 2.0), (0.5, 1.5)]
     for text in (
+        "[[0.5, " + "1" * 400 + "]]",  # past what a float holds
+        "[[0.5, 1.0]" + ", [0.6, 1.0]" * 5000 + "]",  # longer than any curve of ours
         "{}",
         "[[0.5, 1.0], [0.4, 1.0]]",
         '[[0.1, "x"]]',

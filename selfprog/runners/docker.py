@@ -319,7 +319,7 @@ class DockerRunner:
                 self._kill(container_id)
                 break
         seconds = time.perf_counter() - start
-        if ended is None and not timed_out:  # the supervisor may have said so as it exited
+        if ended is None and not timed_out and not stopped:  # said so as it exited?
             ended = self._phase_end(container_id, nonce)
         exceeded, copy_failed = False, ""
         if ended is not None and api.inspect_container(container_id)["State"].get("Running"):

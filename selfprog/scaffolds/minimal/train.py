@@ -57,6 +57,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     start, step = time.time(), 0
     losses: list[float] = []  # since the last progress report
+    reported = 0.0  # the fraction of the budget at the last one
     while True:
         # the fraction of the budget used: of the steps, if counted, else of the seconds
         if budget_steps:
@@ -72,9 +73,10 @@ def main() -> None:
         optimizer.step()
         losses.append(loss.item())
         step += 1
-        if len(losses) >= 10:  # the harness keeps this curve (docs/targets.md)
+        if done - reported >= 0.03:  # the harness keeps this curve (docs/targets.md)
             print(f"SELFPROG_PROGRESS {done:.4f} {sum(losses) / len(losses):.6g}", flush=True)
             losses.clear()
+            reported = done
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pt")
     config = {"hidden": hidden, "layers": layers, "activation": activation}
