@@ -26,6 +26,7 @@ from selfprog.scaffold import new_target
 from selfprog.settings import Trial
 from selfprog.space import Declared, space_for
 from selfprog.target import load_target
+from selfprog.warmstart import TRAINED
 from tests.test_loop import start  # the CLI as a child process, unbuffered
 
 SCAFFOLD = Path(__file__).resolve().parents[1] / "selfprog" / "scaffolds" / "minimal" / "train.py"
@@ -457,7 +458,9 @@ def test_a_warm_start_continues_from_an_earlier_runs_history(tmp_path: Path) -> 
         "run", "--target", str(target), "--run-dir", str(first), "--generations", "1", *WARM
     ).communicate(timeout=600)
     assert "run finished" in out, out
-    trained = sql(first, "SELECT id, program_key FROM candidates WHERE state = 'ok'")
+    trained = sql(  # what a warm start takes: every candidate that trained (pruned ones too)
+        first, f"SELECT id, program_key FROM candidates WHERE state IN {TRAINED}"
+    )
 
     # the same seed again: without the history, tune would propose first's programs again
     argv = ["--target", str(target), "--run-dir", str(second), "--generations", "2", *WARM]
@@ -474,7 +477,7 @@ def test_a_warm_start_continues_from_an_earlier_runs_history(tmp_path: Path) -> 
     own = sql(second, "SELECT generation, program_key, state FROM candidates WHERE origin IS NULL")
     assert own[0][0] == 0 and len(own) == 3  # the new seed, scored here, then two children
     children = [k for g, k, _ in own if g > 0]
-    assert all(s == "ok" for _, _, s in own[1:]), own
+    assert all(s in ("ok", "pruned") for _, _, s in own[1:]), own
     assert not set(children) & {k for _, k in trained}  # the history was heard: nothing repeated
     copied = sql(
         second,
