@@ -57,6 +57,7 @@ class Reporter:
         self.live_enabled = interactive() if live is None else live
         self.generation = 0
         self.running: dict[tuple[int, int], Running] = {}
+        self.began: dict[tuple[int, int], float] = {}  # when each job started, all its phases
         self.started = time.time()
         self.active_before = float(run.archive.meta("active_seconds") or 0)
         self.view = View(self._snapshot())
@@ -96,12 +97,14 @@ class Reporter:
             log.info("asking for %d children of candidate %d", event["k"], event["parent"])
         elif kind == "started":
             self.running[key] = Running(*key, "", time.time(), "")
+            self.began[key] = time.time()
             again = f" again (evaluation {key[1] + 1})" if key[1] else ""
             log.info("candidate %d: scoring%s", key[0], again)
         elif kind == "phase" and key in self.running:
             self.running[key] = Running(*key, event["phase"], event["since"], "")
         elif kind == "finished":
-            started = self.running.pop(key, Running(*key, "", time.time(), "")).since
+            self.running.pop(key, None)
+            started = self.began.pop(key, time.time())  # the job's start, not its last phase's
             if "state" in event:
                 score = f" {self.metric} {event['score']:.4f}" if event["score"] is not None else ""
                 log.info(

@@ -24,6 +24,7 @@ from selfprog.records import parse_python
 from selfprog.runners.base import Limits, Phase, PhaseOutcome, Runner
 from selfprog.states import State
 from selfprog.target import Budget, Target
+from selfprog.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +331,20 @@ def _eval_result(target: Target, outcome: PhaseOutcome, nonce: str, limit: float
         return Result(State.EVAL_FAILED, reason=_no_result(outcome, nonce))
     if "error" in found:
         return Result(State.EVAL_FAILED, reason=str(found["error"]))
-    score = found.get(target.metric)
-    if not isinstance(score, int | float) or not math.isfinite(score):
-        return Result(State.EVAL_FAILED, reason=f"the evaluator gave no finite {target.metric}")
+    if target.metric not in found:
+        keys = ", ".join(sorted(str(k)[:40] for k in found)[:12]) or "none"
+        return Result(
+            State.EVAL_FAILED,
+            reason=f"the evaluator's result has no {target.metric} (its keys: {keys}): "
+            "[metric] name in target.toml must be one of them",
+        )
+    score = found[target.metric]
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        shown = one_line(repr(score), 40)
+        return Result(
+            State.EVAL_FAILED,
+            reason=f"the evaluator's {target.metric} is not a finite number ({shown})",
+        )
     return Result(State.OK, score=float(score), metrics=found)
 
 

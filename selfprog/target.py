@@ -295,7 +295,7 @@ def _data_problems(target: Target) -> list[str]:
         if not _data_name(name):
             problems.append(f"[data] {key} {name!r} must be a name inside the data folder")
     heldout = _data_name(target.heldout_data)
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # last name -> (list, name) that has it first
     for key, name in visible:
         normal = _data_name(name)
         if not normal or not heldout:
@@ -307,8 +307,12 @@ def _data_problems(target: Target) -> list[str]:
             )
         base = posixpath.basename(normal)
         if base in seen:  # the sandbox mounts each by its last name
-            problems.append(f"[data] {name!r} and {seen[base]!r} would both appear as {base}")
-        seen[base] = name
+            first, other = seen[base]
+            problems.append(
+                f"[data] {key} {name!r} and [data] {first} {other!r} would both appear as "
+                f"{base} in the sandbox's data folder; rename one"
+            )
+        seen[base] = (key, name)
     return problems
 
 

@@ -25,6 +25,7 @@ from selfprog.runners.base import Limits, Phase, Runner
 from selfprog.scoring import State, score_program, stage_program
 from selfprog.space import space_for
 from selfprog.target import TARGET_FILE, Target, evaluator_warnings, unlisted_scripts
+from selfprog.untrusted import failure_line
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,12 @@ def rebuild_heldout(target: Target, data: Dataset, runner: Runner, limits: Limit
         )
     if rebuilt:
         return Finding("ok", f"held-out split: {script} run in the sandbox wrote other data")
-    last = (outcome.log_tail.strip().splitlines() or ["no output"])[-1][:200]
+    last = failure_line(outcome.log_tail) or "no output"
     return Finding(  # hidden inputs (tinylm's) make it fail; so may a bug: no verdict either way
         "warn",
-        f"held-out split: not checked: {script} failed in the sandbox ({last}); if it fails "
-        "there only because its inputs are hidden, that is the defence",
+        f"held-out split: {script} cannot run in the sandbox ({last}), so candidates cannot "
+        "rebuild the split with it either; expected where it needs inputs the sandbox hides "
+        "(a corpus, tinylm's), worth a look if it should run anywhere",
     )
 
 
@@ -252,7 +254,7 @@ def check_target(
                 )
             )
     else:
-        tail = (result.log_tail.strip().splitlines() or [""])[-1][:200]
+        tail = failure_line(result.log_tail)
         findings.append(
             Finding(
                 "fail",

@@ -44,3 +44,14 @@ def one_line(text: str, width: int = 60) -> str:
     flat = " ".join(printable(spaced).split())
     cut = len(flat) > width or len(head) < len(text)
     return flat[: width - 1] + "…" if cut else flat
+
+
+_RAISED = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+
+
+def failure_line(log_tail: str, width: int = 200) -> str:
+    """Returns the line of a failed phase's log that says why: the exception it raised (a
+    Python traceback's last line), where stdout printed after it, else its last line."""
+    lines = [line.strip() for line in log_tail.strip().splitlines() if line.strip()]
+    raised = next((line for line in reversed(lines) if _RAISED.match(line)), None)
+    return one_line(raised or (lines[-1] if lines else ""), width)

@@ -279,3 +279,35 @@ def test_other_progress_bars_are_off_while_the_panel_is_up(
         assert not hf_logging.is_progress_bar_enabled()  # "Loading weights" would scroll copies
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # and in what it starts
     hf_logging.enable_progress_bar()
+
+
+def test_the_log_line_gives_the_candidates_time_not_its_last_phases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    from selfprog.config import load_config
+    from selfprog.progress import Reporter
+    from selfprog.rundir import create_run
+
+    run = create_run(tmp_path / "run", load_config(None, ["runner.kind=local"]))
+    now = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    caplog.set_level("INFO", logger="selfprog")
+    with Reporter(run, live=False) as reporter:
+        reporter({"event": "started", "candidate": 2, "evaluation": 0})
+        now[0] += 63  # trained for 63 s
+        reporter(
+            {
+                "event": "phase",
+                "candidate": 2,
+                "evaluation": 0,
+                "phase": "evaluate",
+                "since": now[0],
+            }
+        )
+        now[0] += 18  # evaluated for 18 s
+        reporter(
+            {"event": "finished", "candidate": 2, "evaluation": 0, "state": "ok", "score": 1.5}
+        )
+    assert "candidate 2: ok val_bpb 1.5000 in 81s" in caplog.text

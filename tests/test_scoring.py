@@ -259,3 +259,32 @@ def test_a_job_started_before_the_seed_was_measured_is_held_when_it_ends(tinylm:
     honest = Result(State.OK, score=1.0, timings={"train": 13.0})
     assert held_late(honest, held, 8) is honest
     assert held_late(cheat, Ceilings(), 8) is cheat  # nothing measured yet: nothing to hold to
+
+
+def test_an_evaluator_result_without_the_metric_names_what_it_has(tinylm) -> None:  # type: ignore[no-untyped-def]
+    from selfprog.runners.base import PhaseOutcome
+    from selfprog.scoring import _eval_result
+
+    def result(payload: str):  # type: ignore[no-untyped-def]
+        line = f"SELFPROG_RESULT abc {payload}\n"
+        return _eval_result(tinylm, PhaseOutcome(0, 1.0, line, line), "abc", 60.0)
+
+    missing = result('{"val_ppl": 3.2, "params": 10}')
+    assert missing.state.value == "eval_failed"
+    assert missing.reason.startswith(
+        "the evaluator's result has no val_bpb (its keys: params, val_ppl)"
+    )
+    assert (
+        result('{"val_bpb": NaN}').reason == "the evaluator's val_bpb is not a finite number (nan)"
+    )
+    assert "not a finite number (True)" in result('{"val_bpb": true}').reason
+    assert result('{"val_bpb": 3.5}').score == 3.5
+
+
+def test_a_failure_is_told_by_its_exception_not_the_last_line_printed() -> None:
+    from selfprog.untrusted import failure_line
+
+    log = "step 1\nTraceback (most recent call last):\n  File x\nRuntimeError: shapes differ\nstep 2 done\n"
+    assert failure_line(log) == "RuntimeError: shapes differ"
+    assert failure_line("Errors so far: 0\nlast words\n") == "last words"
+    assert failure_line("") == ""

@@ -135,6 +135,10 @@ UNSAFE = {
         ("target.toml", 'train = ["train.bin"]', 'train = ["train.bin"]\nshared = [".."]'),
         "[data] shared '..' must be a name inside the data folder",
     ),
+    "two data files by one name": (
+        ("target.toml", 'train = ["train.bin"]', 'train = ["a/meta.pkl"]\nshared = ["b/meta.pkl"]'),
+        "[data] shared 'b/meta.pkl' and [data] train 'a/meta.pkl' would both appear as meta.pkl",
+    ),
     "editable evaluator": (
         (
             "target.toml",
