@@ -319,7 +319,7 @@ def add_verbs(verbs: Any) -> None:
     sh = verbs.add_parser(
         "show",
         help="everything about one candidate",
-        description="Everything about one candidate: metrics, every evaluation, timings, tokens, rationale, the diff against its parent, and the reason and log tail when it failed.",
+        description="Everything about one candidate: metrics, every evaluation and its training curve in short, timings, tokens, rationale, the diff against its parent, and, when it failed, the reason and the last 30 lines of its log.",
     )
     _candidate(sh)
     sh.add_argument("--json", action="store_true", help="print as JSON")
