@@ -209,7 +209,7 @@ def run_selfprog(
 
 
 def run_study(
-    method: str, target: Path, seed: int, n: int, args: argparse.Namespace, seconds: float = 0.0
+    method: str, target: Path, seed: int, n: int, args: argparse.Namespace, budget_s: float = 0.0
 ) -> Outcome:
     """An Optuna study of n trials (with `seconds`: until its trials spent that much sandbox
     time), the seed's own settings first; its pick is the best trial."""
@@ -220,7 +220,7 @@ def run_study(
     study.enqueue_trial({name: ast.literal_eval(found[name]) for name in SETTINGS})
     sandbox = wall = 0.0
     trials = 0
-    while (sandbox < seconds) if seconds else (trials < n):
+    while (sandbox < budget_s) if budget_s else (trials < n):
         trials += 1
         trial = study.ask()
         program = folder / f"trial-{trial.number}"
@@ -234,7 +234,7 @@ def run_study(
             study.tell(trial, score)
         best = study.best_value if study.best_trials else math.nan
         shown = "failed" if score is None else f"{score:.4f}"
-        of = f"{sandbox:.0f}/{seconds:.0f}s" if seconds else f"{trials}/{n}"
+        of = f"{sandbox:.0f}/{budget_s:.0f}s" if budget_s else f"{trials}/{n}"
         progress(f"{method} seed {seed}: trial {trials} ({of}) {shown} (best {best:.4f})")
     pick = folder / f"trial-{study.best_trial.number}" if study.best_trials else target
     return Outcome(pick, trials, sandbox, wall)
