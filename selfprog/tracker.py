@@ -360,6 +360,10 @@ class _Writer:
         ]
         scored = evaluations(archive, c.id)
         metrics += self._scores(scored, 0)
+        if scored:  # the first evaluation's training curve, the step in thousandths of the budget
+            metrics += [
+                ("train_loss", loss, ended, round(f * 1000)) for f, loss in scored[0]["curve"]
+            ]
         if c.score is not None:
             metrics.append(("mean_score", float(c.score), ended, 0))
         _log(self.client, run_id, params=self.params(c), metrics=metrics)

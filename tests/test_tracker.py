@@ -108,7 +108,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     )
     archive.add_evaluation(seed, Result(State.OK, score=3.1), seed=1)
     archive.add_evaluation(seed, Result(State.OK, score=2.9), seed=2)
-    archive.finish(child, Result(State.OK, score=2.5, metrics={"val_bpb": 2.5}), seed=0)
+    curve = ((0.25, 3.5), (0.5, 3.0), (1.0, 2.6))
+    archive.finish(child, Result(State.OK, score=2.5, metrics={"val_bpb": 2.5}, curve=curve), 0)
     archive.finish(failed, Result(State.TRAIN_FAILED, reason="exit code 1", log_tail=LOG), seed=0)
     archive.close()
     ids = {"seed": seed, "child": child, "failed": failed, "invalid": invalid, "pending": pending}
@@ -197,6 +198,8 @@ def test_params_and_every_evaluation_match_the_archive(built: Built, exported: E
         (1, 3.1),
         (2, 2.9),
     ]
+    curve = client.get_metric_history(child.info.run_id, "train_loss")  # step: ‰ of the budget
+    assert sorted((m.step, m.value) for m in curve) == [(250, 3.5), (500, 3.0), (1000, 2.6)]
     assert seed.data.metrics["mean_score"] == pytest.approx(3.0)
     assert seed.data.metrics["params"] == 1234.0
     archive = Archive(built.root / ARCHIVE_FILE, readonly=True)
