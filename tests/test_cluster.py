@@ -133,6 +133,8 @@ def test_a_run_scores_on_both_nodes_and_survives_losing_one(cluster: Any, tmp_pa
     assert rerun.state != "running" and rerun.node and rerun.node != node  # scored elsewhere
     assert len(nodes_of(run_dir)) == 2  # both worker nodes scored candidates
     assert containers_of(run_dir) == []  # the dead node's sandbox was removed
+    seed = archive.seed()
+    assert seed is not None and archive.curves(seed.id)  # training curves came back from nodes
 
 
 @pytest.mark.docker
