@@ -161,7 +161,7 @@ def test_runners_stop_a_pruned_phase_and_keep_its_curve(runner, tmp_path: Path, 
     curve = watch.curve()
     if loss == "9.0":
         assert outcome.stopped.startswith("stopped at") and outcome.exit_code != 0
-        assert seconds < 4, seconds  # stopped after ~25 % of 6 s
+        assert seconds < 5, seconds  # stopped after ~30 % of its 6 s (a sandbox start on top)
         assert 0.25 <= curve[-1][0] < 0.6
     else:
         assert outcome.stopped == "" and outcome.exit_code == 0
