@@ -196,20 +196,15 @@ def _wait(proc: subprocess.Popen[bytes], phase: Phase) -> tuple[bool, str]:
     """Waits for the phase to end or its watch to say stop (the caller then kills it); returns
     (whether it timed out, why it was stopped or "")."""
     deadline = time.monotonic() + phase.timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return True, ""
-        if phase.watch is None:
-            try:
-                proc.wait(timeout=left)
-                return False, ""
-            except subprocess.TimeoutExpired:
-                return True, ""
-        if phase.watch.stopped.wait(min(left, WATCH_POLL)) and proc.poll() is None:
+    while (left := deadline - time.monotonic()) > 0:
+        try:  # a watched phase is looked at every WATCH_POLL seconds
+            proc.wait(timeout=left if phase.watch is None else min(left, WATCH_POLL))
+            return False, ""  # it ended on its own (a last report's verdict came too late)
+        except subprocess.TimeoutExpired:
+            pass
+        if phase.watch is not None and phase.watch.stopped.is_set():
             return False, phase.watch.reason
-        if proc.poll() is not None:
-            return False, ""  # it ended on its own: a last report's verdict came too late
+    return True, ""
 
 
 def _feed(proc: subprocess.Popen[bytes], payload: bytes) -> None:
